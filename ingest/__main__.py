@@ -1,0 +1,38 @@
+"""``python -m ingest COMMAND ...``: the ingest stage's commands, each a module with its own main()."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "pull": ("ingest.pull", "PACS → spool → catalog → shards in one run, with Prometheus metrics"),
+    "scan": ("ingest.catalog", "read every DICOM header under a directory into the Parquet catalog"),
+    "labels": ("ingest.labels", "per-class counts and the top unmapped descriptions; relabel with a code table"),
+    "preview": ("ingest.preprocess", "write the preprocessed PNG of one DICOM file"),
+    "shards": ("ingest.shards", "balance, split and write WebDataset shards + manifest.json"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python -m ingest COMMAND [ARGS ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "python -m ingest COMMAND --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, *rest = argv
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[command][0]).main(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,373 @@
+"""DICOM Storage SCP: receives C-STORE requests into an atomic, de-duplicated spool.
+
+Each instance lands at ``spool/<first 2 hex of sha1(uid)>/<SOPInstanceUID>.dcm`` as the exact bytes
+the peer sent (file meta + data set, no re-encoding). A file is written to a temp name in its final
+directory, fsynced, then linked into place only if absent, so a reader never sees a partial file and
+concurrent duplicates from several associations leave exactly one copy.
+
+The store handler is a plain function bound to ``evt.EVT_C_STORE``; the C-GET client in
+``ingest.scu`` binds the same handler to its own associations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from pydicom import uid as dicom_uid
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
+
+LOGGER = logging.getLogger("ingest.scp")
+
+# Uncompressed first, then the lossless codecs, then lossy ones: a PACS sends each instance in the
+# syntax it was stored in (no transcoding, no second lossy generation) as long as we accept it.
+ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    dicom_uid.ExplicitVRLittleEndian,
+    dicom_uid.ImplicitVRLittleEndian,
+    dicom_uid.DeflatedExplicitVRLittleEndian,
+    dicom_uid.JPEG2000Lossless,
+    dicom_uid.JPEGLSLossless,
+    dicom_uid.RLELossless,
+    dicom_uid.JPEGLosslessSV1,
+    dicom_uid.JPEGLossless,
+    dicom_uid.JPEG2000,
+    dicom_uid.JPEGLSNearLossless,
+    dicom_uid.JPEGBaseline8Bit,
+    dicom_uid.JPEGExtended12Bit,
+    dicom_uid.ExplicitVRBigEndian,
+)
+
+# C-STORE status codes (PS3.4 Annex B.2.3).
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_UNABLE_TO_PROCESS = 0xC211
+
+_OUT_OF_RESOURCES_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+# A DICOM UID: dot-separated digits, at most 64 characters. Checked before it becomes a file name.
+_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def spool_path(spool_dir: str | os.PathLike, sop_instance_uid: str) -> Path:
+    """Where the instance ``sop_instance_uid`` lives in the spool (256 buckets keep directories small)."""
+    uid = str(sop_instance_uid).strip()
+    if len(uid) > 64 or not _UID_PATTERN.match(uid):
+        raise ValueError(f"not a valid DICOM UID (digits and dots, at most 64 characters): {uid!r}")
+    bucket = hashlib.sha1(uid.encode("ascii")).hexdigest()[:2]
+    return Path(spool_dir) / bucket / f"{uid}.dcm"
+
+
+def spooled_uids(spool_dir: str | os.PathLike) -> set[str]:
+    """SOPInstanceUIDs already complete in the spool (temp files are dot-prefixed and never match)."""
+    root = Path(spool_dir)
+    if not root.is_dir():
+        return set()
+    return {path.name.removesuffix(".dcm") for path in root.glob("??/[0-9]*.dcm")}
+
+
+class StoreCounts:
+    """Thread-safe tallies of what the store handler did, for metrics and summaries."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.stored = 0
+        self.duplicate = 0
+        self.failed = 0
+        self.bytes = 0
+        self._listeners: list[Callable[[int], None]] = []
+
+    def add_stored(self, nbytes: int) -> None:
+        with self._lock:
+            self.stored += 1
+            self.bytes += nbytes
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(nbytes)
+
+    def add_duplicate(self) -> None:
+        with self._lock:
+            self.duplicate += 1
+
+    def add_failed(self) -> None:
+        with self._lock:
+            self.failed += 1
+
+    def subscribe(self, on_stored: Callable[[int], None]) -> None:
+        """Call ``on_stored(nbytes)`` for every newly stored instance (e.g. a Prometheus counter)."""
+        with self._lock:
+            self._listeners.append(on_stored)
+
+    def unsubscribe(self, on_stored: Callable[[int], None]) -> None:
+        with self._lock:
+            self._listeners.remove(on_stored)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "stored": self.stored,
+                "duplicate": self.duplicate,
+                "failed": self.failed,
+                "bytes": self.bytes,
+            }
+
+    def __repr__(self) -> str:
+        return f"StoreCounts({self.snapshot()})"
+
+
+def write_spool_file(final_path: Path, data: bytes) -> bool:
+    """Atomically create ``final_path`` with ``data`` unless it exists; True when this call stored it.
+
+    The temp file lives in the final directory (same file system) and is fsynced before it is
+    hard-linked into place. ``os.link`` refuses to overwrite, so of two concurrent writers exactly
+    one wins and the other sees a duplicate. Where the file system has no hard links, ``os.replace``
+    still publishes a complete file atomically (a racing duplicate then overwrites identical bytes).
+    """
+    if final_path.exists():
+        return False
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=final_path.parent, prefix=".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if os.path.getsize(temp_name) != len(data):
+            raise OSError(errno.EIO, f"short write: {temp_name}")
+        try:
+            os.link(temp_name, final_path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            os.replace(temp_name, final_path)
+        _fsync_directory(final_path.parent)
+        return True
+    finally:
+        if os.path.lexists(temp_name):
+            os.unlink(temp_name)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the new directory entry durable, not just the file contents."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def handle_store(event: Event, spool_dir: Path, counts: StoreCounts) -> int:
+    """EVT_C_STORE handler: spool the instance, answer with a C-STORE status, never raise."""
+    request = event.request
+    uid = str(request.AffectedSOPInstanceUID or "")
+    peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+    try:
+        final_path = spool_path(spool_dir, uid)
+    except ValueError as exc:
+        counts.add_failed()
+        LOGGER.error("C-STORE from %s refused: %s", peer, exc)
+        return STATUS_CANNOT_UNDERSTAND
+    if final_path.exists():
+        counts.add_duplicate()
+        return STATUS_SUCCESS
+
+    try:
+        dataset = event.dataset
+        # Converting every top-level element surfaces truncated or garbled data now, not at catalog time.
+        for _element in dataset:
+            pass
+        dataset_uid = str(dataset.get("SOPInstanceUID", ""))
+        dataset_class = str(dataset.get("SOPClassUID", ""))
+    except Exception as exc:  # pydicom raises many exception types on malformed bytes
+        counts.add_failed()
+        LOGGER.error("C-STORE %s from %s: data set cannot be decoded: %s", uid, peer, exc)
+        return STATUS_CANNOT_UNDERSTAND
+    if dataset_uid != uid:
+        counts.add_failed()
+        LOGGER.error(
+            "C-STORE from %s: SOPInstanceUID %r in data set != %r in request", peer, dataset_uid, uid
+        )
+        return STATUS_CANNOT_UNDERSTAND
+    if dataset_class != str(request.AffectedSOPClassUID):
+        counts.add_failed()
+        LOGGER.error(
+            "C-STORE %s from %s: SOPClassUID %r in data set != %r in request",
+            uid,
+            peer,
+            dataset_class,
+            str(request.AffectedSOPClassUID),
+        )
+        return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+    data = event.encoded_dataset()
+    try:
+        stored = write_spool_file(final_path, data)
+    except OSError as exc:
+        counts.add_failed()
+        LOGGER.error("C-STORE %s from %s: cannot write %s: %s", uid, peer, final_path, exc)
+        if exc.errno in _OUT_OF_RESOURCES_ERRNOS:
+            return STATUS_OUT_OF_RESOURCES
+        return STATUS_UNABLE_TO_PROCESS
+    if stored:
+        counts.add_stored(len(data))
+    else:
+        counts.add_duplicate()
+    return STATUS_SUCCESS
+
+
+def handle_rejected(event: Event, allowed_calling_aets: frozenset[str]) -> None:
+    """EVT_REJECTED handler: say who was turned away and why (pynetdicom only logs 'Rejecting')."""
+    requestor = event.assoc.requestor
+    calling_aet = (requestor.ae_title or "").strip()
+    if allowed_calling_aets and calling_aet not in allowed_calling_aets:
+        reason = f"calling AE title not in the allowed list {sorted(allowed_calling_aets)}"
+    else:
+        reason = "too many concurrent associations"
+    LOGGER.warning(
+        "rejected association from %r at %s:%s: %s",
+        calling_aet,
+        requestor.address,
+        requestor.port,
+        reason,
+    )
+
+
+def storage_contexts() -> list:
+    """Acceptor contexts: every storage SOP class with every accepted transfer syntax."""
+    return [
+        build_context(context.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES))
+        for context in AllStoragePresentationContexts
+    ]
+
+
+class StorageSCP:
+    """A Storage SCP (C-STORE + C-ECHO) on a background thread, spooling into ``spool_dir``.
+
+    Use as a context manager, or call ``start()`` / ``stop()``. ``port=0`` binds a free port, read it
+    back from ``.port``. ``allowed_calling_aets=None`` accepts any peer (logged as a warning).
+    """
+
+    def __init__(
+        self,
+        spool_dir: str | os.PathLike,
+        ae_title: str = "PEDXRAY",
+        port: int = 0,
+        allowed_calling_aets: Iterable[str] | None = None,
+        host: str = "127.0.0.1",
+        *,
+        maximum_associations: int = 16,
+        network_timeout: float = 60,
+        dimse_timeout: float = 120,
+        max_pdu: int = 0,
+    ) -> None:
+        if not 0 <= port < 65536:
+            raise ValueError(f"port must be 0 (pick a free one) or 1..65535, got {port}")
+        if maximum_associations < 1:
+            raise ValueError(f"maximum_associations must be >= 1, got {maximum_associations}")
+        if allowed_calling_aets is not None and isinstance(allowed_calling_aets, str):
+            raise ValueError("allowed_calling_aets must be a list of AE titles, not one string")
+        self.spool_dir = Path(spool_dir)
+        self.ae_title = ae_title
+        self.host = host
+        self.allowed_calling_aets = (
+            None if allowed_calling_aets is None else frozenset(a.strip() for a in allowed_calling_aets)
+        )
+        if self.allowed_calling_aets is not None and not self.allowed_calling_aets:
+            raise ValueError("allowed_calling_aets is empty: nobody could connect; pass None to allow any")
+        self.counts = StoreCounts()
+        self._requested_port = port
+        self._maximum_associations = maximum_associations
+        self._network_timeout = network_timeout
+        self._dimse_timeout = dimse_timeout
+        self._max_pdu = max_pdu
+        self._server = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("StorageSCP is not running: call start() first")
+        return self._server.server_address[1]
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> StorageSCP:
+        if self._server is not None:
+            return self
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = self._maximum_associations
+        ae.network_timeout = self._network_timeout
+        ae.dimse_timeout = self._dimse_timeout
+        ae.maximum_pdu_size = self._max_pdu
+        ae.supported_contexts = storage_contexts()
+        ae.add_supported_context(Verification)
+        if self.allowed_calling_aets is None:
+            LOGGER.warning("Storage SCP %s accepts associations from ANY calling AE title", self.ae_title)
+        else:
+            ae.require_calling_aet = sorted(self.allowed_calling_aets)
+        handlers = [
+            (evt.EVT_C_STORE, handle_store, [self.spool_dir, self.counts]),
+            (evt.EVT_REJECTED, handle_rejected, [self.allowed_calling_aets or frozenset()]),
+        ]
+        self._server = ae.start_server((self.host, self._requested_port), block=False, evt_handlers=handlers)
+        LOGGER.info(
+            "Storage SCP %s listening on %s:%d, spooling into %s",
+            self.ae_title,
+            self.host,
+            self.port,
+            self.spool_dir,
+        )
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server = None
+        LOGGER.info("Storage SCP %s stopped: %s", self.ae_title, self.counts.snapshot())
+
+    def __enter__(self) -> StorageSCP:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a Storage SCP that spools received instances.")
+    parser.add_argument("--spool", required=True, type=Path, help="spool directory")
+    parser.add_argument("--aet", default="PEDXRAY", help="our AE title (default PEDXRAY)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=11112, help="port to bind (0 = any free port)")
+    parser.add_argument(
+        "--allow", nargs="+", metavar="AET", help="calling AE titles allowed to store (default: any)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with StorageSCP(args.spool, args.aet, args.port, args.allow, args.host) as scp:
+        print(f"listening on {args.host}:{scp.port} as {args.aet}; Ctrl-C to stop", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1030 @@
+"""DICOM query/retrieve client: C-ECHO, paged C-FIND, and parallel C-MOVE / C-GET into the spool.
+
+* ``find_studies`` pages around a PACS result cap (Orthanc's ``LimitFindResults``): a window that
+  comes back at the cap, or that the PACS ends with Cancel/Warning ("more matches exist"), is split
+  in halves by date, and a single over-full day by time of day, until every window is under the cap.
+* ``retrieve`` runs N worker threads; each holds one association and reuses it for many C-MOVE or
+  C-GET requests, reconnecting after an abort. Each item is retried with exponential back-off; what
+  was stored before a failure stays in the spool (the spool de-duplicates), and the summary names
+  every item that still failed and why.
+* ``plan_retrieval`` asks the PACS which instances a study has and leaves out those already spooled,
+  so a resumed pull transfers only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from tqdm import tqdm
+
+from ingest.scp import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    StorageSCP,
+    StoreCounts,
+    handle_store,
+    spool_path,
+    spooled_uids,
+)
+
+LOGGER = logging.getLogger("ingest.scu")
+
+# Storage SOP classes offered on C-GET associations when an item does not say what it holds.
+RADIOGRAPHY_SOP_CLASSES: tuple[str, ...] = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
+# An association carries at most 128 presentation contexts; one is the C-GET model itself.
+_MAX_STORAGE_CONTEXTS = 127
+_PENDING = (0xFF00, 0xFF01)
+# Final statuses after which "more matches exist": Cancel (Orthanc's LimitFindResults) or a Warning.
+_FIND_TRUNCATED = (0xFE00, 0xB000)
+# Retrieve failures that another attempt cannot fix.
+_PERMANENT_RETRIEVE_STATUSES = {
+    0xA801: "move destination unknown: register {dest} (host/port of our Storage SCP) at the PACS",
+    0xA900: "identifier does not match SOP class",
+}
+# Day windows are split by time only once a single day exceeds the cap.
+_EARLIEST_DATE = dt.date(1, 1, 1)
+_LATEST_DATE = dt.date(9999, 12, 31)
+_AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+
+
+class PacsError(RuntimeError):
+    """A PACS operation failed; ``retryable`` says whether another attempt could succeed."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class AssociationError(PacsError):
+    """No association could be established (refused, rejected, timed out)."""
+
+
+def _check_ae_title(name: str, value: str) -> None:
+    if not isinstance(value, str) or not _AE_TITLE_PATTERN.match(value) or not value.strip():
+        raise ValueError(
+            f"{name}={value!r} is not a valid AE title: use 1-16 printable ASCII characters, no backslash"
+        )
+
+
+@dataclass(frozen=True)
+class PacsConfig:
+    """Where the PACS is and how to talk to it. Timeouts are seconds; ``max_pdu=0`` means unlimited."""
+
+    host: str
+    port: int
+    called_aet: str
+    calling_aet: str = "PEDXRAY"
+    move_destination: str | None = None
+    acse_timeout: float = 30
+    dimse_timeout: float = 120
+    network_timeout: float = 60
+    max_pdu: int = 65536
+    retries: int = 3
+    backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.host or not isinstance(self.host, str):
+            raise ValueError("host is empty: give the PACS host name or IP address")
+        if not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ValueError(f"port={self.port!r}: the PACS DICOM port must be an integer in 1..65535")
+        _check_ae_title("called_aet", self.called_aet)
+        _check_ae_title("calling_aet", self.calling_aet)
+        if self.move_destination is not None:
+            _check_ae_title("move_destination", self.move_destination)
+        for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"{name}={value!r}: timeouts are seconds and must be > 0")
+        if not isinstance(self.max_pdu, int) or (self.max_pdu != 0 and not 4096 <= self.max_pdu < 2**32):
+            raise ValueError(f"max_pdu={self.max_pdu!r}: use 0 (unlimited) or a size in 4096..2**32-1 bytes")
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries={self.retries!r}: use 0 (one attempt only) or more")
+        if not isinstance(self.backoff_s, int | float) or self.backoff_s < 0:
+            raise ValueError(f"backoff_s={self.backoff_s!r}: the first back-off delay must be >= 0 seconds")
+
+    @classmethod
+    def parse(cls, address: str, called_aet: str | None = None, **options) -> PacsConfig:
+        """Build a config from ``"HOST:PORT"`` or ``"AET@HOST:PORT"`` (``[::1]:104`` for IPv6)."""
+        match = re.fullmatch(
+            r"(?:(?P<aet>[^@]+)@)?(?P<host>\[[^\]]+\]|[^:@\[\]]+):(?P<port>\d+)", address.strip()
+        )
+        if match is None:
+            raise ValueError(
+                f"PACS address {address!r} is not HOST:PORT or AET@HOST:PORT (e.g. PACS@10.0.0.5:104)"
+            )
+        aet = called_aet or match["aet"]
+        if aet is None:
+            raise ValueError(f"no called AE title for {address!r}: pass called_aet= or write AET@HOST:PORT")
+        return cls(host=match["host"].strip("[]"), port=int(match["port"]), called_aet=aet, **options)
+
+    def describe(self) -> str:
+        return f"{self.called_aet}@{self.host}:{self.port}"
+
+
+class RetrieveObserver(Protocol):
+    """Hooks for metrics (e.g. Prometheus counters); every method must be cheap and thread-safe."""
+
+    def on_found(self, n: int) -> None: ...
+
+    def on_stored(self, nbytes: int) -> None: ...
+
+    def on_failed(self, reason: str) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# Associations and retries
+
+
+def _present_in_spool(spool_dir: Path, uids: Iterable[str]) -> set[str]:
+    """Which of ``uids`` are complete in the spool (cheaper than listing the whole spool)."""
+    return {uid for uid in uids if spool_path(spool_dir, uid).exists()}
+
+
+def _make_ae(cfg: PacsConfig) -> AE:
+    ae = AE(ae_title=cfg.calling_aet)
+    ae.acse_timeout = cfg.acse_timeout
+    ae.dimse_timeout = cfg.dimse_timeout
+    ae.network_timeout = cfg.network_timeout
+    ae.connection_timeout = cfg.network_timeout
+    ae.maximum_pdu_size = cfg.max_pdu
+    return ae
+
+
+def _associate(cfg: PacsConfig, ae: AE, **kwargs) -> Association:
+    assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.called_aet, max_pdu=cfg.max_pdu, **kwargs)
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        response = assoc.acceptor.primitive
+        detail = f"{response.result_str}, source: {response.source_str}, reason: {response.reason_str}"
+        if response.result == 0x01:  # rejected-permanent: a configuration problem, retrying will not help
+            raise AssociationError(
+                f"association rejected by {cfg.describe()} ({detail}); check that the PACS knows calling AE "
+                f"{cfg.calling_aet!r} and that {cfg.called_aet!r} is its AE title",
+                retryable=False,
+            )
+        raise AssociationError(f"association rejected by {cfg.describe()} ({detail})")
+    raise AssociationError(
+        f"no association with {cfg.describe()}: connection refused, timed out after "
+        f"{cfg.network_timeout:g}/{cfg.acse_timeout:g} s or aborted by the peer"
+    )
+
+
+def _with_retries(cfg: PacsConfig, what: str, attempt: Callable[[int], object]):
+    """Run ``attempt(attempt_number)``; on a retryable PacsError wait backoff_s * 2**n and try again.
+
+    After the last attempt the error says what failed, how often, and the last reason; its
+    ``__cause__`` is the last attempt's error.
+    """
+    number = 0
+    while True:
+        try:
+            return attempt(number)
+        except PacsError as exc:
+            if not exc.retryable or number >= cfg.retries:
+                tries = f"{number + 1} attempt{'s' if number else ''}"
+                raise PacsError(f"{what} failed after {tries}: {exc}", retryable=False) from exc
+            delay = cfg.backoff_s * 2**number
+            LOGGER.warning(
+                "%s failed (attempt %d of %d): %s; retrying in %.1f s",
+                what,
+                number + 1,
+                cfg.retries + 1,
+                exc,
+                delay,
+            )
+            time.sleep(delay)
+            number += 1
+
+
+class _Connection:
+    """One association reused for many requests, reopened on demand after an abort or a release."""
+
+    def __init__(self, cfg: PacsConfig, ae: AE, **associate_kwargs) -> None:
+        self.cfg = cfg
+        self._ae = ae
+        self._associate_kwargs = associate_kwargs
+        self._assoc: Association | None = None
+        self._message_ids = itertools.cycle(range(1, 65536))
+
+    def get(self) -> Association:
+        if self._assoc is None or not self._assoc.is_established:
+            self._assoc = _associate(self.cfg, self._ae, **self._associate_kwargs)
+        return self._assoc
+
+    def next_message_id(self) -> int:
+        return next(self._message_ids)
+
+    def drop(self) -> None:
+        """Abort after an error that may have left the association out of step (e.g. a half-read reply)."""
+        if self._assoc is not None and self._assoc.is_established:
+            self._assoc.abort()
+        self._assoc = None
+
+    def close(self) -> None:
+        if self._assoc is not None and self._assoc.is_established:
+            self._assoc.release()
+        self._assoc = None
+
+    def __enter__(self) -> _Connection:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _status_text(status: Dataset) -> str:
+    comment = status.get("ErrorComment")
+    return f"0x{status.Status:04X}" + (f" ({comment})" if comment else "")
+
+
+def echo(cfg: PacsConfig) -> None:
+    """C-ECHO the PACS; raise PacsError saying what failed if it does not answer with Success."""
+    ae = _make_ae(cfg)
+    ae.add_requested_context(Verification)
+
+    def attempt(_number: int) -> None:
+        with _Connection(cfg, ae) as conn:
+            status = conn.get().send_c_echo(msg_id=conn.next_message_id())
+            if not status:
+                conn.drop()
+                raise PacsError(f"no C-ECHO response within dimse_timeout={cfg.dimse_timeout:g} s")
+            if status.Status != 0x0000:
+                raise PacsError(f"C-ECHO answered with status {_status_text(status)}")
+
+    _with_retries(cfg, f"C-ECHO {cfg.calling_aet} -> {cfg.describe()}", attempt)
+    LOGGER.info("C-ECHO %s -> %s ok", cfg.calling_aet, cfg.describe())
+
+
+# ---------------------------------------------------------------------------------------------------
+# C-FIND
+
+
+STUDY_KEYS = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedInstances",
+    "PatientID",
+    "StudyDescription",
+    "AccessionNumber",
+)
+SERIES_KEYS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "NumberOfSeriesRelatedInstances",
+)
+INSTANCE_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "InstanceNumber")
+_INTEGER_KEYS = {
+    "NumberOfStudyRelatedInstances",
+    "NumberOfSeriesRelatedInstances",
+    "SeriesNumber",
+    "InstanceNumber",
+}
+
+
+def _value(identifier: Dataset, keyword: str):
+    """A plain Python value: str, tuple[str, ...] for multi-valued keys, int or None for counts."""
+    value = identifier.get(keyword)
+    if keyword == "ModalitiesInStudy":
+        if value is None or value == "":
+            return ()
+        return tuple(str(v) for v in value) if isinstance(value, MultiValue) else (str(value),)
+    if keyword in _INTEGER_KEYS:
+        try:
+            return int(value) if value not in (None, "") else None
+        except (TypeError, ValueError):
+            return None
+    if isinstance(value, MultiValue):
+        return "\\".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _query(level: str, keys: Sequence[str], **filters) -> Dataset:
+    query = Dataset()
+    query.QueryRetrieveLevel = level
+    for keyword in keys:
+        setattr(query, keyword, filters.get(keyword, ""))
+    for keyword, value in filters.items():
+        if keyword not in keys:
+            setattr(query, keyword, value)
+    return query
+
+
+def _find_once(conn: _Connection, query: Dataset, keys: Sequence[str]) -> tuple[list[dict], bool]:
+    """One C-FIND; returns (matches, truncated) where truncated means the PACS said more matches exist."""
+    matches: list[dict] = []
+    assoc = conn.get()
+    for status, identifier in assoc.send_c_find(
+        query, StudyRootQueryRetrieveInformationModelFind, msg_id=conn.next_message_id()
+    ):
+        if not status:
+            conn.drop()
+            raise PacsError(
+                f"C-FIND got no response within dimse_timeout={conn.cfg.dimse_timeout:g} s "
+                "or the association was aborted"
+            )
+        code = status.Status
+        if code in _PENDING:
+            if identifier is not None:
+                matches.append({keyword: _value(identifier, keyword) for keyword in keys})
+            continue
+        if code == 0x0000:
+            return matches, False
+        if code in _FIND_TRUNCATED:
+            return matches, True
+        raise PacsError(f"C-FIND failed with status {_status_text(status)}")
+    conn.drop()
+    raise PacsError("C-FIND ended without a final status")
+
+
+def _find(conn: _Connection, query: Dataset, keys: Sequence[str], what: str) -> tuple[list[dict], bool]:
+    return _with_retries(conn.cfg, what, lambda _n: _find_once(conn, query, keys))
+
+
+def _find_connection(cfg: PacsConfig) -> _Connection:
+    ae = _make_ae(cfg)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    return _Connection(cfg, ae)
+
+
+def _as_date(value: dt.date | str | None, name: str) -> dt.date | None:
+    if value is None or isinstance(value, dt.date):
+        return value
+    text = str(value).strip()
+    for fmt in ("%Y%m%d", "%Y-%m-%d"):
+        try:
+            return dt.datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    raise ValueError(f"{name}={value!r} is not a date: use YYYY-MM-DD, YYYYMMDD or a datetime.date")
+
+
+def _dicom_date(value: dt.date | None) -> str:
+    # strftime("%Y") does not zero-pad years before 1000 on glibc; DA needs 8 digits.
+    return "" if value is None else f"{value.year:04d}{value.month:02d}{value.day:02d}"
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A study-date window, narrowed to a time-of-day range (seconds) once it is a single day."""
+
+    first: dt.date | None
+    last: dt.date | None
+    seconds: tuple[int, int] | None = None
+
+    def date_filter(self) -> str:
+        if self.first is None and self.last is None:
+            return ""
+        if self.first == self.last:
+            return _dicom_date(self.first)
+        return f"{_dicom_date(self.first)}-{_dicom_date(self.last)}"
+
+    def time_filter(self) -> str:
+        if self.seconds is None:
+            return ""
+        start, end = (f"{s // 3600:02d}{s // 60 % 60:02d}{s % 60:02d}" for s in self.seconds)
+        return f"{start}-{end}"
+
+    def split(self) -> list[_Window]:
+        """Two halves in chronological order; [] when a single second cannot be split further."""
+        first = self.first or _EARLIEST_DATE
+        last = self.last or _LATEST_DATE
+        if first < last:
+            middle = first + (last - first) // 2
+            return [_Window(first, middle), _Window(middle + dt.timedelta(days=1), last)]
+        start, end = self.seconds or (0, 86399)
+        if start == end:
+            return []
+        middle = (start + end) // 2
+        return [_Window(first, last, (start, middle)), _Window(first, last, (middle + 1, end))]
+
+    def describe(self) -> str:
+        text = self.date_filter() or "any date"
+        return f"{text} {self.time_filter()}".strip()
+
+
+def find_studies(
+    cfg: PacsConfig,
+    *,
+    date_range: tuple[dt.date | str | None, dt.date | str | None] | None = None,
+    modalities: Sequence[str] | None = ("CR", "DX"),
+    page_limit: int | None = None,
+) -> Iterator[dict]:
+    """Yield each matching study once, as a dict keyed by STUDY_KEYS.
+
+    ``date_range`` is inclusive; either end may be None (open). ``modalities`` filters on
+    ModalitiesInStudy (None or () = any). ``page_limit`` is the PACS's result cap if known: a window
+    returning that many matches is split even when the PACS does not say that more exist.
+    """
+    if page_limit is not None and page_limit < 1:
+        raise ValueError(f"page_limit={page_limit!r}: use None (no known cap) or the PACS's cap, >= 1")
+    if isinstance(modalities, str):
+        raise ValueError(f"modalities={modalities!r}: pass a sequence such as ('CR', 'DX')")
+    first, last = date_range if date_range is not None else (None, None)
+    first, last = _as_date(first, "date_range[0]"), _as_date(last, "date_range[1]")
+    if first and last and first > last:
+        raise ValueError(f"date_range starts after it ends: {first} > {last}")
+    wanted_modalities = tuple(modalities or ())
+    seen: set[str] = set()
+    windows = [_Window(first, last)]
+    with _find_connection(cfg) as conn:
+        while windows:
+            window = windows.pop()
+            query = _query(
+                "STUDY",
+                STUDY_KEYS,
+                StudyDate=window.date_filter(),
+                StudyTime=window.time_filter(),
+                ModalitiesInStudy="\\".join(wanted_modalities),
+            )
+            what = f"C-FIND studies {window.describe()} on {cfg.describe()}"
+            matches, truncated = _find(conn, query, STUDY_KEYS, what)
+            at_cap = truncated or (page_limit is not None and len(matches) >= page_limit)
+            if at_cap:
+                halves = window.split()
+                if halves:
+                    if window.first is None and window.last is None:
+                        LOGGER.warning(
+                            "result cap hit without a date bound: studies without a StudyDate "
+                            "cannot be reached by date windows and are skipped"
+                        )
+                    if window.first is not None and window.first == window.last and window.seconds is None:
+                        LOGGER.warning(
+                            "over %d studies on %s: splitting by StudyTime (studies without "
+                            "a StudyTime on that day are not matched)",
+                            len(matches),
+                            window.first,
+                        )
+                    LOGGER.debug("%s: %d matches at the cap, splitting", window.describe(), len(matches))
+                    windows.extend(reversed(halves))
+                    continue
+                if truncated:
+                    raise PacsError(
+                        f"more studies than the PACS returns per query in the single second "
+                        f"{window.describe()}: raise the PACS's result cap (Orthanc: LimitFindResults)",
+                        retryable=False,
+                    )
+            for study in matches:
+                uid = study["StudyInstanceUID"]
+                if not uid or uid in seen:
+                    continue
+                if (
+                    wanted_modalities
+                    and study["ModalitiesInStudy"]
+                    and not (set(study["ModalitiesInStudy"]) & set(wanted_modalities))
+                ):
+                    continue  # the PACS ignored the optional ModalitiesInStudy filter
+                seen.add(uid)
+                yield study
+
+
+def _check_uid(name: str, value: str) -> None:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]+(\.[0-9]+)*", value) or len(value) > 64:
+        raise ValueError(f"{name}={value!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+
+
+def _find_series(conn: _Connection, study_uid: str) -> list[dict]:
+    query = _query("SERIES", SERIES_KEYS, StudyInstanceUID=study_uid)
+    what = f"C-FIND series of study {study_uid} on {conn.cfg.describe()}"
+    matches, truncated = _find(conn, query, SERIES_KEYS, what)
+    if truncated:
+        raise PacsError(f"study {study_uid} has more series than the PACS returns per query", retryable=False)
+    return matches
+
+
+def _find_instances(conn: _Connection, study_uid: str, series_uid: str) -> list[dict]:
+    query = _query("IMAGE", INSTANCE_KEYS, StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid)
+    what = f"C-FIND instances of series {series_uid} on {conn.cfg.describe()}"
+    matches, truncated = _find(conn, query, INSTANCE_KEYS, what)
+    if truncated:
+        raise PacsError(
+            f"series {series_uid} has more instances than the PACS returns per query: raise its cap "
+            "(Orthanc: LimitFindInstances)",
+            retryable=False,
+        )
+    return matches
+
+
+def find_series(cfg: PacsConfig, study_uid: str) -> list[dict]:
+    """The series of one study, as dicts keyed by SERIES_KEYS."""
+    _check_uid("study_uid", study_uid)
+    with _find_connection(cfg) as conn:
+        return _find_series(conn, study_uid)
+
+
+def find_instances(cfg: PacsConfig, study_uid: str, series_uid: str | None = None) -> list[dict]:
+    """The instances of one series, or of every series of the study, as dicts keyed by INSTANCE_KEYS.
+
+    The study root model requires the series UID at image level, so a study is queried per series.
+    """
+    _check_uid("study_uid", study_uid)
+    if series_uid is not None:
+        _check_uid("series_uid", series_uid)
+    with _find_connection(cfg) as conn:
+        series_uids = (
+            [series_uid] if series_uid else [s["SeriesInstanceUID"] for s in _find_series(conn, study_uid)]
+        )
+        return [match for uid in series_uids for match in _find_instances(conn, study_uid, uid)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retrieval
+
+
+@dataclass(frozen=True)
+class RetrieveItem:
+    """What to retrieve: a study, a series, or listed instances of one series.
+
+    ``sop_class_uids`` lets a C-GET association offer exactly the storage classes the item holds.
+    """
+
+    study_uid: str
+    series_uid: str | None = None
+    sop_instance_uids: tuple[str, ...] = ()
+    sop_class_uids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_uid("study_uid", self.study_uid)
+        if self.series_uid is not None:
+            _check_uid("series_uid", self.series_uid)
+        if self.sop_instance_uids and self.series_uid is None:
+            raise ValueError("RetrieveItem with sop_instance_uids needs series_uid (study root image level)")
+        for uid in (*self.sop_instance_uids, *self.sop_class_uids):
+            _check_uid("RetrieveItem uid", uid)
+
+    @property
+    def level(self) -> Literal["STUDY", "SERIES", "IMAGE"]:
+        if self.sop_instance_uids:
+            return "IMAGE"
+        return "SERIES" if self.series_uid else "STUDY"
+
+    def identifier(self) -> Dataset:
+        query = Dataset()
+        query.QueryRetrieveLevel = self.level
+        query.StudyInstanceUID = self.study_uid
+        if self.series_uid:
+            query.SeriesInstanceUID = self.series_uid
+        if self.sop_instance_uids:
+            query.SOPInstanceUID = list(self.sop_instance_uids)
+        return query
+
+    def describe(self) -> str:
+        if self.sop_instance_uids:
+            return f"{len(self.sop_instance_uids)} instance(s) of series {self.series_uid}"
+        return f"series {self.series_uid}" if self.series_uid else f"study {self.study_uid}"
+
+
+@dataclass(frozen=True)
+class RetrieveFailure:
+    item: RetrieveItem
+    reason: str
+
+
+@dataclass
+class RetrieveSummary:
+    """Instance counts for one ``retrieve`` run.
+
+    ``requested`` = instances listed in items plus, for study/series items, the PACS's sub-operation
+    total. ``failed`` counts instances known to be missing; ``failures`` lists every item that did not
+    complete (an item whose association died may have no instance count).
+    """
+
+    requested: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    already_present: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    failures: list[RetrieveFailure] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and self.failed == 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.completed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def megabytes_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"requested {self.requested}, completed {self.completed}, failed {self.failed}, "
+            f"warning {self.warning}, already present {self.already_present}, "
+            f"{self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s, "
+            f"{self.megabytes_per_s:.1f} MB/s), {len(self.failures)} item(s) failed"
+        )
+
+
+@dataclass
+class _ItemOutcome:
+    item: RetrieveItem
+    requested: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    error: str | None = None
+
+
+def storage_contexts_for_get(sop_classes: Iterable[str]) -> list[tuple[str, str]]:
+    """(SOP class, transfer syntax) pairs for a C-GET association, one context each.
+
+    A PACS sends a C-GET sub-operation only on a context whose transfer syntax it can produce, and
+    many cannot transcode a lossy or compressed instance: a context per stored syntax lets it send
+    the instance as stored. With many classes, fewer syntaxes per class fit in 127 contexts; the
+    syntaxes are in ACCEPTED_TRANSFER_SYNTAXES order, most common first.
+    """
+    classes = list(dict.fromkeys(sop_classes))
+    if not classes:
+        raise ValueError("no storage SOP classes to offer on the C-GET association")
+    if len(classes) > _MAX_STORAGE_CONTEXTS:
+        raise ValueError(
+            f"{len(classes)} storage SOP classes exceed the {_MAX_STORAGE_CONTEXTS} contexts of one "
+            "association: retrieve them in several runs grouped by SOP class"
+        )
+    per_class = min(len(ACCEPTED_TRANSFER_SYNTAXES), _MAX_STORAGE_CONTEXTS // len(classes))
+    if per_class < len(ACCEPTED_TRANSFER_SYNTAXES):
+        LOGGER.info(
+            "C-GET offers %d transfer syntaxes for each of %d SOP classes; the PACS transcodes or "
+            "fails instances stored in another syntax",
+            per_class,
+            len(classes),
+        )
+    return [(sop_class, syntax) for sop_class in classes for syntax in ACCEPTED_TRANSFER_SYNTAXES[:per_class]]
+
+
+class _Retriever:
+    """Shared state of one ``retrieve`` run; each worker thread calls ``work`` with its own association."""
+
+    def __init__(self, cfg, method, destination, spool_dir, counts, ae, associate_kwargs, observer, bar):
+        self.cfg = cfg
+        self.method = method
+        self.destination = destination
+        self.spool_dir = spool_dir
+        self.counts = counts
+        self.ae = ae
+        self.associate_kwargs = associate_kwargs
+        self.observer = observer
+        self.bar = bar
+        self.outcomes: list[_ItemOutcome] = []
+        self._lock = threading.Lock()
+        self._unreachable: str | None = None
+
+    def work(self, items: queue.Queue) -> None:
+        with _Connection(self.cfg, self.ae, **self.associate_kwargs) as conn:
+            while True:
+                try:
+                    item = items.get_nowait()
+                except queue.Empty:
+                    return
+                outcome = self._retrieve_with_retries(conn, item)
+                with self._lock:
+                    self.outcomes.append(outcome)
+                    self.bar.update(1)
+                if outcome.error is not None and self.observer is not None:
+                    self.observer.on_failed(outcome.error)
+
+    def _retrieve_with_retries(self, conn: _Connection, item: RetrieveItem) -> _ItemOutcome:
+        outcome = _ItemOutcome(item, requested=len(item.sop_instance_uids))
+        if self._unreachable is not None:
+            outcome.error = f"not attempted: {self._unreachable}"
+            outcome.failed = outcome.requested
+            return outcome
+        pending = item
+        what = f"C-{self.method.upper()} {item.describe()} from {self.cfg.describe()}"
+
+        def attempt(_number: int) -> None:
+            nonlocal pending
+            if item.sop_instance_uids:
+                # Retry only what is still missing: earlier attempts' instances are safe in the spool.
+                present = _present_in_spool(self.spool_dir, pending.sop_instance_uids)
+                missing = tuple(uid for uid in pending.sop_instance_uids if uid not in present)
+                if not missing:
+                    return
+                pending = RetrieveItem(item.study_uid, item.series_uid, missing, item.sop_class_uids)
+            self._retrieve_once(conn, pending, outcome)
+
+        try:
+            _with_retries(self.cfg, what, attempt)
+        except PacsError as exc:
+            outcome.error = str(exc)
+            if isinstance(exc.__cause__, AssociationError):
+                # Every back-off is spent: fail the remaining items at once instead of waiting for each.
+                self._unreachable = f"no association with {self.cfg.describe()} ({exc.__cause__})"
+        if item.sop_instance_uids:
+            # The spool, not the PACS's counters, says what arrived.
+            present = _present_in_spool(self.spool_dir, item.sop_instance_uids)
+            outcome.completed = len(present)
+            outcome.failed = outcome.requested - outcome.completed
+            if outcome.failed == 0:
+                outcome.error = None
+        return outcome
+
+    def _retrieve_once(self, conn: _Connection, item: RetrieveItem, outcome: _ItemOutcome) -> None:
+        assoc = conn.get()
+        if self.method == "move":
+            responses = assoc.send_c_move(
+                item.identifier(),
+                self.destination,
+                StudyRootQueryRetrieveInformationModelMove,
+                msg_id=conn.next_message_id(),
+            )
+        else:
+            responses = assoc.send_c_get(
+                item.identifier(), StudyRootQueryRetrieveInformationModelGet, msg_id=conn.next_message_id()
+            )
+        final = None
+        for status, identifier in responses:
+            if not status:
+                conn.drop()
+                raise PacsError(
+                    f"association aborted or no response within dimse_timeout={self.cfg.dimse_timeout:g} s"
+                )
+            if status.Status not in _PENDING:
+                final = (status, identifier)
+                break
+        if final is None:
+            conn.drop()
+            raise PacsError("the PACS ended the retrieve without a final status")
+        status, identifier = final
+        completed = int(status.get("NumberOfCompletedSuboperations") or 0)
+        failed = int(status.get("NumberOfFailedSuboperations") or 0)
+        warning = int(status.get("NumberOfWarningSuboperations") or 0)
+        if not item.sop_instance_uids:
+            # Study/series items are re-sent whole, so the last attempt's counters are the outcome.
+            outcome.requested, outcome.completed = completed + failed + warning, completed
+            outcome.failed, outcome.warning = failed, warning
+        else:
+            outcome.warning += warning
+        code = status.Status
+        if code in _PERMANENT_RETRIEVE_STATUSES:
+            reason = _PERMANENT_RETRIEVE_STATUSES[code].format(dest=self.destination)
+            raise PacsError(f"status {_status_text(status)}: {reason}", retryable=False)
+        if failed or code not in (0x0000, 0xB000):
+            failed_uids = identifier.get("FailedSOPInstanceUIDList") if identifier is not None else None
+            listed = f"; failed instances: {failed_uids}" if failed_uids else ""
+            raise PacsError(
+                f"status {_status_text(status)}, {completed} sub-operation(s) completed, {failed} failed, "
+                f"{warning} warning{listed}"
+            )
+
+
+def retrieve(
+    cfg: PacsConfig,
+    items: Iterable[RetrieveItem],
+    *,
+    method: Literal["move", "get"] = "move",
+    scp: StorageSCP | None = None,
+    spool_dir: str | Path | None = None,
+    workers: int = 4,
+    progress: bool = True,
+    observer: RetrieveObserver | None = None,
+) -> RetrieveSummary:
+    """Retrieve ``items`` by C-MOVE (into the running ``scp``) or C-GET (into ``spool_dir``).
+
+    ``workers`` threads each hold one association and reuse it for many requests. Instances listed
+    in an item that are already in the spool are skipped and counted as ``already_present``.
+    """
+    if method not in ("move", "get"):
+        raise ValueError(f"method={method!r}: use 'move' (PACS pushes to our Storage SCP) or 'get'")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}: use 1 or more parallel associations")
+    ae = _make_ae(cfg)
+    associate_kwargs: dict = {}
+    items = list(items)
+    if method == "move":
+        if scp is None or not scp.running:
+            raise ValueError("method='move' needs a started StorageSCP (scp=...) for the PACS to send to")
+        destination = cfg.move_destination or scp.ae_title
+        spool = scp.spool_dir
+        counts = scp.counts
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    else:
+        if spool_dir is None and scp is None:
+            raise ValueError("method='get' needs spool_dir= (where received instances are written)")
+        destination = None
+        spool = Path(spool_dir) if spool_dir is not None else scp.spool_dir
+        spool.mkdir(parents=True, exist_ok=True)
+        counts = StoreCounts()
+        known_classes = [uid for item in items for uid in item.sop_class_uids]
+        needs_defaults = any(not item.sop_class_uids for item in items)
+        classes = [*known_classes, *(RADIOGRAPHY_SOP_CLASSES if needs_defaults or not known_classes else ())]
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        for sop_class, syntax in storage_contexts_for_get(classes):
+            ae.add_requested_context(sop_class, syntax)
+        associate_kwargs["ext_neg"] = [build_role(c, scp_role=True) for c in dict.fromkeys(classes)]
+        associate_kwargs["evt_handlers"] = [(evt.EVT_C_STORE, handle_store, [spool, counts])]
+
+    summary = RetrieveSummary()
+    started = time.monotonic()
+    present = spooled_uids(spool) if any(item.sop_instance_uids for item in items) else set()
+    work: queue.Queue[RetrieveItem] = queue.Queue()
+    for item in items:
+        if item.sop_instance_uids:
+            missing = tuple(uid for uid in item.sop_instance_uids if uid not in present)
+            summary.already_present += len(item.sop_instance_uids) - len(missing)
+            summary.requested += len(item.sop_instance_uids) - len(missing)
+            if not missing:
+                continue
+            item = RetrieveItem(item.study_uid, item.series_uid, missing, item.sop_class_uids)
+        work.put(item)
+
+    bytes_before = counts.snapshot()["bytes"]
+    if observer is not None:
+        counts.subscribe(observer.on_stored)
+    n_workers = min(workers, work.qsize())
+    LOGGER.info(
+        "retrieving %d item(s) by C-%s from %s with %d association(s)%s",
+        work.qsize(),
+        method.upper(),
+        cfg.describe(),
+        n_workers,
+        f" into {destination}" if destination else "",
+    )
+    try:
+        with tqdm(total=work.qsize(), unit="item", desc=f"C-{method.upper()}", disable=not progress) as bar:
+            retriever = _Retriever(
+                cfg, method, destination, spool, counts, ae, associate_kwargs, observer, bar
+            )
+            threads = [
+                threading.Thread(target=retriever.work, args=(work,), name=f"retrieve-{n}", daemon=True)
+                for n in range(n_workers)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        if observer is not None:
+            counts.unsubscribe(observer.on_stored)
+
+    for outcome in retriever.outcomes:
+        summary.requested += outcome.requested
+        summary.completed += outcome.completed
+        summary.failed += outcome.failed
+        summary.warning += outcome.warning
+        if outcome.error is not None:
+            summary.failures.append(RetrieveFailure(outcome.item, outcome.error))
+    summary.bytes = counts.snapshot()["bytes"] - bytes_before
+    summary.seconds = time.monotonic() - started
+    log = LOGGER.warning if summary.failures else LOGGER.info
+    log("C-%s from %s: %s", method.upper(), cfg.describe(), summary)
+    for failure in summary.failures:
+        LOGGER.warning("failed: %s: %s", failure.item.describe(), failure.reason)
+    return summary
+
+
+def plan_retrieval(
+    cfg: PacsConfig,
+    spool_dir: str | Path,
+    study_uids: Iterable[str],
+    *,
+    max_instances_per_item: int = 100,
+    observer: RetrieveObserver | None = None,
+    progress: bool = False,
+) -> list[RetrieveItem]:
+    """Instance-level plan for ``study_uids``: one item per series (chunked), spooled instances left out.
+
+    Running it again after a complete pull returns []; after a partial pull, only what is missing.
+    """
+    if max_instances_per_item < 1:
+        raise ValueError(f"max_instances_per_item={max_instances_per_item!r} must be >= 1")
+    present = spooled_uids(spool_dir)
+    plan: list[RetrieveItem] = []
+    study_uids = list(study_uids)
+    for uid in study_uids:
+        _check_uid("study_uid", uid)
+    with _find_connection(cfg) as conn:
+        for study_uid in tqdm(study_uids, unit="study", desc="plan", disable=not progress):
+            for series in _find_series(conn, study_uid):
+                series_uid = series["SeriesInstanceUID"]
+                instances = _find_instances(conn, study_uid, series_uid)
+                if observer is not None:
+                    observer.on_found(len(instances))
+                missing = [i for i in instances if i["SOPInstanceUID"] not in present]
+                for start in range(0, len(missing), max_instances_per_item):
+                    chunk = missing[start : start + max_instances_per_item]
+                    plan.append(
+                        RetrieveItem(
+                            study_uid,
+                            series_uid,
+                            tuple(i["SOPInstanceUID"] for i in chunk),
+                            tuple(dict.fromkeys(i["SOPClassUID"] for i in chunk if i["SOPClassUID"])),
+                        )
+                    )
+    LOGGER.info(
+        "plan: %d item(s), %d instance(s) to fetch for %d study(ies)",
+        len(plan),
+        sum(len(item.sop_instance_uids) for item in plan),
+        len(study_uids),
+    )
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _config_from_args(args: argparse.Namespace) -> PacsConfig:
+    return PacsConfig.parse(
+        args.pacs,
+        calling_aet=args.aet,
+        move_destination=args.move_dest,
+        dimse_timeout=args.dimse_timeout,
+        retries=args.retries,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Query and retrieve radiographs from a PACS into a spool.")
+    parser.add_argument("--pacs", required=True, help="the PACS as AET@HOST:PORT, e.g. PACS@10.0.0.5:104")
+    parser.add_argument("--aet", default="PEDXRAY", help="our calling AE title (default PEDXRAY)")
+    parser.add_argument("--move-dest", help="C-MOVE destination AE title (default: --aet)")
+    parser.add_argument("--dimse-timeout", type=float, default=120, help="seconds per DIMSE reply")
+    parser.add_argument("--retries", type=int, default=3, help="retries per request after the first try")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("echo", help="C-ECHO the PACS")
+    for name in ("find", "pull"):
+        sub = commands.add_parser(name, help="list matching studies" if name == "find" else "retrieve them")
+        sub.add_argument("--from", dest="first", help="first study date, YYYY-MM-DD")
+        sub.add_argument("--to", dest="last", help="last study date, YYYY-MM-DD")
+        sub.add_argument("--modality", nargs="*", default=["CR", "DX"], help="ModalitiesInStudy filter")
+        sub.add_argument("--page-limit", type=int, help="the PACS's C-FIND result cap, if known")
+    pull = commands.choices["pull"]
+    pull.add_argument("--spool", required=True, type=Path, help="spool directory")
+    pull.add_argument("--method", choices=("move", "get"), default="move")
+    pull.add_argument("--workers", type=int, default=4, help="parallel associations")
+    pull.add_argument("--scp-host", default="0.0.0.0", help="address our Storage SCP binds for C-MOVE")
+    pull.add_argument("--scp-port", type=int, default=11112, help="port the PACS knows for our AE title")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = _config_from_args(args)
+        if args.command == "echo":
+            echo(cfg)
+            print(f"C-ECHO {cfg.describe()}: ok")
+            return 0
+        studies = find_studies(
+            cfg, date_range=(args.first, args.last), modalities=args.modality, page_limit=args.page_limit
+        )
+        if args.command == "find":
+            for study in studies:
+                modalities = "/".join(study["ModalitiesInStudy"])
+                print(study["StudyInstanceUID"], study["StudyDate"], modalities, study["StudyDescription"])
+            return 0
+        study_uids = [study["StudyInstanceUID"] for study in studies]
+        items = plan_retrieval(cfg, args.spool, study_uids, progress=True)
+        if args.method == "get":
+            summary = retrieve(cfg, items, method="get", spool_dir=args.spool, workers=args.workers)
+        else:
+            destination = cfg.move_destination or cfg.calling_aet
+            scp = StorageSCP(args.spool, destination, args.scp_port, [cfg.called_aet], args.scp_host)
+            with scp:
+                summary = retrieve(cfg, items, method="move", scp=scp, workers=args.workers)
+    except (PacsError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 1
+    print(summary)
+    return 0 if summary.ok else 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""Shared fixtures: a real Orthanc PACS on 127.0.0.1, pydicom's sample files, the gpu marker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.orthanc import INSTALL_HINT, ORTHANC_BINARY, OrthancServer
+
+# pydicom's bundled image files (none is downloaded): one study each, six transfer syntaxes.
+PYDICOM_TEST_FILES = (
+    "CT_small.dcm",  # Explicit VR Little Endian, CT
+    "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless, MR
+    "JPEG2000.dcm",  # JPEG 2000, NM
+    "SC_rgb_rle.dcm",  # RLE lossless, RGB secondary capture
+    "SC_jpeg_no_color_transform.dcm",  # JPEG baseline
+    "rtdose.dcm",  # Implicit VR Little Endian, multi-frame
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch  # imported only when gpu tests were collected: it takes seconds
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def orthanc_binary() -> str:
+    """Path of the Orthanc binary. Missing: skip locally, fail in CI (CI installs it)."""
+    path = shutil.which(ORTHANC_BINARY)
+    if path is None:
+        message = f"Orthanc binary {ORTHANC_BINARY!r} not found on PATH; {INSTALL_HINT}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def orthanc_server(orthanc_binary: str, tmp_path: Path) -> Iterator[Callable[..., OrthancServer]]:
+    """Factory: ``orthanc_server(**OrthancConfig fields)`` returns a started OrthancServer.
+
+    Each call starts its own Orthanc in a fresh directory under tmp_path on free ports; all are
+    stopped when the test ends. Stopping Orthanc 1.10 takes about 3 s.
+    """
+    servers: list[OrthancServer] = []
+
+    def start(**options: Any) -> OrthancServer:
+        server = OrthancServer(tmp_path / f"orthanc-{len(servers)}", **options)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pydicom_testfiles() -> list[Path]:
+    """pydicom's sample images with distinct studies and transfer syntaxes (see PYDICOM_TEST_FILES)."""
+    from pydicom.data import get_testdata_file
+
+    paths = [get_testdata_file(name) for name in PYDICOM_TEST_FILES]
+    missing = [name for name, path in zip(PYDICOM_TEST_FILES, paths, strict=True) if path is None]
+    assert not missing, f"pydicom no longer bundles {missing}; pick other files in tests/conftest.py"
+    return [Path(path) for path in paths]

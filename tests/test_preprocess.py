@@ -1,0 +1,392 @@
+"""Pixel preprocessing (ingest/preprocess.py): the paper's recipe on real codecs and on malformed input."""
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_fragments
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from ingest.preprocess import (
+    DecodeError,
+    NoPixelData,
+    PreprocessError,
+    PreprocessParams,
+    UnsupportedPhotometric,
+    apply_clahe,
+    encode_png,
+    main,
+    percentiles,
+    pixels_to_unit,
+    preprocess_array,
+    preprocess_dataset,
+    preprocess_file,
+    resize_pad,
+)
+
+MONOCHROME1_CR = "dicomdirtests/77654033/CR1/6154"  # pydicom ships it: CR, MONOCHROME1, RescaleSlope 0.684
+
+
+@pytest.fixture(autouse=True)
+def _quiet_pydicom():
+    # pydicom warns about the odd headers its own test files carry on purpose
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def testfile(name: str) -> str:
+    path = get_testdata_file(name)
+    assert path is not None, f"pydicom test file {name} is missing from this pydicom install"
+    return path
+
+
+def make_ds(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
+            signed: bool | None = None, raw: bytes | None = None, **elements) -> Dataset:
+    """A minimal uncompressed image dataset; ``raw`` overrides the pixel bytes (e.g. garbage high bits)."""
+    frames = pixels.shape[0] if pixels.ndim == 3 else 1
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if pixels.dtype.kind == "f":
+        ds.BitsAllocated = 32
+        ds.FloatPixelData = pixels.astype("<f4").tobytes()
+    else:
+        ds.BitsAllocated = pixels.dtype.itemsize * 8
+        ds.BitsStored = bits_stored or ds.BitsAllocated
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = int(pixels.dtype.kind == "i" if signed is None else signed)
+        ds.PixelData = raw if raw is not None else pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def reference_unit(ds: Dataset, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """The recipe spelled out literally, in float64, to check the folded/fast implementation against."""
+    values = ds.pixel_array
+    values = values[0] if values.ndim == 3 else values
+    values = apply_modality_lut(values, ds).astype(np.float64)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        values = -values
+    lo, hi = np.percentile(values, [low, high])
+    return (np.clip(values, lo, hi) - lo) / (hi - lo)
+
+
+def ramp(rows: int = 40, cols: int = 30, scale: int = 7) -> np.ndarray:
+    return (np.arange(rows * cols, dtype=np.uint16).reshape(rows, cols) * scale) % 4000
+
+
+# -- params -------------------------------------------------------------------------------------------------------
+def test_params_defaults_are_the_papers_and_round_trip():
+    params = PreprocessParams()
+    assert params.to_dict() == {"size": 512, "clip_low_pct": 0.5, "clip_high_pct": 99.5, "clahe": False,
+                                "clahe_clip": 2.0, "clahe_tiles": 8, "output_dtype": "uint8"}
+    assert PreprocessParams(**params.to_dict()) == params
+
+
+@pytest.mark.parametrize(("fields", "hint"), [
+    ({"size": 0}, "size must be an integer"),
+    ({"size": 512.0}, "size must be an integer"),
+    ({"clip_low_pct": -1}, "between 0 and 100"),
+    ({"clip_low_pct": 99.5, "clip_high_pct": 0.5}, "must be below clip_high_pct"),
+    ({"clahe_clip": 0}, "clahe_clip must be a positive number"),
+    ({"clahe_tiles": 0}, "clahe_tiles must be an integer"),
+    ({"output_dtype": "float32"}, "output_dtype must be one of"),
+    ({"clahe": "yes"}, "clahe must be true or false"),
+])
+def test_params_reject_bad_values_with_a_hint(fields, hint):
+    with pytest.raises(ValueError, match=hint):
+        PreprocessParams(**fields)
+
+
+# -- decoding: every shipped codec gives the same image as the uncompressed original ------------------------------
+@pytest.mark.parametrize("variant", [
+    "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_bigendian.dcm",
+    "MR_small_expb.dcm", "MR_small_implicit.dcm", "MR_small_padded.dcm",
+])
+def test_lossless_transfer_syntaxes_give_identical_output(variant):
+    original = preprocess_file(testfile("MR_small.dcm"))
+    assert np.array_equal(preprocess_file(testfile(variant)), original)
+
+
+def _dcmcjpeg(source: str, target: Path, *options: str) -> Path:
+    if shutil.which("dcmcjpeg") is None:
+        pytest.skip("dcmtk's dcmcjpeg is not installed (scripts/setup.sh installs it)")
+    subprocess.run(["dcmcjpeg", *options, source, str(target)], check=True, capture_output=True)
+    return target
+
+
+def test_jpeg_lossless_matches_original_or_says_which_decoder_is_missing(tmp_path):
+    encoded = _dcmcjpeg(testfile("MR_small.dcm"), tmp_path / "jpeg_ll.dcm", "+e1")
+    has_decoder = any(importlib.util.find_spec(m) for m in ("libjpeg", "gdcm"))
+    if has_decoder:
+        assert np.array_equal(preprocess_file(encoded), preprocess_file(testfile("MR_small.dcm")))
+    else:
+        with pytest.raises(DecodeError) as err:
+            preprocess_file(encoded)
+        assert err.value.reason == "decode_failed:no_decoder:JPEGLosslessSV1"
+        assert "pylibjpeg-libjpeg" in str(err.value) or "libjpeg" in str(err.value)
+
+
+def test_jpeg_baseline_is_close_to_original(tmp_path):
+    encoded = _dcmcjpeg(testfile("image_dfl.dcm"), tmp_path / "jpeg_baseline.dcm", "+eb", "+q", "95")
+    assert pydicom.dcmread(encoded).file_meta.TransferSyntaxUID.keyword == "JPEGBaseline8Bit"
+    lossy = preprocess_file(encoded).astype(int)
+    original = preprocess_file(testfile("image_dfl.dcm")).astype(int)
+    assert np.abs(lossy - original).mean() < 2.0
+
+
+@pytest.mark.parametrize("name", ["693_J2KI.dcm", "JPEG2000.dcm", "JPEGLSNearLossless_16.dcm", "CT_small.dcm"])
+def test_lossy_and_signed_files_fill_the_output_range(name):
+    out = preprocess_file(testfile(name))
+    assert out.shape == (512, 512) and out.dtype == np.uint8
+    assert out.max() == 255 and out.min() == 0
+
+
+# -- modality LUT and photometric interpretation -------------------------------------------------------------------
+@pytest.mark.parametrize("name", [MONOCHROME1_CR, "CT_small.dcm", "693_J2KI.dcm", "rtdose.dcm"])
+def test_unit_image_matches_the_literal_recipe(name):
+    ds = pydicom.dcmread(testfile(name))
+    unit = pixels_to_unit(ds)
+    assert unit.dtype == np.float32 and unit.min() == 0.0 and unit.max() == 1.0
+    np.testing.assert_allclose(unit, reference_unit(ds), atol=2e-6)
+
+
+def test_monochrome1_is_inverted_so_the_output_mirrors_monochrome2():
+    pixels = ramp()
+    mono2 = pixels_to_unit(make_ds(pixels, "MONOCHROME2", bits_stored=12))
+    mono1 = pixels_to_unit(make_ds(pixels, "MONOCHROME1", bits_stored=12))
+    np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
+    assert mono2[-1, -1] > mono2[0, 0]  # sanity: the ramp is not symmetric, so mirroring is visible
+
+
+def test_linear_rescale_keeps_the_image_and_a_negative_slope_mirrors_it():
+    pixels = ramp()
+    plain = pixels_to_unit(make_ds(pixels))
+    rescaled = make_ds(pixels, RescaleSlope=0.684, RescaleIntercept=-1024)
+    np.testing.assert_allclose(pixels_to_unit(rescaled), plain, atol=1e-6)
+    np.testing.assert_allclose(pixels_to_unit(rescaled), reference_unit(rescaled), atol=2e-6)
+    negative = make_ds(pixels, RescaleSlope=-2, RescaleIntercept=100)
+    np.testing.assert_allclose(pixels_to_unit(negative), 1.0 - plain, atol=1e-6)
+    assert not pixels_to_unit(make_ds(pixels, RescaleSlope=0, RescaleIntercept=5)).any()
+
+
+def test_modality_lut_sequence_is_applied():
+    pixels = ramp(scale=1) % 256
+    lut = Dataset()
+    lut.LUTDescriptor = [256, 0, 16]
+    lut.ModalityLUTType = "US"
+    lut.LUTData = (np.sqrt(np.arange(256)) * 1000).astype(np.uint16).tolist()
+    ds = make_ds(pixels.astype(np.uint8), ModalityLUTSequence=[lut])
+    unit = pixels_to_unit(ds)
+    np.testing.assert_allclose(unit, reference_unit(ds), atol=2e-6)
+    assert np.abs(unit - pixels_to_unit(make_ds(pixels.astype(np.uint8)))).max() > 0.1  # sqrt, not identity
+
+
+# -- stored values: signed, garbage high bits, float, multi-frame --------------------------------------------------
+def test_garbage_above_bits_stored_is_ignored():
+    pixels = ramp()
+    dirty = (pixels | np.uint16(0xA000)).astype("<u2").tobytes()  # 12 bits stored, junk in the top 4
+    clean = preprocess_dataset(make_ds(pixels, bits_stored=12))
+    assert np.array_equal(preprocess_dataset(make_ds(pixels, bits_stored=12, raw=dirty)), clean)
+
+
+def test_signed_pixels_are_read_as_negative_values():
+    signed = ramp().astype(np.int16) - 2000  # 12-bit signed range -2048..2047
+    two_complement_12bit = (signed.astype(np.uint16) & 0x0FFF).astype("<u2").tobytes()
+    ds = make_ds(signed, bits_stored=12, signed=True, raw=two_complement_12bit)
+    assert ds.pixel_array.min() < 0
+    expected = preprocess_dataset(make_ds((signed + 2048).astype(np.uint16), bits_stored=12))
+    assert np.array_equal(preprocess_dataset(ds), expected)
+
+
+def test_float_pixel_data_is_preprocessed_like_the_same_array():
+    pixels = ramp().astype(np.float32) / 7.5 - 100.0
+    assert np.array_equal(preprocess_dataset(make_ds(pixels)), preprocess_array(pixels))
+
+
+def test_non_finite_float_pixels_are_a_decode_error():
+    pixels = ramp().astype(np.float32)
+    pixels[3, 3] = np.nan
+    with pytest.raises(DecodeError) as err:
+        preprocess_dataset(make_ds(pixels))
+    assert err.value.reason == "decode_failed:non_finite"
+
+
+def test_multi_frame_uses_the_first_frame():
+    frames = np.stack([ramp(), ramp()[::-1], ramp()[:, ::-1]])
+    assert np.array_equal(preprocess_dataset(make_ds(frames)), preprocess_dataset(make_ds(frames[0])))
+    assert np.array_equal(preprocess_file(testfile("rtdose.dcm")), preprocess_file(testfile("rtdose_1frame.dcm")))
+
+
+# -- step 4: percentiles -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float32, np.bool_])
+@pytest.mark.parametrize("size", [1, 2, 7, 10_001])
+def test_percentiles_equal_numpys_linear_definition(dtype, size):
+    rng = np.random.default_rng(size)
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
+    if info is not None:
+        values = rng.integers(info.min, info.max, size=size, endpoint=True, dtype=dtype)
+    else:
+        values = (rng.normal(size=size) * 100).astype(dtype)
+    for low, high in [(0.5, 99.5), (0, 100), (2.5, 50), (33.3, 66.7)]:
+        expected = np.percentile(values, [low, high])
+        assert percentiles(values, low, high) == pytest.approx(tuple(expected), rel=1e-12, abs=1e-12)
+
+
+def test_an_outlier_pixel_does_not_compress_the_range():
+    pixels = (np.arange(100 * 100, dtype=np.uint16).reshape(100, 100) % 1000)
+    pixels[50, 50] = 65535  # one hot pixel, e.g. a dead detector element
+    unit = pixels_to_unit(make_ds(pixels))
+    assert unit[50, 50] == 1.0
+    body = np.delete(unit.ravel(), 50 * 100 + 50)
+    # min-max without clipping would squeeze the whole image into [0, 0.015]
+    assert np.percentile(body, 99) > 0.98 and np.percentile(body, 1) < 0.02
+
+
+def test_constant_image_gives_zeros_not_nan():
+    flat = np.full((20, 30), 1234, np.uint16)
+    assert not np.isnan(pixels_to_unit(make_ds(flat))).any()
+    assert not preprocess_dataset(make_ds(flat)).any()
+    assert not preprocess_array(np.full((20, 30), 0.25, np.float32)).any()
+
+
+# -- step 5: geometry ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("shape", "content", "offset"), [
+    ((100, 50), (512, 256), (0, 128)),   # tall: full height, centred horizontally
+    ((50, 100), (256, 512), (128, 0)),   # wide: full width, centred vertically
+    ((30, 31), (495, 512), (8, 0)),      # odd remainder (17 rows): 8 above, 9 below
+])
+def test_resize_keeps_aspect_ratio_and_pads_centred(shape, content, offset):
+    out = resize_pad(np.ones(shape, np.float32), 512)
+    assert out.shape == (512, 512)
+    rows, cols = np.nonzero(out > 0.5)
+    assert (rows.min(), cols.min()) == offset
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == content
+    assert not out[:offset[0]].any() and not out[:, :offset[1]].any()
+
+
+@pytest.mark.parametrize(("size", "dtype"), [(512, "uint8"), (224, "uint16"), (513, "uint8")])
+def test_output_is_exactly_size_by_size(size, dtype):
+    out = preprocess_file(testfile("JPEG2000.dcm"), PreprocessParams(size=size, output_dtype=dtype))
+    assert out.shape == (size, size) and out.dtype == np.dtype(dtype)
+    assert out.max() == np.iinfo(dtype).max
+
+
+# -- step 6: CLAHE and PNG -----------------------------------------------------------------------------------------
+def test_clahe_is_applied_last_on_the_padded_image():
+    plain = preprocess_file(testfile("693_J2KI.dcm"))
+    with_clahe = preprocess_file(testfile("693_J2KI.dcm"), PreprocessParams(clahe=True))
+    assert np.array_equal(with_clahe, apply_clahe(plain, 2.0, 8))
+    assert not np.array_equal(with_clahe, plain)
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        apply_clahe(plain.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_encoding_is_lossless(dtype):
+    img = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, (64, 48), dtype=dtype)
+    decoded = cv2.imdecode(np.frombuffer(encode_png(img), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded.dtype == dtype and np.array_equal(decoded, img)
+
+
+# -- display-oriented arrays (PNG/JPEG inputs) ---------------------------------------------------------------------
+def test_preprocess_array_treats_rgb_encoded_grayscale_like_grayscale():
+    gray = (ramp() % 256).astype(np.uint8)
+    bgr = np.repeat(gray[:, :, None], 3, axis=2)
+    assert np.array_equal(preprocess_array(bgr), preprocess_array(gray))
+    assert np.array_equal(preprocess_array(gray[:, :, None]), preprocess_array(gray))
+    with pytest.raises(PreprocessError) as err:
+        preprocess_array(np.zeros((4, 4, 2), np.uint8))
+    assert err.value.reason == "bad_array"
+
+
+# -- typed errors with a reason for everything that is not a usable grayscale image --------------------------------
+@pytest.mark.parametrize(("name", "error", "reason"), [
+    ("rtplan.dcm", NoPixelData, "no_pixel_data"),
+    ("test-SR.dcm", NoPixelData, "no_pixel_data"),
+    ("waveform_ecg.dcm", NoPixelData, "no_pixel_data"),
+    ("no_meta.dcm", DecodeError, "decode_failed:not_dicom"),
+    ("rtstruct.dcm", DecodeError, "decode_failed:not_dicom"),
+    ("MR_truncated.dcm", DecodeError, "decode_failed:truncated"),
+    ("badVR.dcm", DecodeError, "decode_failed:invalid_header"),
+    ("meta_missing_tsyntax.dcm", DecodeError, "decode_failed:missing_element"),
+    ("JPEG-lossy.dcm", DecodeError, "decode_failed:"),  # a known-corrupt 12-bit JPEG stream
+    ("JPEG2000-embedded-sequence-delimiter.dcm", DecodeError, "decode_failed:"),
+    ("SC_rgb_rle.dcm", UnsupportedPhotometric, "unsupported_photometric:RGB"),
+    ("SC_rgb_jpeg_dcmtk.dcm", UnsupportedPhotometric, "unsupported_photometric:YBR_FULL"),
+    ("examples_ybr_color.dcm", UnsupportedPhotometric, "unsupported_photometric:YBR_FULL_422"),
+    ("GDCMJ2K_TextGBR.dcm", UnsupportedPhotometric, "unsupported_photometric:YBR_RCT"),
+    ("examples_palette.dcm", UnsupportedPhotometric, "unsupported_photometric:PALETTE_COLOR"),
+])
+def test_unusable_files_raise_a_typed_error_with_a_reason(name, error, reason):
+    with pytest.raises(error) as err:
+        preprocess_file(testfile(name))
+    assert isinstance(err.value, PreprocessError) and isinstance(err.value, ValueError)
+    assert err.value.reason.startswith(reason)
+    assert len(str(err.value)) > 30  # says what and why, not just a code
+
+
+def test_truncated_jpeg2000_codestream_is_a_decode_error():
+    ds = pydicom.dcmread(testfile("MR_small_jp2klossless.dcm"))
+    fragment = next(generate_fragments(ds.PixelData))
+    ds.PixelData = encapsulate([fragment[: len(fragment) // 3]])
+    with pytest.raises(DecodeError) as err:
+        preprocess_dataset(ds)
+    assert err.value.reason.startswith("decode_failed:")
+
+
+def test_missing_file_is_an_os_error_not_a_quarantine_reason(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        preprocess_file(tmp_path / "absent.dcm")
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------------
+def test_preview_cli_writes_a_512_png(tmp_path, capsys):
+    out = tmp_path / "preview" / "cr.png"
+    assert main([testfile(MONOCHROME1_CR), "--out", str(out), "--clahe"]) == 0
+    img = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+    assert img.shape == (512, 512) and img.dtype == np.uint8
+    assert "wrote" in capsys.readouterr().out
+    assert [p.name for p in out.parent.iterdir()] == ["cr.png"]  # no temp file left behind
+
+
+def test_preview_cli_reports_unusable_input_with_its_reason(tmp_path, capsys):
+    assert main([testfile("SC_rgb_rle.dcm"), "--out", str(tmp_path / "x.png")]) == 1
+    assert "unsupported_photometric:RGB" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(SystemExit):
+        main([testfile("MR_small.dcm"), "--out", str(tmp_path / "x.png"), "--size", "4"])
+
+
+def test_preview_cli_accepts_png_input(tmp_path):
+    source = tmp_path / "in.png"
+    cv2.imwrite(str(source), (ramp() % 256).astype(np.uint8))
+    assert main([str(source), "--out", str(tmp_path / "out.png"), "--size", "128"]) == 0
+    assert cv2.imread(str(tmp_path / "out.png"), cv2.IMREAD_UNCHANGED).shape == (128, 128)
+
+
+def test_module_runs_as_a_script(tmp_path):
+    out = tmp_path / "mr.png"
+    result = subprocess.run([sys.executable, "-m", "ingest.preprocess", testfile("MR_small.dcm"), "--out", str(out)],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert cv2.imread(str(out), cv2.IMREAD_UNCHANGED).shape == (512, 512)
