@@ -16,9 +16,9 @@ from datetime import date, timedelta
 
 import numpy as np
 import pandas as pd
+from ingest.labels import label_catalog
 
 from ingest.balance import BalanceConfig, balance
-from ingest.labels import label_catalog
 from ingest.taxonomy import load_taxonomy
 
 
@@ -31,7 +31,13 @@ def synthetic_headers(rows: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     views = taxonomy.views
     view = rng.integers(0, len(views), rows)
-    spellings = [lambda d: d, str.upper, str.lower, lambda d: "XR " + d.upper(), lambda d: d.replace(" ", "_")]
+    spellings = [
+        lambda d: d,
+        str.upper,
+        str.lower,
+        lambda d: "XR " + d.upper(),
+        lambda d: d.replace(" ", "_"),
+    ]
     description = np.array([[s(v.description) for s in spellings] for v in views], dtype=object)
     body_part = np.array([v.body_part for v in views], dtype=object)
     view_position = np.array([v.view_position for v in views], dtype=object)
@@ -39,22 +45,26 @@ def synthetic_headers(rows: int, seed: int) -> pd.DataFrame:
     missing_body = rng.random(rows) < 0.05
     patients = rng.integers(0, rows // 4, rows)
     days = rng.integers(0, 9 * 365, rows)
-    df = pd.DataFrame({
-        "sop_instance_uid": np.char.add("1.2.826.0.1.3680043.10.1.", np.arange(rows).astype(str)),
-        "study_instance_uid": np.char.add("1.2.826.0.1.3680043.10.2.", (np.arange(rows) // 2).astype(str)),
-        "patient_id_hash": np.char.add("p", patients.astype(str)),
-        "study_date": [date(2014, 1, 1) + timedelta(days=int(d)) for d in days],
-        "modality": np.where(rng.random(rows) < 0.5, "CR", "DX"),
-        "body_part": np.where(missing_body, None, body_part[view]),
-        "view_position": view_position[view],
-        "laterality": np.where(rng.random(rows) < 0.5, "L", "R"),
-        "study_description": description[view, spelling],
-        "series_description": description[view, 0],
-        "protocol_name": description[view, (spelling + 1) % len(spellings)],
-        "procedure_code": None,
-        "status": "ok",
-        "reason": "",
-    })
+    df = pd.DataFrame(
+        {
+            "sop_instance_uid": np.char.add("1.2.826.0.1.3680043.10.1.", np.arange(rows).astype(str)),
+            "study_instance_uid": np.char.add(
+                "1.2.826.0.1.3680043.10.2.", (np.arange(rows) // 2).astype(str)
+            ),
+            "patient_id_hash": np.char.add("p", patients.astype(str)),
+            "study_date": [date(2014, 1, 1) + timedelta(days=int(d)) for d in days],
+            "modality": np.where(rng.random(rows) < 0.5, "CR", "DX"),
+            "body_part": np.where(missing_body, None, body_part[view]),
+            "view_position": view_position[view],
+            "laterality": np.where(rng.random(rows) < 0.5, "L", "R"),
+            "study_description": description[view, spelling],
+            "series_description": description[view, 0],
+            "protocol_name": description[view, (spelling + 1) % len(spellings)],
+            "procedure_code": None,
+            "status": "ok",
+            "reason": "",
+        }
+    )
     for column in ("label_68", "label_30", "label_7", "label_source"):
         df[column] = None
     return df

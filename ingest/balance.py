@@ -36,8 +36,16 @@ import pandas as pd
 PAPER_PER_CLASS = {7: 10_000, 30: 2_300, 68: 1_000}
 SPLITS = ("train", "finetune", "val")
 SHORT_CLASS_POLICIES = ("keep", "drop", "error")
-BALANCE_COLUMNS = ["sop_instance_uid", "study_instance_uid", "patient_id_hash", "study_date", "status",
-                   "label_7", "label_30", "label_68"]
+BALANCE_COLUMNS = [
+    "sop_instance_uid",
+    "study_instance_uid",
+    "patient_id_hash",
+    "study_date",
+    "status",
+    "label_7",
+    "label_30",
+    "label_68",
+]
 
 
 class BalanceError(ValueError):
@@ -60,13 +68,19 @@ class BalanceConfig:
         if self.per_class is None:
             object.__setattr__(self, "per_class", PAPER_PER_CLASS[self.granularity])
         if self.per_class < 1:
-            raise BalanceError(f"per_class must be at least 1 (got {self.per_class}); it is the instances kept per class")
+            raise BalanceError(
+                f"per_class must be at least 1 (got {self.per_class}); it is the instances kept per class"
+            )
         if not 0 <= self.finetune_fraction < 1:
-            raise BalanceError(f"finetune_fraction must be in [0, 1) (got {self.finetune_fraction}); the paper uses 0.1")
+            raise BalanceError(
+                f"finetune_fraction must be in [0, 1) (got {self.finetune_fraction}); the paper uses 0.1"
+            )
         if self.val_per_class is None:
             object.__setattr__(self, "val_per_class", max(1, self.finetune_target))
         if self.short_class_policy not in SHORT_CLASS_POLICIES:
-            raise BalanceError(f"short_class_policy must be one of {SHORT_CLASS_POLICIES}, not {self.short_class_policy!r}")
+            raise BalanceError(
+                f"short_class_policy must be one of {SHORT_CLASS_POLICIES}, not {self.short_class_policy!r}"
+            )
         if isinstance(self.reference_date, str):
             object.__setattr__(self, "reference_date", date.fromisoformat(self.reference_date))
 
@@ -92,15 +106,21 @@ class BalanceReport:
         return asdict(self)
 
     def summary(self) -> str:
-        lines = [f"{split}: {sum(c.values())} instances in {len(c)} classes" for split, c in self.counts.items()]
+        lines = [
+            f"{split}: {sum(c.values())} instances in {len(c)} classes" for split, c in self.counts.items()
+        ]
         if self.shortfall:
             worst = sorted(self.shortfall.items(), key=lambda kv: -kv[1])[:10]
-            lines.append(f"{len(self.shortfall)} classes short of per_class: "
-                         + ", ".join(f"{k} (-{v})" for k, v in worst))
+            lines.append(
+                f"{len(self.shortfall)} classes short of per_class: "
+                + ", ".join(f"{k} (-{v})" for k, v in worst)
+            )
         if self.dropped_classes:
             lines.append("dropped classes: " + ", ".join(self.dropped_classes))
-        lines.append(f"dropped (patient straddles the reference date): {self.dropped_straddling}; "
-                     f"undated (kept in training pool): {self.undated}; not usable: {self.not_ok}")
+        lines.append(
+            f"dropped (patient straddles the reference date): {self.dropped_straddling}; "
+            f"undated (kept in training pool): {self.undated}; not usable: {self.not_ok}"
+        )
         return "\n".join(lines)
 
 
@@ -118,8 +138,10 @@ def balance(catalog: pd.DataFrame, config: BalanceConfig) -> tuple[pd.DataFrame,
     report.not_ok = int((~usable).sum())
     df = catalog[usable].copy()
     if df.empty:
-        raise BalanceError("no usable rows: the catalog has no status=ok rows with a label "
-                           f"at granularity {config.granularity}; check `python -m ingest labels CATALOG`")
+        raise BalanceError(
+            "no usable rows: the catalog has no status=ok rows with a label "
+            f"at granularity {config.granularity}; check `python -m ingest labels CATALOG`"
+        )
     df[label] = df[label].astype(str)
     patient = df["patient_id_hash"].astype("string").fillna("study:" + df["study_instance_uid"].astype(str))
     df["_patient"] = patient.astype(str)
@@ -138,8 +160,11 @@ def balance(catalog: pd.DataFrame, config: BalanceConfig) -> tuple[pd.DataFrame,
 
     classes = sorted(df[label].unique())
     report.available = {c: int(n) for c, n in pool[label].value_counts().items()}
-    short = {c: config.per_class - report.available.get(c, 0) for c in classes
-             if report.available.get(c, 0) < config.per_class}
+    short = {
+        c: config.per_class - report.available.get(c, 0)
+        for c in classes
+        if report.available.get(c, 0) < config.per_class
+    }
     if short and config.short_class_policy == "error":
         raise BalanceError(
             f"{len(short)} classes have fewer than {config.per_class} training instances: "
@@ -155,13 +180,18 @@ def balance(catalog: pd.DataFrame, config: BalanceConfig) -> tuple[pd.DataFrame,
     ft_counts = pool.loc[pool["split"] == "finetune", label].value_counts()
     quotas = {
         # train takes what fine-tuning left of per_class (more when fine-tuning came up short).
-        "train": {c: config.per_class - min(int(ft_counts.get(c, 0)), config.finetune_target) for c in classes},
+        "train": {
+            c: config.per_class - min(int(ft_counts.get(c, 0)), config.finetune_target) for c in classes
+        },
         "finetune": dict.fromkeys(classes, config.finetune_target),
         "val": dict.fromkeys(classes, config.val_per_class),
     }
     parts = []
-    for split, rows in (("train", pool[pool["split"] == "train"]), ("finetune", pool[pool["split"] == "finetune"]),
-                        ("val", val_pool.assign(split="val"))):
+    for split, rows in (
+        ("train", pool[pool["split"] == "train"]),
+        ("finetune", pool[pool["split"] == "finetune"]),
+        ("val", val_pool.assign(split="val")),
+    ):
         rows = rows.sort_values("_rank", kind="stable")
         within_quota = rows.groupby(label).cumcount() < rows[label].map(quotas[split])
         parts.append(rows[within_quota & ~rows[label].isin(report.dropped_classes)])
@@ -178,7 +208,9 @@ def _assign_finetune_patients(pool: pd.DataFrame, label: str, config: BalanceCon
     assignment: dict[str, str] = {}
     if config.finetune_target == 0 or pool.empty:
         return assignment
-    per_patient = pool.groupby([label, "_patient"], sort=False).agg(n=("_rank", "size"), rank=("_patient_rank", "first"))
+    per_patient = pool.groupby([label, "_patient"], sort=False).agg(
+        n=("_rank", "size"), rank=("_patient_rank", "first")
+    )
     for cls, available in pool[label].value_counts(ascending=True).items():
         # A short class gives fine-tuning the same fraction of what it has, not its whole stock.
         need = min(config.finetune_target, round(available * config.finetune_fraction))

@@ -37,8 +37,15 @@ log = logging.getLogger("ingest.catalog")
 
 CATALOG_VERSION = 1
 HEADER_COLUMNS = (
-    "modality", "body_part", "view_position", "laterality", "study_date", "study_description",
-    "series_description", "protocol_name", "procedure_code",
+    "modality",
+    "body_part",
+    "view_position",
+    "laterality",
+    "study_date",
+    "study_description",
+    "series_description",
+    "protocol_name",
+    "procedure_code",
 )
 CATALOG_SCHEMA = pa.schema(
     [
@@ -131,8 +138,11 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
 def procedure_codes(ds: pydicom.Dataset) -> str | None:
     """CodeValues of the procedure/protocol code sequences, '|'-joined in a stable order."""
     codes: list[str] = []
-    sequences = [ds.get("ProcedureCodeSequence"), ds.get("RequestedProcedureCodeSequence"),
-                 ds.get("PerformedProtocolCodeSequence")]
+    sequences = [
+        ds.get("ProcedureCodeSequence"),
+        ds.get("RequestedProcedureCodeSequence"),
+        ds.get("PerformedProtocolCodeSequence"),
+    ]
     for request in ds.get("RequestAttributesSequence") or []:
         sequences.append(request.get("RequestedProcedureCodeSequence"))
     for sequence in sequences:
@@ -176,8 +186,13 @@ def read_header(path: str | Path, *, id_salt: str, data: bytes | None = None) ->
     if data is None:
         data = path.read_bytes()
     row: dict = {c: None for c in CATALOG_COLUMNS}
-    row.update(path=str(path), sha256=hashlib.sha256(data).hexdigest(), file_size=stat.st_size,
-               file_mtime_ns=stat.st_mtime_ns, label_source="none")
+    row.update(
+        path=str(path),
+        sha256=hashlib.sha256(data).hexdigest(),
+        file_size=stat.st_size,
+        file_mtime_ns=stat.st_mtime_ns,
+        label_source="none",
+    )
     try:
         # force=True reads files without the 128-byte preamble / file meta, which some PACS exports lack.
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -187,9 +202,14 @@ def read_header(path: str | Path, *, id_salt: str, data: bytes | None = None) ->
     try:
         sop_uid = _text(ds, "SOPInstanceUID")
         if not sop_uid:
-            return row | {"status": "unreadable", "reason": "not_dicom: no SOPInstanceUID (not a DICOM instance)"}
+            return row | {
+                "status": "unreadable",
+                "reason": "not_dicom: no SOPInstanceUID (not a DICOM instance)",
+            }
         meta = getattr(ds, "file_meta", None)
-        transfer_syntax = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None
+        transfer_syntax = (
+            str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None
+        )
         study_date = _parse_da(ds.get("StudyDate")) or _parse_da(ds.get("SeriesDate"))
         row.update(
             sop_instance_uid=sop_uid,
@@ -206,7 +226,9 @@ def read_header(path: str | Path, *, id_salt: str, data: bytes | None = None) ->
             procedure_code=procedure_codes(ds),
             patient_id_hash=hash_patient_id(_text(ds, "PatientID") or "", id_salt),
             patient_sex=(_text(ds, "PatientSex") or "").upper()[:1] or None,
-            patient_age_months=parse_age_months(_text(ds, "PatientAge"), _text(ds, "PatientBirthDate"), study_date),
+            patient_age_months=parse_age_months(
+                _text(ds, "PatientAge"), _text(ds, "PatientBirthDate"), study_date
+            ),
             rows=_int(ds, "Rows"),
             columns=_int(ds, "Columns"),
             bits_stored=_int(ds, "BitsStored"),
@@ -256,8 +278,9 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def scan_batch(paths: list[str], part_path: str, id_salt: str, taxonomy: Taxonomy,
-               reusable: dict[str, dict]) -> dict:
+def scan_batch(
+    paths: list[str], part_path: str, id_salt: str, taxonomy: Taxonomy, reusable: dict[str, dict]
+) -> dict:
     """Dask task: read, label and write one part file; returns counts only, to keep the client light.
 
     ``reusable`` holds earlier catalog rows by path; one whose file size and mtime are unchanged is
@@ -267,20 +290,30 @@ def scan_batch(paths: list[str], part_path: str, id_salt: str, taxonomy: Taxonom
     for p in paths:
         previous = reusable.get(p)
         stat = os.stat(p)
-        if previous and previous["file_size"] == stat.st_size and previous["file_mtime_ns"] == stat.st_mtime_ns:
+        if (
+            previous
+            and previous["file_size"] == stat.st_size
+            and previous["file_mtime_ns"] == stat.st_mtime_ns
+        ):
             rows.append(previous)
         else:
             rows.append(read_header(p, id_salt=id_salt))
     df = label_catalog(rows_to_frame(rows), taxonomy)
     pq.write_table(frame_to_table(df), part_path)
     counts = df["status"].value_counts().to_dict()
-    return {"files": len(paths), "bytes": int(df["file_size"].sum()), **{str(k): int(v) for k, v in counts.items()}}
+    return {
+        "files": len(paths),
+        "bytes": int(df["file_size"].sum()),
+        **{str(k): int(v) for k, v in counts.items()},
+    }
 
 
 def read_catalog(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
-        raise CatalogError(f"catalog {path} does not exist; create it with: python -m ingest scan DIR --out {path}")
+        raise CatalogError(
+            f"catalog {path} does not exist; create it with: python -m ingest scan DIR --out {path}"
+        )
     return pq.read_table(path, columns=columns).to_pandas(types_mapper=pd.ArrowDtype)
 
 
@@ -312,8 +345,17 @@ def mark_duplicates(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def scan(root: str | Path, out: str | Path, *, id_salt: str, taxonomy: Taxonomy | None = None,
-         scheduler: str | None = None, batch_size: int = 500, progress: bool = True) -> dict:
+def scan(
+    root: str | Path,
+    out: str | Path,
+    *,
+    id_salt: str,
+    taxonomy: Taxonomy | None = None,
+    scheduler: str | None = None,
+    client=None,
+    batch_size: int = 500,
+    progress: bool = True,
+) -> dict:
     """Scan ``root`` into the catalog at ``out`` (a Parquet directory), reusing rows of unchanged files."""
     root, out = Path(root), Path(out)
     if not root.is_dir():
@@ -341,8 +383,16 @@ def scan(root: str | Path, out: str | Path, *, id_salt: str, taxonomy: Taxonomy 
 
     totals: dict[str, int] = {}
     try:
-        for result in run_tasks(scan_batch, tasks(), total=len(batches), scheduler=scheduler,
-                                desc="scan", unit="batch", progress=progress):
+        for result in run_tasks(
+            scan_batch,
+            tasks(),
+            total=len(batches),
+            scheduler=scheduler,
+            client=client,
+            desc="scan",
+            unit="batch",
+            progress=progress,
+        ):
             for k, v in result.items():
                 totals[k] = totals.get(k, 0) + v
         if not batches:
@@ -366,8 +416,11 @@ def scan(root: str | Path, out: str | Path, *, id_salt: str, taxonomy: Taxonomy 
 def id_salt_from_env(explicit: str | None) -> str:
     salt = explicit or os.environ.get(DEFAULT_ID_SALT_ENV)
     if not salt:
-        log.warning("no patient-id salt given (--id-salt or $%s); using the project default, which "
-                    "makes hashes comparable across sites that also use it", DEFAULT_ID_SALT_ENV)
+        log.warning(
+            "no patient-id salt given (--id-salt or $%s); using the project default, which "
+            "makes hashes comparable across sites that also use it",
+            DEFAULT_ID_SALT_ENV,
+        )
         return "pedx-ray"
     return salt
 
@@ -376,16 +429,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ingest scan", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="directory of DICOM files (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="catalog path (a Parquet directory)")
-    parser.add_argument("--id-salt", help=f"secret salt for patient-id hashes (default ${DEFAULT_ID_SALT_ENV})")
+    parser.add_argument(
+        "--id-salt", help=f"secret salt for patient-id hashes (default ${DEFAULT_ID_SALT_ENV})"
+    )
     parser.add_argument("--code-table", type=Path, help="site protocol-code table, CSV code,label_68")
     parser.add_argument("--batch-size", type=int, default=500, help="files per Dask task")
     add_scheduler_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        totals = scan(args.root, args.out, id_salt=id_salt_from_env(args.id_salt),
-                      taxonomy=load_taxonomy(code_table=args.code_table), scheduler=args.scheduler,
-                      batch_size=args.batch_size)
+        totals = scan(
+            args.root,
+            args.out,
+            id_salt=id_salt_from_env(args.id_salt),
+            taxonomy=load_taxonomy(code_table=args.code_table),
+            scheduler=args.scheduler,
+            batch_size=args.batch_size,
+        )
     except CatalogError as exc:
         parser.exit(2, f"error: {exc}\n")
     print(f"catalog {args.out}: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())))

@@ -20,19 +20,31 @@ SYNC = "sync"
 
 def add_scheduler_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--scheduler", default=None, metavar="ADDRESS",
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
         help="Dask scheduler address (tcp://host:8786) to run on a cluster; default: a LocalCluster "
-             f"with one worker process per core; '{SYNC}' runs in this process",
+        f"with one worker process per core; '{SYNC}' runs in this process",
     )
-    parser.add_argument("--dask-workers", type=int, default=None,
-                        help="LocalCluster worker processes (default: number of cores)")
+    parser.add_argument(
+        "--dask-workers",
+        type=int,
+        default=None,
+        help="LocalCluster worker processes (default: number of cores)",
+    )
 
 
 @contextmanager
 def dask_client(scheduler: str | None = None, n_workers: int | None = None):
-    """A distributed Client for ``scheduler`` (None: a LocalCluster on this machine), closed on exit."""
+    """A distributed Client for ``scheduler`` (None: a LocalCluster on this machine), closed on exit.
+
+    Yields None for ``sync``: pass it on to ``run_tasks`` with the same ``scheduler``.
+    """
     from dask.distributed import Client, LocalCluster
 
+    if scheduler == SYNC:
+        yield None
+        return
     if scheduler and scheduler != SYNC:
         client = Client(scheduler)
         try:
@@ -42,14 +54,31 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None):
         return
     # Workers are processes because pydicom decoding and hashing hold the GIL.
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    with LocalCluster(n_workers=n_workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=n_workers or os.cpu_count() or 1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
-def run_tasks(fn: Callable, tasks: Iterable[tuple], *, total: int | None = None, scheduler: str | None = None,
-              client=None, desc: str = "", unit: str = "task", progress: bool = True,
-              max_in_flight: int | None = None) -> Iterator:
+def run_tasks(
+    fn: Callable,
+    tasks: Iterable[tuple],
+    *,
+    total: int | None = None,
+    scheduler: str | None = None,
+    client=None,
+    desc: str = "",
+    unit: str = "task",
+    progress: bool = True,
+    max_in_flight: int | None = None,
+) -> Iterator:
     """Yield ``fn(*task)`` for every task, in completion order.
 
     Uses ``client`` when given, else opens one for ``scheduler``. An exception in a task is raised

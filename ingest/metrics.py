@@ -17,21 +17,42 @@ class IngestMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.found = Counter("pedx_ingest_instances_found", "SOP instances found by C-FIND", registry=r)
-        self.retrieved = Counter("pedx_ingest_instances_retrieved", "SOP instances stored in the spool", registry=r)
-        self.skipped = Counter("pedx_ingest_instances_already_present",
-                               "SOP instances already in the spool (resumed run)", registry=r)
-        self.failed = Counter("pedx_ingest_instances_failed", "Instances that failed, by stage and reason",
-                              ["stage", "reason"], registry=r)
+        self.retrieved = Counter(
+            "pedx_ingest_instances_retrieved", "SOP instances stored in the spool", registry=r
+        )
+        self.skipped = Counter(
+            "pedx_ingest_instances_already_present",
+            "SOP instances already in the spool (resumed run)",
+            registry=r,
+        )
+        self.failed = Counter(
+            "pedx_ingest_instances_failed",
+            "Instances that failed, by stage and reason",
+            ["stage", "reason"],
+            registry=r,
+        )
         self.bytes = Counter("pedx_ingest_bytes_retrieved", "Bytes stored in the spool", registry=r)
-        self.cataloged = Counter("pedx_ingest_instances_cataloged", "Catalog rows by status", ["status"], registry=r)
-        self.per_class = Gauge("pedx_ingest_class_instances", "Labelled instances per class",
-                               ["granularity", "label"], registry=r)
-        self.unmapped = Gauge("pedx_ingest_unmapped_instances", "Unmapped instances by body part header",
-                              ["body_part"], registry=r)
-        self.images_per_second = Gauge("pedx_ingest_images_per_second", "Average retrieval rate of this run",
-                                       registry=r)
-        self.bytes_per_second = Gauge("pedx_ingest_bytes_per_second", "Average retrieval bandwidth of this run",
-                                      registry=r)
+        self.cataloged = Counter(
+            "pedx_ingest_instances_cataloged", "Catalog rows by status", ["status"], registry=r
+        )
+        self.per_class = Gauge(
+            "pedx_ingest_class_instances",
+            "Labelled instances per class",
+            ["granularity", "label"],
+            registry=r,
+        )
+        self.unmapped = Gauge(
+            "pedx_ingest_unmapped_instances",
+            "Unmapped instances by body part header",
+            ["body_part"],
+            registry=r,
+        )
+        self.images_per_second = Gauge(
+            "pedx_ingest_images_per_second", "Average retrieval rate of this run", registry=r
+        )
+        self.bytes_per_second = Gauge(
+            "pedx_ingest_bytes_per_second", "Average retrieval bandwidth of this run", registry=r
+        )
         self.stage = Gauge("pedx_ingest_stage_info", "1 for the stage running now", ["stage"], registry=r)
         self._started = time.monotonic()
         self._stored = self._stored_bytes = 0

@@ -26,7 +26,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ingest.balance import BALANCE_COLUMNS, PAPER_PER_CLASS, SHORT_CLASS_POLICIES, SPLITS, BalanceConfig, balance
+from ingest.balance import (
+    BALANCE_COLUMNS,
+    PAPER_PER_CLASS,
+    SHORT_CLASS_POLICIES,
+    SPLITS,
+    BalanceConfig,
+    balance,
+)
 from ingest.catalog import read_catalog
 from ingest.dask_runner import add_scheduler_argument, run_tasks
 from ingest.preprocess import PreprocessError, PreprocessParams, encode_png, preprocess_file
@@ -35,9 +42,27 @@ from ingest.taxonomy import Taxonomy, load_taxonomy
 log = logging.getLogger("ingest.shards")
 
 MANIFEST_FORMAT = "pedx-ray-shards/1"
-SHARD_COLUMNS = BALANCE_COLUMNS + ["series_instance_uid", "path", "sha256", "patient_sex", "patient_age_months"]
-SAMPLE_FIELDS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "patient_id_hash", "study_date",
-                 "split", "label_7", "label_30", "label_68", "patient_sex", "patient_age_months", "sha256")
+SHARD_COLUMNS = BALANCE_COLUMNS + [
+    "series_instance_uid",
+    "path",
+    "sha256",
+    "patient_sex",
+    "patient_age_months",
+]
+SAMPLE_FIELDS = (
+    "sop_instance_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "patient_id_hash",
+    "study_date",
+    "split",
+    "label_7",
+    "label_30",
+    "label_68",
+    "patient_sex",
+    "patient_age_months",
+    "sha256",
+)
 
 
 class ShardError(RuntimeError):
@@ -57,7 +82,11 @@ class ShardPlan:
     @property
     def plan_hash(self) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([self.granularity, self.class_names, self.params.to_dict(), self.taxonomy_version]).encode())
+        h.update(
+            json.dumps(
+                [self.granularity, self.class_names, self.params.to_dict(), self.taxonomy_version]
+            ).encode()
+        )
         for r in self.rows:
             h.update(f"{r['sop_instance_uid']}|{r['sha256']}|{r['split']}\n".encode())
         return h.hexdigest()
@@ -81,8 +110,12 @@ def _json_value(value):
 def sample_record(row: dict, plan: ShardPlan) -> dict:
     record = {f: _json_value(row.get(f)) for f in SAMPLE_FIELDS}
     name = row[f"label_{plan.granularity}"]
-    return record | {"key": sample_key(row["sop_instance_uid"]), "granularity": plan.granularity,
-                     "label": plan.class_names.index(name), "label_name": name}
+    return record | {
+        "key": sample_key(row["sop_instance_uid"]),
+        "granularity": plan.granularity,
+        "label": plan.class_names.index(name),
+        "label_name": name,
+    }
 
 
 def file_sha256(path: Path) -> str:
@@ -104,7 +137,11 @@ def verified_index(out_dir: Path, plan: ShardPlan) -> dict | None:
     except (OSError, ValueError):
         return None
     shard = out_dir / plan.name
-    if index.get("plan_hash") != plan.plan_hash or not shard.is_file() or file_sha256(shard) != index.get("sha256"):
+    if (
+        index.get("plan_hash") != plan.plan_hash
+        or not shard.is_file()
+        or file_sha256(shard) != index.get("sha256")
+    ):
         return None
     return index
 
@@ -139,12 +176,22 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
                 try:
                     png = encode_png(preprocess_file(row["path"], plan.params))
                 except PreprocessError as exc:
-                    quarantined.append({"sop_instance_uid": row["sop_instance_uid"], "path": row["path"],
-                                        "reason": exc.reason})
+                    quarantined.append(
+                        {
+                            "sop_instance_uid": row["sop_instance_uid"],
+                            "path": row["path"],
+                            "reason": exc.reason,
+                        }
+                    )
                     continue
                 except OSError as exc:
-                    quarantined.append({"sop_instance_uid": row["sop_instance_uid"], "path": row["path"],
-                                        "reason": f"io_error: {exc}"})
+                    quarantined.append(
+                        {
+                            "sop_instance_uid": row["sop_instance_uid"],
+                            "path": row["path"],
+                            "reason": f"io_error: {exc}",
+                        }
+                    )
                     continue
                 record = sample_record(row, plan)
                 _add_member(tar, f"{record['key']}.png", png)
@@ -156,31 +203,63 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
         os.replace(tmp, out / plan.name)
     finally:
         tmp.unlink(missing_ok=True)
-    index = {"name": plan.name, "split": plan.split, "samples": sum(counts.values()), "counts": counts,
-             "sha256": digest, "plan_hash": plan.plan_hash, "quarantined": quarantined}
+    index = {
+        "name": plan.name,
+        "split": plan.split,
+        "samples": sum(counts.values()),
+        "counts": counts,
+        "sha256": digest,
+        "plan_hash": plan.plan_hash,
+        "quarantined": quarantined,
+    }
     _atomic_write_bytes(_index_path(out, plan.name), json.dumps(index, sort_keys=True).encode())
     return index | {"skipped": False}
 
 
-def plan_shards(selected: pd.DataFrame, *, granularity: int, shard_size: int, params: PreprocessParams,
-                taxonomy: Taxonomy) -> list[ShardPlan]:
+def plan_shards(
+    selected: pd.DataFrame, *, granularity: int, shard_size: int, params: PreprocessParams, taxonomy: Taxonomy
+) -> list[ShardPlan]:
     class_names = taxonomy.classes(granularity)
     plans = []
     for split in SPLITS:
         rows = selected[selected["split"] == split]
         # Interleave classes across shards (rows are sorted by class) so every shard is balanced.
-        rows = rows.assign(_pos=rows.groupby(f"label_{granularity}").cumcount()).sort_values(
-            ["_pos", f"label_{granularity}"], kind="stable").drop(columns="_pos")
-        records = [{k: _json_value(v) for k, v in r.items()} for r in rows[SHARD_COLUMNS + ["split"]].to_dict("records")]
+        rows = (
+            rows.assign(_pos=rows.groupby(f"label_{granularity}").cumcount())
+            .sort_values(["_pos", f"label_{granularity}"], kind="stable")
+            .drop(columns="_pos")
+        )
+        records = [
+            {k: _json_value(v) for k, v in r.items()}
+            for r in rows[SHARD_COLUMNS + ["split"]].to_dict("records")
+        ]
         for i, start in enumerate(range(0, len(records), shard_size)):
-            plans.append(ShardPlan(f"{split}-{i:06d}.tar", split, tuple(records[start:start + shard_size]),
-                                   granularity, class_names, params, taxonomy.version))
+            plans.append(
+                ShardPlan(
+                    f"{split}-{i:06d}.tar",
+                    split,
+                    tuple(records[start : start + shard_size]),
+                    granularity,
+                    class_names,
+                    params,
+                    taxonomy.version,
+                )
+            )
     return plans
 
 
-def write_shards(catalog: str | Path, out_dir: str | Path, *, balance_config: BalanceConfig,
-                 params: PreprocessParams | None = None, shard_size: int = 1000, taxonomy: Taxonomy | None = None,
-                 scheduler: str | None = None, client=None, progress: bool = True) -> dict:
+def write_shards(
+    catalog: str | Path,
+    out_dir: str | Path,
+    *,
+    balance_config: BalanceConfig,
+    params: PreprocessParams | None = None,
+    shard_size: int = 1000,
+    taxonomy: Taxonomy | None = None,
+    scheduler: str | None = None,
+    client=None,
+    progress: bool = True,
+) -> dict:
     """Balance the catalog and write (or complete) the shard set in ``out_dir``; returns the manifest."""
     params = params or PreprocessParams()
     taxonomy = taxonomy or load_taxonomy()
@@ -191,11 +270,18 @@ def write_shards(catalog: str | Path, out_dir: str | Path, *, balance_config: Ba
     if manifest_path.exists():
         existing = json.loads(manifest_path.read_text())
         if existing.get("granularity") != balance_config.granularity:
-            raise ShardError(f"{out} holds {existing.get('granularity')}-class shards; write "
-                             f"{balance_config.granularity}-class shards to another directory")
+            raise ShardError(
+                f"{out} holds {existing.get('granularity')}-class shards; write "
+                f"{balance_config.granularity}-class shards to another directory"
+            )
     selected, report = balance(read_catalog(catalog, columns=SHARD_COLUMNS), balance_config)
-    plans = plan_shards(selected, granularity=balance_config.granularity, shard_size=shard_size, params=params,
-                        taxonomy=taxonomy)
+    plans = plan_shards(
+        selected,
+        granularity=balance_config.granularity,
+        shard_size=shard_size,
+        params=params,
+        taxonomy=taxonomy,
+    )
     (out / ".index").mkdir(parents=True, exist_ok=True)
     planned = {p.name for p in plans}
     for stale in out.glob("*.tar"):
@@ -204,8 +290,16 @@ def write_shards(catalog: str | Path, out_dir: str | Path, *, balance_config: Ba
             _index_path(out, stale.name).unlink(missing_ok=True)
     manifest_path.unlink(missing_ok=True)  # an incomplete set must not look whole
     indexes = {}
-    for index in run_tasks(write_shard, ((p, str(out)) for p in plans), total=len(plans), scheduler=scheduler,
-                           client=client, desc="shards", unit="shard", progress=progress):
+    for index in run_tasks(
+        write_shard,
+        ((p, str(out)) for p in plans),
+        total=len(plans),
+        scheduler=scheduler,
+        client=client,
+        desc="shards",
+        unit="shard",
+        progress=progress,
+    ):
         indexes[index["name"]] = index
     manifest = build_manifest(plans, indexes, report.to_dict(), balance_config, params, taxonomy)
     quarantined = [q for i in indexes.values() for q in i["quarantined"]]
@@ -236,8 +330,15 @@ def build_manifest(plans, indexes, balance_report, balance_config, params, taxon
         "counts": counts,
         "samples": {split: sum(c.values()) for split, c in counts.items()},
         "quarantined": sum(len(i["quarantined"]) for i in indexes.values()),
-        "shards": [{"name": p.name, "split": p.split, "samples": indexes[p.name]["samples"],
-                    "sha256": indexes[p.name]["sha256"]} for p in plans],
+        "shards": [
+            {
+                "name": p.name,
+                "split": p.split,
+                "samples": indexes[p.name]["samples"],
+                "sha256": indexes[p.name]["sha256"],
+            }
+            for p in plans
+        ],
     }
 
 
@@ -251,9 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        manifest = write_shards(args.catalog, args.out, balance_config=balance_config_from_args(args),
-                                params=PreprocessParams(size=args.image_size), shard_size=args.shard_size,
-                                taxonomy=load_taxonomy(code_table=args.code_table), scheduler=args.scheduler)
+        manifest = write_shards(
+            args.catalog,
+            args.out,
+            balance_config=balance_config_from_args(args),
+            params=PreprocessParams(size=args.image_size),
+            shard_size=args.shard_size,
+            taxonomy=load_taxonomy(code_table=args.code_table),
+            scheduler=args.scheduler,
+        )
     except (ShardError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
     print(format_manifest_summary(manifest, args.out))
@@ -262,12 +369,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--granularity", type=int, choices=sorted(PAPER_PER_CLASS), default=7)
-    parser.add_argument("--per-class", type=int, help="instances per class (default as the paper: "
-                        + ", ".join(f"{v} for {k}" for k, v in PAPER_PER_CLASS.items()) + ")")
+    parser.add_argument(
+        "--per-class",
+        type=int,
+        help="instances per class (default as the paper: "
+        + ", ".join(f"{v} for {k}" for k, v in PAPER_PER_CLASS.items())
+        + ")",
+    )
     parser.add_argument("--finetune-fraction", type=float, default=0.1)
-    parser.add_argument("--val-per-class", type=int, help="validation instances per class (default: the fine-tuning share)")
-    parser.add_argument("--reference-date", type=date.fromisoformat, default=date(2018, 7, 1),
-                        help="studies on/after this date form the validation split (default 2018-07-01)")
+    parser.add_argument(
+        "--val-per-class", type=int, help="validation instances per class (default: the fine-tuning share)"
+    )
+    parser.add_argument(
+        "--reference-date",
+        type=date.fromisoformat,
+        default=date(2018, 7, 1),
+        help="studies on/after this date form the validation split (default 2018-07-01)",
+    )
     parser.add_argument("--short-class-policy", choices=SHORT_CLASS_POLICIES, default="keep")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -275,20 +393,30 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def balance_config_from_args(args: argparse.Namespace) -> BalanceConfig:
-    return BalanceConfig(granularity=args.granularity, per_class=args.per_class,
-                         finetune_fraction=args.finetune_fraction, val_per_class=args.val_per_class,
-                         reference_date=args.reference_date, short_class_policy=args.short_class_policy,
-                         seed=args.seed)
+    return BalanceConfig(
+        granularity=args.granularity,
+        per_class=args.per_class,
+        finetune_fraction=args.finetune_fraction,
+        val_per_class=args.val_per_class,
+        reference_date=args.reference_date,
+        short_class_policy=args.short_class_policy,
+        seed=args.seed,
+    )
 
 
 def format_manifest_summary(manifest: dict, out: Path) -> str:
-    lines = [f"shards in {out}: " + ", ".join(f"{s}={n}" for s, n in manifest["samples"].items())
-             + f" samples in {len(manifest['shards'])} shards ({manifest['skipped_shards']} already verified), "
-             f"{manifest['quarantined']} quarantined"]
+    lines = [
+        f"shards in {out}: "
+        + ", ".join(f"{s}={n}" for s, n in manifest["samples"].items())
+        + f" samples in {len(manifest['shards'])} shards ({manifest['skipped_shards']} already verified), "
+        f"{manifest['quarantined']} quarantined"
+    ]
     shortfall = manifest["balance_report"]["shortfall"]
     if shortfall:
-        lines.append(f"{len(shortfall)} classes short of --per-class (policy "
-                     f"{manifest['balance']['short_class_policy']}); see manifest.json balance_report")
+        lines.append(
+            f"{len(shortfall)} classes short of --per-class (policy "
+            f"{manifest['balance']['short_class_policy']}); see manifest.json balance_report"
+        )
     return "\n".join(lines)
 
 

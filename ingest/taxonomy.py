@@ -125,19 +125,24 @@ def _validate(views: tuple[ViewClass, ...]) -> None:
         earlier = parent_of_30.setdefault(v.label_30, v.label_7)
         if earlier != v.label_7:
             raise TaxonomyError(
-                f"taxonomy row {row}: 30-class {v.label_30!r} has two 7-class parents, {earlier!r} and {v.label_7!r}"
+                f"taxonomy row {row}: 30-class {v.label_30!r} has two 7-class parents, "
+                f"{earlier!r} and {v.label_7!r}"
             )
     for granularity, expected in EXPECTED_COUNTS.items():
         found = len({v.label(granularity) for v in views})
         if found != expected:
-            raise TaxonomyError(f"taxonomy has {found} {granularity}-class labels; it must have exactly {expected}")
+            raise TaxonomyError(
+                f"taxonomy has {found} {granularity}-class labels; it must have exactly {expected}"
+            )
 
 
 def _read_csv(text: str, columns: tuple[str, ...], what: str) -> list[dict[str, str]]:
     reader = csv.DictReader(io.StringIO(text))
     missing = [c for c in columns if c not in (reader.fieldnames or [])]
     if missing:
-        raise TaxonomyError(f"{what}: missing column(s) {', '.join(missing)}; expected header {','.join(columns)}")
+        raise TaxonomyError(
+            f"{what}: missing column(s) {', '.join(missing)}; expected header {','.join(columns)}"
+        )
     return [{k: (v or "").strip() for k, v in r.items() if k} for r in reader]
 
 
@@ -165,7 +170,8 @@ def normalize_code(code: str) -> str:
 
 
 def load_code_table(path: str | Path, taxonomy: Taxonomy) -> dict[str, str]:
-    """Read a site CSV ``code,label_68``; an unknown label or a conflicting duplicate is an error naming the row."""
+    """Read a site CSV ``code,label_68``; an unknown label or a conflicting duplicate is an error naming
+    the row."""
     path = Path(path)
     rows = _read_csv(path.read_text(encoding="utf-8-sig"), CODE_TABLE_COLUMNS, str(path))
     known = {v.label_68 for v in taxonomy.views}
@@ -180,6 +186,8 @@ def load_code_table(path: str | Path, taxonomy: Taxonomy) -> dict[str, str]:
                 f"use one of the 68 names in ingest/data/taxonomy.csv"
             )
         if table.get(code, label) != label:
-            raise TaxonomyError(f"{path}, row {row}: code {r['code']!r} maps to both {table[code]!r} and {label!r}")
+            raise TaxonomyError(
+                f"{path}, row {row}: code {r['code']!r} maps to both {table[code]!r} and {label!r}"
+            )
         table[code] = label
     return table

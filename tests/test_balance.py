@@ -13,21 +13,25 @@ def synthetic_catalog(n=6000, patients=1500, seed=0, classes=None):
     views = [v for v in taxonomy.views if classes is None or v.label_7 in classes]
     rng = np.random.default_rng(seed)
     view = rng.integers(0, len(views), n)
-    return pd.DataFrame({
-        "sop_instance_uid": [f"1.2.826.0.1.{i}" for i in range(n)],
-        "study_instance_uid": [f"1.2.826.0.2.{i // 2}" for i in range(n)],
-        "patient_id_hash": [f"p{p}" for p in rng.integers(0, patients, n)],
-        "study_date": [date(2014, 1, 1) + timedelta(days=int(d)) for d in rng.integers(0, 3000, n)],
-        "status": np.where(rng.random(n) < 0.9, "ok", "unmapped"),
-        "label_7": [views[i].label_7 for i in view],
-        "label_30": [views[i].label_30 for i in view],
-        "label_68": [views[i].label_68 for i in view],
-    })
+    return pd.DataFrame(
+        {
+            "sop_instance_uid": [f"1.2.826.0.1.{i}" for i in range(n)],
+            "study_instance_uid": [f"1.2.826.0.2.{i // 2}" for i in range(n)],
+            "patient_id_hash": [f"p{p}" for p in rng.integers(0, patients, n)],
+            "study_date": [date(2014, 1, 1) + timedelta(days=int(d)) for d in rng.integers(0, 3000, n)],
+            "status": np.where(rng.random(n) < 0.9, "ok", "unmapped"),
+            "label_7": [views[i].label_7 for i in view],
+            "label_30": [views[i].label_30 for i in view],
+            "label_68": [views[i].label_68 for i in view],
+        }
+    )
 
 
 def test_splits_are_patient_disjoint_and_validation_is_after_the_reference_date():
     selected, report = balance(synthetic_catalog(), BalanceConfig(granularity=7, per_class=300, seed=3))
-    patients = {s: set(selected.loc[selected["split"] == s, "patient_id_hash"]) for s in ("train", "finetune", "val")}
+    patients = {
+        s: set(selected.loc[selected["split"] == s, "patient_id_hash"]) for s in ("train", "finetune", "val")
+    }
     assert not patients["train"] & patients["finetune"]
     assert not patients["train"] & patients["val"]
     assert not patients["finetune"] & patients["val"]
@@ -63,7 +67,9 @@ def test_short_classes_follow_the_policy():
     catalog = synthetic_catalog(n=3000)
     with pytest.raises(BalanceError, match="fewer than 100000"):
         balance(catalog, BalanceConfig(granularity=68, per_class=100000, short_class_policy="error"))
-    kept, report = balance(catalog, BalanceConfig(granularity=68, per_class=100000, short_class_policy="keep"))
+    kept, report = balance(
+        catalog, BalanceConfig(granularity=68, per_class=100000, short_class_policy="keep")
+    )
     assert len(report.shortfall) == 68
     train_and_ft = kept[kept["split"] != "val"]
     assert len(train_and_ft) == sum(report.available.values())  # keep: everything it has

@@ -22,7 +22,13 @@ def test_counts_are_exactly_7_30_68(taxonomy):
 
 def test_published_classes_present(taxonomy):
     assert set(taxonomy.classes(7)) == {
-        "Head", "Chest", "Abdomen", "Pelvis", "Spine", "Upper_Extremity", "Lower_Extremity",
+        "Head",
+        "Chest",
+        "Abdomen",
+        "Pelvis",
+        "Spine",
+        "Upper_Extremity",
+        "Lower_Extremity",
     }
     assert {"T_L_Spine", "Whole_Spine", "Cochlea", "Hip", "Lower_Leg"} <= set(taxonomy.classes(30))
     assert "Pelvis" not in taxonomy.classes(30)  # published list has no 30-class Pelvis (see TAXONOMY.md)
@@ -32,10 +38,23 @@ def test_parents_and_children(taxonomy):
     assert taxonomy.parents("Hand_PA") == ("Hand", "Upper_Extremity")
     assert taxonomy.parents("Pelvis_Frogleg") == ("Hip", "Pelvis")
     assert taxonomy.children("Spine") == (
-        "C_Spine_AP", "C_Spine_Atlas", "C_Spine_Lateral", "L_Spine_AP", "L_Spine_Lateral",
-        "L_Spine_Oblique", "T_L_Spine", "T_Spine_AP", "Whole_Spine_AP",
+        "C_Spine_AP",
+        "C_Spine_Atlas",
+        "C_Spine_Lateral",
+        "L_Spine_AP",
+        "L_Spine_Lateral",
+        "L_Spine_Oblique",
+        "T_L_Spine",
+        "T_Spine_AP",
+        "Whole_Spine_AP",
     )
-    assert taxonomy.children("Spine", granularity=30) == ("C_Spine", "L_Spine", "T_L_Spine", "T_Spine", "Whole_Spine")
+    assert taxonomy.children("Spine", granularity=30) == (
+        "C_Spine",
+        "L_Spine",
+        "T_L_Spine",
+        "T_Spine",
+        "Whole_Spine",
+    )
     # Upper_Extremity is both a 7- and a 30-class name: the level disambiguates.
     assert taxonomy.children("Upper_Extremity", level=30) == ("Upper_Extremity_Other",)
     assert len(taxonomy.children("Upper_Extremity", level=7)) == 12
@@ -82,7 +101,10 @@ def test_version_tracks_file_content():
         (lambda t: t.replace("Hand_PA,Hand,", "Hand_Lateral,Hand,"), "repeats row"),
         (lambda t: t.replace("Hand_PA,Hand,Upper_Extremity", "Hand_PA,Hand,Head"), "two 7-class parents"),
         (lambda t: t.replace("Hand_Lateral,Hand,", "Hand_Lateral,Hand_Side,"), "31 30-class labels"),
-        (lambda t: t.replace("Wrist_Oblique,Wrist,Upper_Extremity,WRIST,RLO,Wrist Oblique\n", ""), "67 68-class labels"),
+        (
+            lambda t: t.replace("Wrist_Oblique,Wrist,Upper_Extremity,WRIST,RLO,Wrist Oblique\n", ""),
+            "67 68-class labels",
+        ),
         (lambda t: t.replace("label_30", "parent_30", 1), "missing column(s) label_30"),
         (lambda t: t.replace("Zygomatic,Zygomatic,Head", "Zygomatic,,Head"), "empty label_30"),
     ],

@@ -1,0 +1,330 @@
+"""The whole ingest stage in one run: PACS → spool → catalog → shards, with Prometheus metrics.
+
+``python -m ingest pull --pacs HOST:PORT --called-aet AET --work DIR`` C-FINDs the studies, plans
+what the spool still lacks, retrieves it (C-MOVE into our own Storage SCP, or C-GET), scans the
+spool into ``DIR/catalog``, then balances and writes the shards of each ``--granularity`` into
+``DIR/shards-<g>``. Every step is resumable: a second run retrieves only what is missing, re-reads
+only changed files and rewrites only shards whose content changed. Failed retrievals are reported
+and counted, the rest of the run goes on, and nothing already stored is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+from ingest.balance import BalanceConfig
+from ingest.catalog import CatalogError, id_salt_from_env, read_catalog, scan
+from ingest.dask_runner import add_scheduler_argument, dask_client
+from ingest.metrics import IngestMetrics
+from ingest.preprocess import PreprocessParams
+from ingest.scp import StorageSCP
+from ingest.scu import PacsConfig, PacsError, RetrieveSummary, echo, find_studies, plan_retrieval, retrieve
+from ingest.shards import (
+    ShardError,
+    add_shard_arguments,
+    balance_config_from_args,
+    format_manifest_summary,
+    write_shards,
+)
+from ingest.taxonomy import Taxonomy, load_taxonomy
+
+log = logging.getLogger("ingest.pull")
+
+METHODS = ("move", "get")
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    """One pull run; the shard set's granularity is ``balance.granularity``."""
+
+    pacs: PacsConfig
+    work_dir: Path
+    method: str = "move"
+    scp_host: str = "127.0.0.1"
+    scp_port: int = 11112
+    date_from: date | None = None
+    date_to: date | None = None
+    modalities: tuple[str, ...] = ("CR", "DX")
+    page_limit: int | None = None
+    workers: int = 4
+    write_shards: bool = True
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    preprocessing: PreprocessParams = field(default_factory=PreprocessParams)
+    shard_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: use 'move' (the PACS pushes to our SCP) or 'get'")
+        if self.date_from and self.date_to and self.date_from > self.date_to:
+            raise ValueError(f"--from {self.date_from} is after --to {self.date_to}")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers}: use 1 or more parallel associations")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size={self.shard_size}: use 1 or more samples per shard")
+        if not 0 <= self.scp_port < 65536:
+            raise ValueError(f"scp_port={self.scp_port}: the port the PACS knows for our AE title, 1..65535")
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.work_dir / "spool"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.work_dir / "catalog"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.work_dir / f"shards-{self.balance.granularity}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["work_dir"] = str(self.work_dir)
+        d["balance"] = self.balance.to_dict()
+        d["preprocessing"] = self.preprocessing.to_dict()
+        return json.loads(json.dumps(d, default=str))
+
+
+@dataclass
+class PullResult:
+    studies: int = 0
+    planned_instances: int = 0
+    retrieval: RetrieveSummary = field(default_factory=RetrieveSummary)
+    catalog: dict = field(default_factory=dict)
+    manifest: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.retrieval.ok
+
+
+def pull(
+    cfg: PullConfig,
+    *,
+    id_salt: str,
+    taxonomy: Taxonomy | None = None,
+    metrics: IngestMetrics | None = None,
+    scheduler: str | None = None,
+    dask_workers: int | None = None,
+    progress: bool = True,
+) -> PullResult:
+    """Run the stage; raises PacsError when the PACS cannot be reached at all."""
+    taxonomy = taxonomy or load_taxonomy()
+    metrics = metrics or IngestMetrics()
+    result = PullResult()
+    cfg.spool_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(cfg.work_dir / "pull-config.json", cfg.to_dict())
+
+    metrics.set_stage("find")
+    echo(cfg.pacs)
+    studies = [
+        s["StudyInstanceUID"]
+        for s in find_studies(
+            cfg.pacs,
+            date_range=(cfg.date_from, cfg.date_to),
+            modalities=cfg.modalities,
+            page_limit=cfg.page_limit,
+        )
+    ]
+    result.studies = len(studies)
+    items = plan_retrieval(cfg.pacs, cfg.spool_dir, studies, observer=metrics, progress=progress)
+    result.planned_instances = sum(len(item.sop_instance_uids) for item in items)
+    log.info(
+        "%d studies on %s; %d instances not yet in the spool",
+        len(studies),
+        cfg.pacs.describe(),
+        result.planned_instances,
+    )
+
+    metrics.set_stage("retrieve")
+    if items:
+        result.retrieval = _retrieve(cfg, items, metrics, progress)
+    metrics.on_skipped(result.retrieval.already_present)
+
+    metrics.set_stage("scan")
+    # One Dask cluster serves the scan and the shard writing: starting one costs seconds.
+    with dask_client(scheduler, dask_workers) as client:
+        result.catalog = scan(
+            cfg.spool_dir,
+            cfg.catalog_path,
+            id_salt=id_salt,
+            taxonomy=taxonomy,
+            scheduler=scheduler,
+            client=client,
+            progress=progress,
+        )
+        metrics.record_catalog(
+            read_catalog(cfg.catalog_path, columns=["status", "body_part", "label_7", "label_30", "label_68"])
+        )
+        if cfg.write_shards:
+            metrics.set_stage("shards")
+            result.manifest = write_shards(
+                cfg.catalog_path,
+                cfg.shards_dir,
+                balance_config=cfg.balance,
+                params=cfg.preprocessing,
+                shard_size=cfg.shard_size,
+                taxonomy=taxonomy,
+                scheduler=scheduler,
+                client=client,
+                progress=progress,
+            )
+    metrics.set_stage("done")
+    return result
+
+
+def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) -> RetrieveSummary:
+    if cfg.method == "get":
+        return retrieve(
+            cfg.pacs,
+            items,
+            method="get",
+            spool_dir=cfg.spool_dir,
+            workers=cfg.workers,
+            progress=progress,
+            observer=metrics,
+        )
+    destination = cfg.pacs.move_destination or cfg.pacs.calling_aet
+    # Only the PACS we query may push to us: anything else is refused and logged by the SCP.
+    scp = StorageSCP(cfg.spool_dir, destination, cfg.scp_port, [cfg.pacs.called_aet], cfg.scp_host)
+    with scp:
+        return retrieve(
+            cfg.pacs, items, method="move", scp=scp, workers=cfg.workers, progress=progress, observer=metrics
+        )
+
+
+def _write_json(path: Path, document: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ingest pull", description=__doc__.split("\n\n")[0])
+    net = parser.add_argument_group("PACS")
+    net.add_argument("--pacs", required=True, metavar="HOST:PORT", help="the PACS DICOM address")
+    net.add_argument("--called-aet", required=True, help="the PACS's AE title")
+    net.add_argument("--aet", default="PEDXRAY", help="our calling AE title (default PEDXRAY)")
+    net.add_argument("--move-dest", help="C-MOVE destination AE title (default: --aet)")
+    net.add_argument(
+        "--method",
+        choices=METHODS,
+        default="move",
+        help="move: the PACS pushes to our Storage SCP (default); get: over the same association",
+    )
+    net.add_argument(
+        "--scp-host",
+        default="127.0.0.1",
+        help="address our Storage SCP binds (0.0.0.0 to accept a PACS on another machine)",
+    )
+    net.add_argument("--scp-port", type=int, default=11112, help="port the PACS knows for our AE title")
+    net.add_argument("--workers", type=int, default=4, help="parallel associations (default 4)")
+    net.add_argument("--timeout", type=float, default=120, help="seconds to wait for each DIMSE reply")
+    net.add_argument("--retries", type=int, default=3, help="retries with back-off per request")
+    net.add_argument("--max-pdu", type=int, default=65536, help="maximum PDU size in bytes (0: unlimited)")
+    query = parser.add_argument_group("query")
+    query.add_argument(
+        "--from", dest="date_from", type=date.fromisoformat, help="first study date, YYYY-MM-DD"
+    )
+    query.add_argument("--to", dest="date_to", type=date.fromisoformat, help="last study date, YYYY-MM-DD")
+    query.add_argument(
+        "--modality", nargs="+", default=["CR", "DX"], help="ModalitiesInStudy (default CR DX)"
+    )
+    query.add_argument("--page-limit", type=int, help="the PACS's C-FIND result cap, if known")
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--work",
+        type=Path,
+        required=True,
+        help="work directory: spool/, catalog/, shards-<g>/ (re-use it to resume)",
+    )
+    out.add_argument("--id-salt", help="secret salt for patient-id hashes (default $PEDX_ID_SALT)")
+    out.add_argument("--code-table", type=Path, help="site protocol-code table, CSV code,label_68")
+    out.add_argument("--no-shards", action="store_true", help="stop after the catalog")
+    out.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
+    add_shard_arguments(parser)
+    add_scheduler_argument(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PullConfig:
+    pacs = PacsConfig.parse(
+        args.pacs,
+        called_aet=args.called_aet,
+        calling_aet=args.aet,
+        move_destination=args.move_dest,
+        dimse_timeout=args.timeout,
+        retries=args.retries,
+        max_pdu=args.max_pdu,
+    )
+    return PullConfig(
+        pacs=pacs,
+        work_dir=args.work,
+        method=args.method,
+        scp_host=args.scp_host,
+        scp_port=args.scp_port,
+        date_from=args.date_from,
+        date_to=args.date_to,
+        modalities=tuple(args.modality),
+        page_limit=args.page_limit,
+        workers=args.workers,
+        write_shards=not args.no_shards,
+        balance=balance_config_from_args(args),
+        preprocessing=PreprocessParams(size=args.image_size),
+        shard_size=args.shard_size,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        taxonomy = load_taxonomy(code_table=args.code_table)
+    except ValueError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    metrics = IngestMetrics()
+    server = None
+    if args.metrics_port is not None:
+        server = metrics.serve(args.metrics_port)
+        print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+    try:
+        result = pull(
+            cfg,
+            id_salt=id_salt_from_env(args.id_salt),
+            taxonomy=taxonomy,
+            metrics=metrics,
+            scheduler=args.scheduler,
+            dask_workers=args.dask_workers,
+        )
+    except (PacsError, CatalogError, ShardError, ValueError) as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+    finally:
+        if server is not None:
+            server.shutdown()
+    print(
+        f"{result.studies} studies, {result.planned_instances} instances to fetch; "
+        f"retrieval: {result.retrieval}"
+    )
+    print(f"catalog {cfg.catalog_path}: " + ", ".join(f"{k}={v}" for k, v in sorted(result.catalog.items())))
+    if result.manifest is not None:
+        print(format_manifest_summary(result.manifest, cfg.shards_dir))
+    if not result.ok:
+        print(
+            f"{len(result.retrieval.failures)} retrieval(s) failed; run the same command again to retry them"
+        )
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

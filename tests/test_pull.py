@@ -1,0 +1,116 @@
+"""`python -m ingest pull` end to end against a real Orthanc on 127.0.0.1: C-MOVE and C-GET, resume, metrics."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from pathlib import Path
+
+import pytest
+from factories import radiograph, write
+
+from ingest.balance import BalanceConfig
+from ingest.catalog import read_catalog
+from ingest.metrics import IngestMetrics
+from ingest.orthanc import OrthancServer, free_port
+from ingest.preprocess import PreprocessParams
+from ingest.pull import PullConfig, main, pull
+from ingest.scp import spooled_uids
+from ingest.scu import PacsConfig
+
+pytestmark = pytest.mark.slow
+
+# (BodyPartExamined, ViewPosition, StudyDescription) → 7-class region, as a modality fills them.
+EXAMS = [
+    ("CHEST", "PA", "XR CHEST PA", "Chest"),
+    ("HAND", "PA", "XR HAND PA LEFT", "Upper_Extremity"),
+    ("KNEE", "AP", "XR KNEE AP RT", "Lower_Extremity"),
+    ("SKULL", "AP", "XR SKULL AP", "Head"),
+]
+PER_EXAM = 6
+
+
+@pytest.fixture(scope="module")
+def pacs(orthanc_binary, tmp_path_factory):
+    data = tmp_path_factory.mktemp("pacs-data")
+    uids = set()
+    for e, (part, view, desc, _) in enumerate(EXAMS):
+        for i in range(PER_EXAM):
+            when = date(2016, 1 + i, 3) if i < 4 else date(2019, i, 3)
+            ds = radiograph(patient_id=f"P{e}{i}", study_key=f"pull-{e}-{i}", study_date=when, body_part=part,
+                            view_position=view, study_description=desc)
+            write(ds, data)
+            uids.add(ds.SOPInstanceUID)
+    scp_port = free_port()
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), aet="TESTPACS",
+                           modalities={"pedxray": ("PEDXRAY", "127.0.0.1", scp_port)})
+    with server:
+        assert server.upload(sorted(data.glob("*.dcm")), progress=False) == len(uids)
+        yield server, scp_port, uids
+
+
+def config(pacs, work: Path, method: str) -> PullConfig:
+    server, scp_port, _ = pacs
+    return PullConfig(
+        pacs=PacsConfig("127.0.0.1", server.dicom_port, "TESTPACS", retries=1, backoff_s=0.1),
+        work_dir=work, method=method, scp_port=scp_port, workers=2,
+        balance=BalanceConfig(granularity=7, per_class=4, finetune_fraction=0.25, reference_date=date(2018, 7, 1)),
+        preprocessing=PreprocessParams(size=32), shard_size=4,
+    )
+
+
+def metric(metrics: IngestMetrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize("method", ["move", "get"])
+def test_pull_retrieves_everything_once_and_resumes(pacs, tmp_path: Path, method: str) -> None:
+    _, _, uids = pacs
+    cfg = config(pacs, tmp_path / "work", method)
+    metrics = IngestMetrics()
+    result = pull(cfg, id_salt="s", metrics=metrics, scheduler="sync", progress=False)
+    assert result.ok and result.studies == len(uids)
+    assert result.retrieval.completed == len(uids) == result.planned_instances
+    assert spooled_uids(cfg.spool_dir) == uids
+    assert metric(metrics, "pedx_ingest_instances_found_total") == len(uids)
+    assert metric(metrics, "pedx_ingest_instances_retrieved_total") == len(uids)
+    assert metric(metrics, "pedx_ingest_bytes_retrieved_total") == result.retrieval.bytes > 0
+    assert metric(metrics, "pedx_ingest_instances_cataloged_total", status="ok") == len(uids)
+
+    catalog = read_catalog(cfg.catalog_path)
+    assert set(catalog["sop_instance_uid"]) == uids
+    assert catalog.groupby("label_7").size().to_dict() == {region: PER_EXAM for *_, region in EXAMS}
+    manifest = result.manifest
+    assert json.loads((cfg.shards_dir / "manifest.json").read_text())["shards"] == manifest["shards"]
+    # 4 per class: 3 train + 1 fine-tuning; validation = the studies after 2018-07.
+    for _, _, _, region in EXAMS:
+        assert manifest["counts"]["train"][region] == 3 and manifest["counts"]["finetune"][region] == 1
+        assert manifest["counts"]["val"][region] == 1
+    assert json.loads((cfg.work_dir / "pull-config.json").read_text())["method"] == method
+
+    # Interrupted runs resume: delete part of the spool, and only that part is fetched again.
+    lost = sorted(cfg.spool_dir.rglob("*.dcm"))[:5]
+    for path in lost:
+        path.unlink()
+    again = pull(cfg, id_salt="s", scheduler="sync", progress=False)
+    assert again.planned_instances == 5 and again.retrieval.completed == 5
+    assert spooled_uids(cfg.spool_dir) == uids
+    assert again.catalog["reused"] == len(uids) - 5
+    assert again.manifest["shards"] == manifest["shards"], "same data, same shards"
+    done = pull(cfg, id_salt="s", scheduler="sync", progress=False)
+    assert done.planned_instances == 0 and done.retrieval.completed == 0
+    assert done.manifest["skipped_shards"] == len(manifest["shards"])
+
+
+def test_cli_runs_the_stage_with_metrics_and_fails_clearly_without_a_pacs(pacs, tmp_path: Path, capsys) -> None:
+    server, scp_port, uids = pacs
+    args = ["--pacs", f"127.0.0.1:{server.dicom_port}", "--called-aet", "TESTPACS", "--work", str(tmp_path / "w"),
+            "--scp-port", str(scp_port), "--metrics-port", str(free_port()), "--per-class", "4",
+            "--image-size", "32", "--reference-date", "2018-07-01", "--scheduler", "sync"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{len(uids)} studies" in out and "metrics: http://127.0.0.1:" in out and "shards in" in out
+    dead = ["--pacs", f"127.0.0.1:{free_port()}", "--called-aet", "NOBODY", "--work", str(tmp_path / "x"),
+            "--retries", "0", "--scheduler", "sync"]
+    assert main(dead) == 1
+    assert "error:" in capsys.readouterr().out

@@ -1,0 +1,154 @@
+"""`python -m ingest shards`: balanced, patient-disjoint WebDataset shards + manifest, atomic and re-runnable."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from datetime import date
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from factories import radiograph, write
+
+from ingest.balance import BalanceConfig
+from ingest.catalog import scan
+from ingest.preprocess import PreprocessParams
+from ingest.shards import MANIFEST_FORMAT, ShardError, main, write_shards
+from ingest.taxonomy import load_taxonomy
+
+# One 68-class view per 7-class region, selected by a site code table so the test does not depend on rules.
+VIEWS = ("Abdomen_KUB", "Ankle_AP", "C_Spine_AP", "Chest_Clavicle", "Cochlea", "Elbow_Lateral", "Pelvis_AP")
+PER_VIEW = 12  # 8 before the reference date, 4 after
+IMAGE = 64
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> tuple[Path, Path, object]:
+    root = tmp_path_factory.mktemp("shards")
+    spool = root / "spool"
+    for v, view in enumerate(VIEWS):
+        for i in range(PER_VIEW):
+            when = date(2016 + i % 2, 1 + i, 10) if i < 8 else date(2019, i - 7, 5)
+            write(radiograph(patient_id=f"P{v}-{i}", study_key=f"{view}-{i}", study_date=when,
+                             procedure_code=f"SITE-{v}", body_part=None, view_position=None,
+                             study_description="XR", shape=(40 + 4 * v, 48)), spool)
+    table = root / "codes.csv"
+    table.write_text("code,label_68\n" + "".join(f"SITE-{v},{view}\n" for v, view in enumerate(VIEWS)))
+    taxonomy = load_taxonomy(code_table=table)
+    scan(spool, root / "catalog", id_salt="s", taxonomy=taxonomy, scheduler="sync", progress=False)
+    return root, root / "catalog", taxonomy
+
+
+CONFIG = BalanceConfig(granularity=7, per_class=6, finetune_fraction=1 / 3, reference_date=date(2018, 7, 1), seed=3)
+
+
+def make_shards(out: Path, catalog_path: Path, taxonomy, **options) -> dict:
+    return write_shards(catalog_path, out, balance_config=options.pop("config", CONFIG),
+                        params=PreprocessParams(size=IMAGE), shard_size=5, taxonomy=taxonomy,
+                        scheduler="sync", progress=False, **options)
+
+
+def read_samples(shard: Path) -> list[tuple[np.ndarray, dict]]:
+    with tarfile.open(shard) as tar:
+        names = tar.getnames()
+        keys = sorted({n.rsplit(".", 1)[0] for n in names})
+        assert names == [f"{k}.{ext}" for k in sorted(keys, key=names.index) for ext in ("png", "json")]
+        samples = []
+        for key in keys:
+            png = np.frombuffer(tar.extractfile(f"{key}.png").read(), np.uint8)
+            samples.append((cv2.imdecode(png, cv2.IMREAD_UNCHANGED), json.load(tar.extractfile(f"{key}.json"))))
+    return samples
+
+
+def test_manifest_counts_match_the_shards_and_splits_are_patient_disjoint(catalog, tmp_path: Path) -> None:
+    _, catalog_path, taxonomy = catalog
+    out = tmp_path / "s7"
+    manifest = make_shards(out, catalog_path, taxonomy)
+    assert manifest["format"] == MANIFEST_FORMAT and manifest["granularity"] == 7
+    assert manifest["classes"] == list(taxonomy.classes(7))
+    assert manifest["taxonomy_version"] == taxonomy.version and manifest["seed"] == 3
+    assert manifest["preprocessing"]["size"] == IMAGE
+    # per_class 6 with a third for fine-tuning: 4 train + 2 finetune per class, 2 validation (the share).
+    for cls in manifest["classes"]:
+        assert (manifest["counts"]["train"][cls], manifest["counts"]["finetune"][cls],
+                manifest["counts"]["val"][cls]) == (4, 2, 2)
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["shards"] == manifest["shards"]
+    patients: dict[str, set[str]] = {}
+    seen = 0
+    for shard in manifest["shards"]:
+        path = out / shard["name"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+        samples = read_samples(path)
+        assert len(samples) == shard["samples"]
+        for image, meta in samples:
+            seen += 1
+            assert image.shape == (IMAGE, IMAGE) and image.dtype == np.uint8 and image.max() > 0
+            assert meta["split"] == shard["split"] and shard["name"].startswith(meta["split"])
+            assert meta["label_7"] in manifest["classes"] and meta["label_68"] in VIEWS
+            if meta["split"] == "val":
+                assert meta["study_date"] >= "2018-07-01"
+            patients.setdefault(meta["split"], set()).add(meta["patient_id_hash"])
+    assert seen == sum(manifest["samples"].values()) == 7 * 8
+    assert not patients["train"] & patients["val"] and not patients["train"] & patients["finetune"]
+    assert not patients["finetune"] & patients["val"]
+
+
+def test_rerun_skips_verified_shards_and_rebuilds_a_damaged_one(catalog, tmp_path: Path) -> None:
+    _, catalog_path, taxonomy = catalog
+    out = tmp_path / "s7"
+    first = make_shards(out, catalog_path, taxonomy)
+    again = make_shards(out, catalog_path, taxonomy)
+    assert again["skipped_shards"] == len(first["shards"]) and again["shards"] == first["shards"]
+    damaged = out / first["shards"][0]["name"]
+    damaged.write_bytes(damaged.read_bytes()[:-700])
+    repaired = make_shards(out, catalog_path, taxonomy)
+    assert repaired["skipped_shards"] == len(first["shards"]) - 1
+    assert repaired["shards"] == first["shards"], "same plan, same bytes"
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.is_file()], "no temp files left"
+
+
+def test_same_seed_same_bytes_other_seed_other_selection(catalog, tmp_path: Path) -> None:
+    _, catalog_path, taxonomy = catalog
+    a = make_shards(tmp_path / "a", catalog_path, taxonomy)
+    b = make_shards(tmp_path / "b", catalog_path, taxonomy)
+    assert a["shards"] == b["shards"]
+    other = make_shards(tmp_path / "c", catalog_path, taxonomy, config=BalanceConfig(
+        granularity=7, per_class=6, finetune_fraction=1 / 3, reference_date=date(2018, 7, 1), seed=4))
+    assert [s["sha256"] for s in other["shards"]] != [s["sha256"] for s in a["shards"]]
+
+
+def test_a_file_that_went_bad_is_quarantined_and_the_rest_written(catalog, tmp_path: Path) -> None:
+    root, catalog_path, taxonomy = catalog
+    out = tmp_path / "s7"
+    manifest = make_shards(out, catalog_path, taxonomy)
+    _, meta = read_samples(out / manifest["shards"][0]["name"])[0]
+    victim = root / "spool" / f"{meta['sop_instance_uid']}.dcm"
+    original = victim.read_bytes()
+    try:
+        victim.write_bytes(b"\0" * 132)  # replaced after the scan, e.g. a disk error
+        redo = make_shards(tmp_path / "again", catalog_path, taxonomy)
+    finally:
+        victim.write_bytes(original)
+    quarantine = (tmp_path / "again" / "quarantine.csv").read_text().splitlines()
+    assert redo["quarantined"] == 1 and len(quarantine) == 2
+    assert quarantine[1].startswith(meta["sop_instance_uid"]) and "not_dicom" in quarantine[1]
+    assert sum(redo["samples"].values()) == sum(manifest["samples"].values()) - 1
+
+
+def test_granularity_mismatch_and_cli(catalog, tmp_path: Path, capsys) -> None:
+    _, catalog_path, taxonomy = catalog
+    out = tmp_path / "s7"
+    make_shards(out, catalog_path, taxonomy)
+    with pytest.raises(ShardError, match="7-class shards"):
+        make_shards(out, catalog_path, taxonomy, config=BalanceConfig(granularity=30, per_class=2))
+    code_table = catalog[0] / "codes.csv"
+    args = [str(catalog_path), "--out", str(tmp_path / "cli"), "--granularity", "7", "--per-class", "6",
+            "--finetune-fraction", "0.34", "--reference-date", "2018-07-01", "--image-size", "32",
+            "--code-table", str(code_table), "--scheduler", "sync"]
+    assert main(args) == 0
+    assert "train=28" in capsys.readouterr().out
