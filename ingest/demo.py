@@ -31,19 +31,24 @@ def run(work: Path, *, studies: int, seed: int, per_class: int, image_size: int,
     """Run the demo ingest; returns the shard directory."""
     files = prepare_data(work / "phantoms", studies, seed)
     scp_port = free_port()
-    with OrthancServer(work / "orthanc", aet="DEMOPACS",
-                       modalities={"pedxray": ("PEDXRAY", "127.0.0.1", scp_port)}) as server:
+    with OrthancServer(
+        work / "orthanc", aet="DEMOPACS", modalities={"pedxray": ("PEDXRAY", "127.0.0.1", scp_port)}
+    ) as server:
         server.upload(files)
-        print(f"demo PACS: DEMOPACS@127.0.0.1:{server.dicom_port} (web UI {server.url}/), "
-              f"{server.instance_count()} instances", flush=True)
+        print(
+            f"demo PACS: DEMOPACS@127.0.0.1:{server.dicom_port} (web UI {server.url}/), "
+            f"{server.instance_count()} instances",
+            flush=True,
+        )
         cfg = PullConfig(
             pacs=PacsConfig("127.0.0.1", server.dicom_port, "DEMOPACS"),
             work_dir=work / "ingest",
             method=method,
             scp_port=scp_port,
             modalities=("CR", "DX"),
-            balance=BalanceConfig(granularity=7, per_class=per_class, reference_date=DEMO_REFERENCE_DATE,
-                                  seed=seed),
+            balance=BalanceConfig(
+                granularity=7, per_class=per_class, reference_date=DEMO_REFERENCE_DATE, seed=seed
+            ),
             preprocessing=PreprocessParams(size=image_size),
             shard_size=256,
         )
@@ -64,8 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=("move", "get"), default="move")
     args = parser.parse_args(argv)
     try:
-        shards = run(args.work, studies=args.studies, seed=args.seed, per_class=args.per_class,
-                     image_size=args.image_size, method=args.method)
+        shards = run(
+            args.work,
+            studies=args.studies,
+            seed=args.seed,
+            per_class=args.per_class,
+            image_size=args.image_size,
+            method=args.method,
+        )
     except (OrthancError, DemoDataError, PacsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -22,8 +22,16 @@ def spool(tmp_path: Path) -> Path:
     for i, (part, view, desc) in enumerate(
         [("CHEST", "PA", "XR CHEST PA"), ("HAND", "PA", "XR HAND PA LT"), ("SKULL", "LL", "XR SKULL LATERAL")]
     ):
-        write(radiograph(patient_id=f"MRN-00{i}", study_key=f"s{i}", body_part=part, view_position=view,
-                         study_description=desc), root / "good")
+        write(
+            radiograph(
+                patient_id=f"MRN-00{i}",
+                study_key=f"s{i}",
+                body_part=part,
+                view_position=view,
+                study_description=desc,
+            ),
+            root / "good",
+        )
     bad = root / "bad"
     bad.mkdir()
     shutil.copy(get_testdata_file("rtplan.dcm"), bad / "rtplan.dcm")  # no pixel data
@@ -81,8 +89,16 @@ def test_rescan_reuses_unchanged_rows_and_sees_new_and_duplicate_files(spool: Pa
     out = tmp_path / "catalog"
     scan(spool, out, id_salt=SALT, scheduler="sync", progress=False)
     first = read_catalog(out)
-    added = write(radiograph(patient_id="MRN-100", study_key="new", body_part="KNEE", view_position="AP",
-                             study_description="XR KNEE AP RT"), spool / "later")
+    added = write(
+        radiograph(
+            patient_id="MRN-100",
+            study_key="new",
+            body_part="KNEE",
+            view_position="AP",
+            study_description="XR KNEE AP RT",
+        ),
+        spool / "later",
+    )
     copy = spool / "copies" / "same.dcm"
     copy.parent.mkdir()
     shutil.copy(next((spool / "good").iterdir()), copy)

@@ -1,4 +1,4 @@
-"""`python -m ingest pull` end to end against a real Orthanc on 127.0.0.1: C-MOVE and C-GET, resume, metrics."""
+"""`python -m ingest pull` end to end against a real Orthanc on 127.0.0.1: C-MOVE, C-GET, resume."""
 
 from __future__ import annotations
 
@@ -37,13 +37,22 @@ def pacs(orthanc_binary, tmp_path_factory):
     for e, (part, view, desc, _) in enumerate(EXAMS):
         for i in range(PER_EXAM):
             when = date(2016, 1 + i, 3) if i < 4 else date(2019, i, 3)
-            ds = radiograph(patient_id=f"P{e}{i}", study_key=f"pull-{e}-{i}", study_date=when, body_part=part,
-                            view_position=view, study_description=desc)
+            ds = radiograph(
+                patient_id=f"P{e}{i}",
+                study_key=f"pull-{e}-{i}",
+                study_date=when,
+                body_part=part,
+                view_position=view,
+                study_description=desc,
+            )
             write(ds, data)
             uids.add(ds.SOPInstanceUID)
     scp_port = free_port()
-    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), aet="TESTPACS",
-                           modalities={"pedxray": ("PEDXRAY", "127.0.0.1", scp_port)})
+    server = OrthancServer(
+        tmp_path_factory.mktemp("orthanc"),
+        aet="TESTPACS",
+        modalities={"pedxray": ("PEDXRAY", "127.0.0.1", scp_port)},
+    )
     with server:
         assert server.upload(sorted(data.glob("*.dcm")), progress=False) == len(uids)
         yield server, scp_port, uids
@@ -53,9 +62,15 @@ def config(pacs, work: Path, method: str) -> PullConfig:
     server, scp_port, _ = pacs
     return PullConfig(
         pacs=PacsConfig("127.0.0.1", server.dicom_port, "TESTPACS", retries=1, backoff_s=0.1),
-        work_dir=work, method=method, scp_port=scp_port, workers=2,
-        balance=BalanceConfig(granularity=7, per_class=4, finetune_fraction=0.25, reference_date=date(2018, 7, 1)),
-        preprocessing=PreprocessParams(size=32), shard_size=4,
+        work_dir=work,
+        method=method,
+        scp_port=scp_port,
+        workers=2,
+        balance=BalanceConfig(
+            granularity=7, per_class=4, finetune_fraction=0.25, reference_date=date(2018, 7, 1)
+        ),
+        preprocessing=PreprocessParams(size=32),
+        shard_size=4,
     )
 
 
@@ -102,15 +117,42 @@ def test_pull_retrieves_everything_once_and_resumes(pacs, tmp_path: Path, method
     assert done.manifest["skipped_shards"] == len(manifest["shards"])
 
 
-def test_cli_runs_the_stage_with_metrics_and_fails_clearly_without_a_pacs(pacs, tmp_path: Path, capsys) -> None:
+def test_cli_runs_with_metrics_and_fails_clearly_without_a_pacs(pacs, tmp_path: Path, capsys) -> None:
     server, scp_port, uids = pacs
-    args = ["--pacs", f"127.0.0.1:{server.dicom_port}", "--called-aet", "TESTPACS", "--work", str(tmp_path / "w"),
-            "--scp-port", str(scp_port), "--metrics-port", str(free_port()), "--per-class", "4",
-            "--image-size", "32", "--reference-date", "2018-07-01", "--scheduler", "sync"]
+    args = [
+        "--pacs",
+        f"127.0.0.1:{server.dicom_port}",
+        "--called-aet",
+        "TESTPACS",
+        "--work",
+        str(tmp_path / "w"),
+        "--scp-port",
+        str(scp_port),
+        "--metrics-port",
+        str(free_port()),
+        "--per-class",
+        "4",
+        "--image-size",
+        "32",
+        "--reference-date",
+        "2018-07-01",
+        "--scheduler",
+        "sync",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"{len(uids)} studies" in out and "metrics: http://127.0.0.1:" in out and "shards in" in out
-    dead = ["--pacs", f"127.0.0.1:{free_port()}", "--called-aet", "NOBODY", "--work", str(tmp_path / "x"),
-            "--retries", "0", "--scheduler", "sync"]
+    dead = [
+        "--pacs",
+        f"127.0.0.1:{free_port()}",
+        "--called-aet",
+        "NOBODY",
+        "--work",
+        str(tmp_path / "x"),
+        "--retries",
+        "0",
+        "--scheduler",
+        "sync",
+    ]
     assert main(dead) == 1
     assert "error:" in capsys.readouterr().out

@@ -1,9 +1,8 @@
-"""`python -m ingest shards`: balanced, patient-disjoint WebDataset shards + manifest, atomic and re-runnable."""
+"""`python -m ingest shards`: balanced, patient-disjoint WebDataset shards + manifest; atomic, re-runnable."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from datetime import date
@@ -33,9 +32,19 @@ def catalog(tmp_path_factory) -> tuple[Path, Path, object]:
     for v, view in enumerate(VIEWS):
         for i in range(PER_VIEW):
             when = date(2016 + i % 2, 1 + i, 10) if i < 8 else date(2019, i - 7, 5)
-            write(radiograph(patient_id=f"P{v}-{i}", study_key=f"{view}-{i}", study_date=when,
-                             procedure_code=f"SITE-{v}", body_part=None, view_position=None,
-                             study_description="XR", shape=(40 + 4 * v, 48)), spool)
+            write(
+                radiograph(
+                    patient_id=f"P{v}-{i}",
+                    study_key=f"{view}-{i}",
+                    study_date=when,
+                    procedure_code=f"SITE-{v}",
+                    body_part=None,
+                    view_position=None,
+                    study_description="XR",
+                    shape=(40 + 4 * v, 48),
+                ),
+                spool,
+            )
     table = root / "codes.csv"
     table.write_text("code,label_68\n" + "".join(f"SITE-{v},{view}\n" for v, view in enumerate(VIEWS)))
     taxonomy = load_taxonomy(code_table=table)
@@ -43,13 +52,23 @@ def catalog(tmp_path_factory) -> tuple[Path, Path, object]:
     return root, root / "catalog", taxonomy
 
 
-CONFIG = BalanceConfig(granularity=7, per_class=6, finetune_fraction=1 / 3, reference_date=date(2018, 7, 1), seed=3)
+CONFIG = BalanceConfig(
+    granularity=7, per_class=6, finetune_fraction=1 / 3, reference_date=date(2018, 7, 1), seed=3
+)
 
 
 def make_shards(out: Path, catalog_path: Path, taxonomy, **options) -> dict:
-    return write_shards(catalog_path, out, balance_config=options.pop("config", CONFIG),
-                        params=PreprocessParams(size=IMAGE), shard_size=5, taxonomy=taxonomy,
-                        scheduler="sync", progress=False, **options)
+    return write_shards(
+        catalog_path,
+        out,
+        balance_config=options.pop("config", CONFIG),
+        params=PreprocessParams(size=IMAGE),
+        shard_size=5,
+        taxonomy=taxonomy,
+        scheduler="sync",
+        progress=False,
+        **options,
+    )
 
 
 def read_samples(shard: Path) -> list[tuple[np.ndarray, dict]]:
@@ -60,7 +79,9 @@ def read_samples(shard: Path) -> list[tuple[np.ndarray, dict]]:
         samples = []
         for key in keys:
             png = np.frombuffer(tar.extractfile(f"{key}.png").read(), np.uint8)
-            samples.append((cv2.imdecode(png, cv2.IMREAD_UNCHANGED), json.load(tar.extractfile(f"{key}.json"))))
+            samples.append(
+                (cv2.imdecode(png, cv2.IMREAD_UNCHANGED), json.load(tar.extractfile(f"{key}.json")))
+            )
     return samples
 
 
@@ -74,8 +95,11 @@ def test_manifest_counts_match_the_shards_and_splits_are_patient_disjoint(catalo
     assert manifest["preprocessing"]["size"] == IMAGE
     # per_class 6 with a third for fine-tuning: 4 train + 2 finetune per class, 2 validation (the share).
     for cls in manifest["classes"]:
-        assert (manifest["counts"]["train"][cls], manifest["counts"]["finetune"][cls],
-                manifest["counts"]["val"][cls]) == (4, 2, 2)
+        assert (
+            manifest["counts"]["train"][cls],
+            manifest["counts"]["finetune"][cls],
+            manifest["counts"]["val"][cls],
+        ) == (4, 2, 2)
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk["shards"] == manifest["shards"]
     patients: dict[str, set[str]] = {}
@@ -117,8 +141,14 @@ def test_same_seed_same_bytes_other_seed_other_selection(catalog, tmp_path: Path
     a = make_shards(tmp_path / "a", catalog_path, taxonomy)
     b = make_shards(tmp_path / "b", catalog_path, taxonomy)
     assert a["shards"] == b["shards"]
-    other = make_shards(tmp_path / "c", catalog_path, taxonomy, config=BalanceConfig(
-        granularity=7, per_class=6, finetune_fraction=1 / 3, reference_date=date(2018, 7, 1), seed=4))
+    other = make_shards(
+        tmp_path / "c",
+        catalog_path,
+        taxonomy,
+        config=BalanceConfig(
+            granularity=7, per_class=6, finetune_fraction=1 / 3, reference_date=date(2018, 7, 1), seed=4
+        ),
+    )
     assert [s["sha256"] for s in other["shards"]] != [s["sha256"] for s in a["shards"]]
 
 
@@ -147,8 +177,24 @@ def test_granularity_mismatch_and_cli(catalog, tmp_path: Path, capsys) -> None:
     with pytest.raises(ShardError, match="7-class shards"):
         make_shards(out, catalog_path, taxonomy, config=BalanceConfig(granularity=30, per_class=2))
     code_table = catalog[0] / "codes.csv"
-    args = [str(catalog_path), "--out", str(tmp_path / "cli"), "--granularity", "7", "--per-class", "6",
-            "--finetune-fraction", "0.34", "--reference-date", "2018-07-01", "--image-size", "32",
-            "--code-table", str(code_table), "--scheduler", "sync"]
+    args = [
+        str(catalog_path),
+        "--out",
+        str(tmp_path / "cli"),
+        "--granularity",
+        "7",
+        "--per-class",
+        "6",
+        "--finetune-fraction",
+        "0.34",
+        "--reference-date",
+        "2018-07-01",
+        "--image-size",
+        "32",
+        "--code-table",
+        str(code_table),
+        "--scheduler",
+        "sync",
+    ]
     assert main(args) == 0
     assert "train=28" in capsys.readouterr().out
