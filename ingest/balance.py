@@ -176,7 +176,7 @@ def balance(catalog: pd.DataFrame, config: BalanceConfig) -> tuple[pd.DataFrame,
         report.dropped_classes = sorted(short)
 
     assignment = _assign_finetune_patients(pool, label, config)
-    pool = pool.assign(split=pool["_patient"].map(assignment).fillna("train"))
+    pool = pool.assign(split=pool["_patient"].map(assignment).astype(object).fillna("train"))
     ft_counts = pool.loc[pool["split"] == "finetune", label].value_counts()
     quotas = {
         # train takes what fine-tuning left of per_class (more when fine-tuning came up short).
@@ -192,10 +192,12 @@ def balance(catalog: pd.DataFrame, config: BalanceConfig) -> tuple[pd.DataFrame,
         ("finetune", pool[pool["split"] == "finetune"]),
         ("val", val_pool.assign(split="val")),
     ):
+        if rows.empty:
+            continue
         rows = rows.sort_values("_rank", kind="stable")
         within_quota = rows.groupby(label).cumcount() < rows[label].map(quotas[split])
         parts.append(rows[within_quota & ~rows[label].isin(report.dropped_classes)])
-    selected = pd.concat(parts, ignore_index=True)
+    selected = pd.concat(parts, ignore_index=True) if parts else pool.head(0)
     selected = selected.sort_values(["split", label, "_rank"], kind="stable", ignore_index=True)
     for split in SPLITS:
         counts = selected.loc[selected["split"] == split, label].value_counts()

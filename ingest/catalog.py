@@ -166,10 +166,10 @@ def _pixel_problem(ds: pydicom.Dataset, transfer_syntax: str | None) -> str | No
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         return "no_pixel_data: the file has no Pixel Data element"
     if ds.get("Rows") in (None, 0) or ds.get("Columns") in (None, 0):
-        return "bad_header: Rows/Columns missing or zero"
+        return "invalid_header: Rows/Columns missing or zero"
     photometric = str(ds.get("PhotometricInterpretation", "") or "")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        return f"unsupported_photometric:{photometric or 'missing'}: only grayscale radiographs are used"
+        return f"unsupported_photometric: {photometric or 'missing'} (only grayscale radiographs are used)"
     syntax = pydicom.uid.UID(transfer_syntax) if transfer_syntax else None
     if "PixelData" in ds and (syntax is None or not syntax.is_compressed):
         expected = _expected_pixel_bytes(ds)
@@ -237,7 +237,10 @@ def read_header(path: str | Path, *, id_salt: str, data: bytes | None = None) ->
         )
         problem = _pixel_problem(ds, transfer_syntax)
     except Exception as exc:  # a malformed element deep in the header must not stop a million-file scan
-        return row | {"status": "unreadable", "reason": f"bad_header: {type(exc).__name__}: {exc}"[:300]}
+        return row | {
+            "status": "unreadable",
+            "reason": f"unreadable_header: {type(exc).__name__}: {exc}"[:300],
+        }
     if problem:
         return row | {"status": "unreadable", "reason": problem}
     return row | {"status": "ok", "reason": ""}
@@ -287,6 +290,7 @@ def scan_batch(
     kept instead of hashing the file again.
     """
     rows = []
+    reused = 0
     for p in paths:
         previous = reusable.get(p)
         stat = os.stat(p)
@@ -296,6 +300,7 @@ def scan_batch(
             and previous["file_mtime_ns"] == stat.st_mtime_ns
         ):
             rows.append(previous)
+            reused += 1
         else:
             rows.append(read_header(p, id_salt=id_salt))
     df = label_catalog(rows_to_frame(rows), taxonomy)
@@ -303,6 +308,7 @@ def scan_batch(
     counts = df["status"].value_counts().to_dict()
     return {
         "files": len(paths),
+        "reused": reused,
         "bytes": int(df["file_size"].sum()),
         **{str(k): int(v) for k, v in counts.items()},
     }
@@ -369,16 +375,13 @@ def scan(
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     batches = list(_batched((str(p) for p in iter_files(root)), batch_size))
-    reused = 0
 
     def tasks():
-        nonlocal reused
         for i, batch in enumerate(batches):
             known = {}
             if previous is not None:
                 hits = previous.index.intersection(batch)
                 known = {r["path"]: r for r in previous.loc[hits].to_dict("records")}
-                reused += len(known)
             yield batch, str(tmp / f"part-{i:05d}.parquet"), id_salt, taxonomy, known
 
     totals: dict[str, int] = {}
@@ -409,7 +412,6 @@ def scan(
         _swap_directory(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    totals["reused"] = reused
     return totals
 
 

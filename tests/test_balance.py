@@ -96,3 +96,14 @@ def test_bad_config_says_how_to_fix():
     assert BalanceConfig(granularity=30).per_class == 2300
     with pytest.raises(BalanceError, match="no usable rows"):
         balance(synthetic_catalog().assign(status="unmapped"), BalanceConfig())
+
+
+def test_empty_splits_give_an_empty_selection_and_no_rows_a_clear_error():
+    with pytest.raises(BalanceError, match="no usable rows"):
+        balance(synthetic_catalog(n=0, patients=10), BalanceConfig(per_class=5))
+    catalog = synthetic_catalog(n=40, patients=10)
+    # Everything before the reference date and no fine-tuning share: val and finetune are empty.
+    config = BalanceConfig(per_class=5, finetune_fraction=0.0, reference_date=date(2030, 1, 1))
+    selected, report = balance(catalog, config)
+    assert set(selected["split"]) <= {"train"}
+    assert sum(report.counts["val"].values()) == 0 and sum(report.counts["finetune"].values()) == 0

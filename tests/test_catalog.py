@@ -35,8 +35,15 @@ def spool(tmp_path: Path) -> Path:
     bad = root / "bad"
     bad.mkdir()
     shutil.copy(get_testdata_file("rtplan.dcm"), bad / "rtplan.dcm")  # no pixel data
-    shutil.copy(get_testdata_file("SC_rgb.dcm"), bad / "SC_rgb.dcm")  # colour, not a radiograph
-    shutil.copy(get_testdata_file("ExplVR_LitEndNoMeta.dcm"), bad / "no_meta.dcm")  # no preamble, no meta
+    shutil.copy(get_testdata_file("SC_rgb_small_odd.dcm"), bad / "SC_rgb.dcm")  # colour, not a radiograph
+    # Files some PACS exports write: no 128-byte preamble; no preamble and no file meta either.
+    bare = write(radiograph(patient_id="MRN-010", study_key="bare", body_part="FOOT", view_position="AP",
+                            study_description="XR FOOT AP"), tmp_path / "bare")
+    (root / "good" / "no_preamble.dcm").write_bytes(bare.read_bytes()[132:])
+    no_meta = radiograph(patient_id="MRN-011", study_key="nometa", body_part="ELBOW", view_position="LAT",
+                         study_description="XR ELBOW LATERAL")
+    del no_meta.file_meta
+    no_meta.save_as(root / "good" / "no_meta.dcm", implicit_vr=False, little_endian=True)
     (bad / "notes.txt").write_text("not a DICOM file\n")
     whole = write(radiograph(patient_id="MRN-009", study_key="cut"), tmp_path / "whole")
     (bad / "truncated.dcm").write_bytes(whole.read_bytes()[:-1000])
@@ -52,19 +59,17 @@ def test_scan_keeps_every_file_with_a_status_and_reason(spool: Path, tmp_path: P
     totals = scan(spool, out, id_salt=SALT, scheduler="sync", progress=False)
     catalog = read_catalog(out)
     assert list(catalog.columns) == list(CATALOG_COLUMNS)
-    assert len(catalog) == 8 == totals["files"]
+    assert len(catalog) == 9 == totals["files"]
     rows = by_name(catalog)
     assert rows["rtplan.dcm"]["status"] == "unreadable"
     assert rows["rtplan.dcm"]["reason"].startswith("no_pixel_data")
-    assert rows["SC_rgb.dcm"]["reason"].startswith("unsupported_photometric:RGB")
+    assert rows["SC_rgb.dcm"]["reason"].startswith("unsupported_photometric: RGB")
     assert rows["notes.txt"]["reason"].startswith("not_dicom")
     assert rows["truncated.dcm"]["reason"].startswith("truncated")
-    # A file without preamble and meta header is still read (it is a CT, so it has no radiograph view).
-    assert rows["no_meta.dcm"]["sop_instance_uid"]
-    assert rows["no_meta.dcm"]["status"] != "unreadable"
     good = catalog[catalog["path"].str.contains("/good/")]
     assert set(good["status"]) == {"ok"}
-    assert set(good["label_7"]) == {"Chest", "Upper_Extremity", "Head"}
+    assert set(good["label_7"]) == {"Chest", "Upper_Extremity", "Head", "Lower_Extremity"}
+    assert rows["no_preamble.dcm"]["label_30"] == "Foot" and rows["no_meta.dcm"]["label_30"] == "Elbow"
     assert good["label_source"].eq("rule").all()
     assert good["study_date"].eq(date(2017, 3, 14)).all()
     assert good["patient_age_months"].eq(84).all()
@@ -127,7 +132,7 @@ def test_scan_on_a_dask_local_cluster_matches_the_in_process_scan(spool: Path, t
 
 def test_cli_reports_counts_and_rejects_a_missing_directory(spool: Path, tmp_path: Path, capsys) -> None:
     assert main([str(spool), "--out", str(tmp_path / "cat"), "--scheduler", "sync", "--id-salt", SALT]) == 0
-    assert "ok=3" in capsys.readouterr().out
+    assert "ok=5" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "cat2"), "--scheduler", "sync"])
     assert exc.value.code == 2

@@ -74,8 +74,9 @@ def make_shards(out: Path, catalog_path: Path, taxonomy, **options) -> dict:
 def read_samples(shard: Path) -> list[tuple[np.ndarray, dict]]:
     with tarfile.open(shard) as tar:
         names = tar.getnames()
-        keys = sorted({n.rsplit(".", 1)[0] for n in names})
-        assert names == [f"{k}.{ext}" for k in sorted(keys, key=names.index) for ext in ("png", "json")]
+        keys = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+        # WebDataset groups a sample's files by key: they must be adjacent, image first.
+        assert names == [f"{k}.{ext}" for k in keys for ext in ("png", "json")]
         samples = []
         for key in keys:
             png = np.frombuffer(tar.extractfile(f"{key}.png").read(), np.uint8)
