@@ -283,6 +283,9 @@ class OrthancServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # DCMTK inside Orthanc reads this: without it every DIMSE answer waits ~40 ms on
+                # the client's delayed ACK (Nagle), which made a C-FIND take 90 ms on loopback.
+                env={**os.environ, "TCP_NODELAY": "1"},
             )
         deadline = time.monotonic() + self.config.startup_timeout
         while time.monotonic() < deadline:

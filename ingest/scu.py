@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.events import Event
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -46,6 +47,7 @@ from ingest.scp import (
     ACCEPTED_TRANSFER_SYNTAXES,
     StorageSCP,
     StoreCounts,
+    disable_nagle,
     handle_store,
     spool_path,
     spooled_uids,
@@ -179,8 +181,63 @@ def _make_ae(cfg: PacsConfig) -> AE:
     return ae
 
 
+class _ParkingCheckpoint(threading.Event):
+    """A drop-in for pynetdicom's ``Association._reactor_checkpoint`` that really parks the reactor.
+
+    ``send_c_*()`` clears the checkpoint and then trusts a flag saying the reactor thread is paused.
+    That flag can be stale: the reactor may have been woken by the previous request's ``set()`` and
+    not yet run, and ``Event.wait()`` returns once notified even if the flag was cleared since. The
+    reactor then takes the next DIMSE response off the queue and drops it ("Received unexpected
+    C-FIND service message", pynetdicom issue #875): a C-FIND silently loses a match, a C-GET or
+    C-MOVE its final status. Here ``wait()`` returns only while the flag is set, and ``clear()``
+    returns once the reactor sits blocked in ``wait()``, so nothing can be taken while a request runs.
+    """
+
+    _PARK_TIMEOUT_S = 1.0  # the reactor parks within a loop turn (1 ms); a dead one must not hang us
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parked = threading.Condition()
+        self._blocked = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            return super().wait(timeout)
+        with self._parked:
+            while not self.is_set():
+                self._blocked = True
+                self._parked.notify_all()
+                self._parked.wait()
+            self._blocked = False
+        return True
+
+    def set(self) -> None:
+        with self._parked:
+            super().set()
+            self._parked.notify_all()
+
+    def clear(self) -> None:
+        with self._parked:
+            super().clear()
+            self._parked.wait_for(lambda: self._blocked, timeout=self._PARK_TIMEOUT_S)
+
+
+def _install_parking_checkpoint(event: Event) -> None:
+    """EVT_CONN_OPEN handler: runs before the requestor's reactor loop starts, so the swap is safe."""
+    checkpoint = _ParkingCheckpoint()
+    checkpoint.set()
+    event.assoc._reactor_checkpoint = checkpoint
+
+
 def _associate(cfg: PacsConfig, ae: AE, **kwargs) -> Association:
-    assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.called_aet, max_pdu=cfg.max_pdu, **kwargs)
+    handlers = [
+        *kwargs.pop("evt_handlers", ()),
+        (evt.EVT_CONN_OPEN, disable_nagle),
+        (evt.EVT_CONN_OPEN, _install_parking_checkpoint),
+    ]
+    assoc = ae.associate(
+        cfg.host, cfg.port, ae_title=cfg.called_aet, max_pdu=cfg.max_pdu, evt_handlers=handlers, **kwargs
+    )
     if assoc.is_established:
         return assoc
     if assoc.is_rejected:
@@ -450,6 +507,10 @@ def find_studies(
     ``date_range`` is inclusive; either end may be None (open). ``modalities`` filters on
     ModalitiesInStudy (None or () = any). ``page_limit`` is the PACS's result cap if known: a window
     returning that many matches is split even when the PACS does not say that more exist.
+
+    Some PACSs (Orthanc 1.10) cut a ModalitiesInStudy query at their cap with a plain Success, so
+    with no ``page_limit`` the first query goes without that filter: when the PACS says it was cut,
+    its length is the cap used from then on; when it was not, it already holds every study.
     """
     if page_limit is not None and page_limit < 1:
         raise ValueError(f"page_limit={page_limit!r}: use None (no known cap) or the PACS's cap, >= 1")
@@ -460,6 +521,8 @@ def find_studies(
     if first and last and first > last:
         raise ValueError(f"date_range starts after it ends: {first} > {last}")
     wanted_modalities = tuple(modalities or ())
+    cap = page_limit
+    probe = cap is None
     seen: set[str] = set()
     windows = [_Window(first, last)]
     with _find_connection(cfg) as conn:
@@ -470,12 +533,14 @@ def find_studies(
                 STUDY_KEYS,
                 StudyDate=window.date_filter(),
                 StudyTime=window.time_filter(),
-                ModalitiesInStudy="\\".join(wanted_modalities),
+                ModalitiesInStudy="" if probe else "\\".join(wanted_modalities),
             )
+            probe = False
             what = f"C-FIND studies {window.describe()} on {cfg.describe()}"
             matches, truncated = _find(conn, query, STUDY_KEYS, what)
-            at_cap = truncated or (page_limit is not None and len(matches) >= page_limit)
-            if at_cap:
+            if truncated and matches:
+                cap = len(matches) if cap is None else min(cap, len(matches))
+            if truncated or (cap is not None and len(matches) >= cap):
                 halves = window.split()
                 if halves:
                     if window.first is None and window.last is None:
@@ -499,6 +564,12 @@ def find_studies(
                         f"{window.describe()}: raise the PACS's result cap (Orthanc: LimitFindResults)",
                         retryable=False,
                     )
+                LOGGER.warning(
+                    "%d studies in the single second %s reach the result cap %d: some may be missing",
+                    len(matches),
+                    window.describe(),
+                    cap,
+                )
             for study in matches:
                 uid = study["StudyInstanceUID"]
                 if not uid or uid in seen:
@@ -508,7 +579,7 @@ def find_studies(
                     and study["ModalitiesInStudy"]
                     and not (set(study["ModalitiesInStudy"]) & set(wanted_modalities))
                 ):
-                    continue  # the PACS ignored the optional ModalitiesInStudy filter
+                    continue  # the PACS ignored the optional ModalitiesInStudy filter, or this was the probe
                 seen.add(uid)
                 yield study
 

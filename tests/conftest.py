@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 
 from ingest.orthanc import INSTALL_HINT, ORTHANC_BINARY, OrthancServer
 
@@ -76,3 +77,100 @@ def pydicom_testfiles() -> list[Path]:
     missing = [name for name, path in zip(PYDICOM_TEST_FILES, paths, strict=True) if path is None]
     assert not missing, f"pydicom no longer bundles {missing}; pick other files in tests/conftest.py"
     return [Path(path) for path in paths]
+
+
+# Small synthetic studies for the networking tests: (StudyDate, StudyTime, modality, instances per series).
+# Four studies share 2018-01-01 so a result cap of 3 forces find_studies to split one day by time.
+SYNTHETIC_STUDIES = (
+    ("20150302", "081500", "CR", (1, 2)),
+    ("20151120", "140000", "DX", (2,)),
+    ("20160615", "093000", "CR", (1,)),
+    ("20170101", "000001", "DX", (1, 1)),
+    ("20180101", "080000", "CR", (1,)),
+    ("20180101", "101500", "DX", (2,)),
+    ("20180101", "133000", "CR", (1,)),
+    ("20180101", "235959", "CR", (1,)),
+    ("20190704", "120000", "DX", (1, 2)),
+    ("20200229", "110000", "CR", (1,)),
+    ("20211231", "170000", "DX", (2,)),
+    ("20220515", "090000", "MR", (1,)),  # not a radiograph: the default modality filter skips it
+)
+
+
+def make_instance(
+    path: Path,
+    *,
+    study_uid: str,
+    series_uid: str,
+    sop_uid: str,
+    study_date: str = "20200101",
+    study_time: str = "120000",
+    modality: str = "CR",
+    patient_id: str = "P0",
+    seed: int = 0,
+) -> Path:
+    """Write a ~2 kB CR-storage Part 10 file (32x32 uint16 pixels derived from seed)."""
+    import numpy as np
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientID = patient_id
+    ds.PatientName = f"Phantom^{patient_id}"
+    ds.StudyDate = study_date
+    ds.StudyTime = study_time
+    ds.Modality = modality
+    ds.StudyDescription = f"{modality} test study"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Rows = ds.Columns = 32
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    pixels = np.random.default_rng(seed).integers(0, 4096, size=(32, 32), dtype=np.uint16)
+    ds.PixelData = pixels.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_synthetic_studies(root: Path, studies=SYNTHETIC_STUDIES) -> list[Path]:
+    """One file per instance under root; UIDs are unique per study, series and instance."""
+    paths = []
+    for s, (date, time_of_day, modality, series_sizes) in enumerate(studies):
+        study_uid = f"1.2.826.0.1.3680043.10.999.{s + 1}"
+        for n, size in enumerate(series_sizes):
+            series_uid = f"{study_uid}.{n + 1}"
+            for i in range(size):
+                sop_uid = f"{series_uid}.{i + 1}"
+                paths.append(
+                    make_instance(
+                        root / f"{sop_uid}.dcm",
+                        study_uid=study_uid,
+                        series_uid=series_uid,
+                        sop_uid=sop_uid,
+                        study_date=date,
+                        study_time=time_of_day,
+                        modality=modality,
+                        patient_id=f"P{s % 5}",
+                        seed=len(paths),
+                    )
+                )
+    return paths
+
+
+@pytest.fixture(scope="session")
+def synthetic_files(tmp_path_factory) -> list[Path]:
+    """SYNTHETIC_STUDIES written once per session (20 instances, a few kB each)."""
+    return write_synthetic_studies(tmp_path_factory.mktemp("synthetic"))

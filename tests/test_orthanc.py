@@ -228,6 +228,7 @@ def test_busy_fixed_port_is_reported(orthanc_binary, tmp_path):
             OrthancServer(tmp_path / "orthanc", dicom_port=port).start()
 
 
+@pytest.mark.slow
 def test_start_retries_when_a_probed_port_is_taken(orthanc_binary, tmp_path, monkeypatch):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

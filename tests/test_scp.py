@@ -1,0 +1,219 @@
+"""The Storage SCP: who may store, what lands in the spool, and the status a bad instance gets."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import make_instance
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+
+import ingest.scp as scp_module
+from ingest.scp import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    StorageSCP,
+    spool_path,
+    spooled_uids,
+    write_spool_file,
+)
+
+ALLOWED = "GOODPACS"
+STUDY = "1.2.826.0.1.3680043.10.998.1"
+
+
+def instance(tmp_path: Path, n: int, seed: int | None = None) -> Path:
+    uid = f"{STUDY}.1.{n}"
+    return make_instance(
+        tmp_path / "src" / f"{uid}-{seed}.dcm",
+        study_uid=STUDY,
+        series_uid=f"{STUDY}.1",
+        sop_uid=uid,
+        seed=n if seed is None else seed,
+    )
+
+
+def associate(scp: StorageSCP, calling_aet: str = ALLOWED):
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(ComputedRadiographyImageStorage)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title)
+
+
+def leftover_temp_files(spool: Path) -> list[Path]:
+    return [path for path in spool.rglob(".*") if path.is_file()]
+
+
+@pytest.fixture
+def scp(tmp_path):
+    with StorageSCP(tmp_path / "spool", "PEDXRAY", 0, [ALLOWED]) as server:
+        yield server
+
+
+def test_stored_instance_lands_at_its_spool_path_byte_for_byte_dataset(scp, tmp_path):
+    source = instance(tmp_path, 1)
+    assoc = associate(scp)
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(pydicom.dcmread(source)).Status == STATUS_SUCCESS
+        assert assoc.send_c_echo().Status == STATUS_SUCCESS
+    finally:
+        assoc.release()
+    uid = pydicom.dcmread(source).SOPInstanceUID
+    stored = pydicom.dcmread(spool_path(scp.spool_dir, uid))
+    assert stored == pydicom.dcmread(source)
+    assert stored.file_meta.MediaStorageSOPInstanceUID == uid
+    assert spooled_uids(scp.spool_dir) == {uid}
+    assert scp.counts.snapshot()["stored"] == 1
+    assert leftover_temp_files(scp.spool_dir) == []
+
+
+def test_unknown_calling_aet_is_rejected_and_logged(scp, caplog):
+    caplog.set_level(logging.WARNING, logger="ingest.scp")
+    assoc = associate(scp, calling_aet="STRANGER")
+    assert assoc.is_rejected
+    assert "rejected association from 'STRANGER'" in caplog.text
+    assert "not in the allowed list ['GOODPACS']" in caplog.text
+    assert list(scp.spool_dir.iterdir()) == []
+
+
+def test_duplicate_is_stored_once_and_the_first_copy_is_kept(scp, tmp_path):
+    first, second = instance(tmp_path, 1, seed=1), instance(tmp_path, 1, seed=2)  # same UID, other pixels
+    assoc = associate(scp)
+    try:
+        statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in (first, second, first)]
+    finally:
+        assoc.release()
+    assert statuses == [STATUS_SUCCESS] * 3
+    kept = pydicom.dcmread(spool_path(scp.spool_dir, pydicom.dcmread(first).SOPInstanceUID))
+    assert kept.PixelData == pydicom.dcmread(first).PixelData
+    assert len(list(scp.spool_dir.rglob("*.dcm"))) == 1
+    assert scp.counts.snapshot()["stored"] == 1
+    assert scp.counts.snapshot()["duplicate"] == 2
+
+
+def test_concurrent_duplicates_from_parallel_associations_leave_one_file(scp, tmp_path):
+    dataset = pydicom.dcmread(instance(tmp_path, 1))
+    statuses: list[int] = []
+
+    def store() -> None:
+        assoc = associate(scp)
+        try:
+            statuses.append(assoc.send_c_store(dataset).Status)
+        finally:
+            assoc.release()
+
+    threads = [threading.Thread(target=store) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [STATUS_SUCCESS] * 6
+    assert len(list(scp.spool_dir.rglob("*.dcm"))) == 1
+    counts = scp.counts.snapshot()
+    assert (counts["stored"], counts["duplicate"]) == (1, 5)
+    assert leftover_temp_files(scp.spool_dir) == []
+
+
+def raw_part10(path: Path, sop_uid: str, dataset_bytes: bytes) -> Path:
+    """A Part 10 file whose meta names sop_uid but whose data set is dataset_bytes."""
+    meta = pydicom.dcmread(instance(path.parent, 99)).file_meta
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + buffer.getvalue() + dataset_bytes)
+    return path
+
+
+def explicit_le_bytes(dataset) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(buffer, dataset)
+    return buffer.getvalue()
+
+
+def test_bad_data_gets_a_failure_status_and_the_association_survives(scp, tmp_path, monkeypatch, caplog):
+    # Send files as raw bytes after their meta, as a faulty PACS would, instead of letting
+    # pynetdicom parse (and refuse) them first.
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    good = pydicom.dcmread(instance(tmp_path, 1))
+    without_uid = pydicom.dcmread(instance(tmp_path, 2))
+    del without_uid.SOPInstanceUID
+    wrong_class = pydicom.dcmread(instance(tmp_path, 3))
+    wrong_class.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture inside a CR request
+    complete = explicit_le_bytes(pydicom.dcmread(instance(tmp_path, 4)))
+    truncated = raw_part10(tmp_path / "cut.dcm", f"{STUDY}.1.4", complete[:-100])
+    missing_uid = raw_part10(tmp_path / "no-uid.dcm", f"{STUDY}.1.2", explicit_le_bytes(without_uid))
+    wrong = raw_part10(tmp_path / "wrong.dcm", f"{STUDY}.1.3", explicit_le_bytes(wrong_class))
+    assoc = associate(scp)
+    try:
+        assert assoc.send_c_store(truncated).Status == STATUS_CANNOT_UNDERSTAND
+        assert assoc.send_c_store(missing_uid).Status == STATUS_CANNOT_UNDERSTAND
+        assert assoc.send_c_store(wrong).Status == STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+        assert assoc.is_established
+        assert assoc.send_c_store(good).Status == STATUS_SUCCESS
+    finally:
+        assoc.release()
+    assert spooled_uids(scp.spool_dir) == {good.SOPInstanceUID}
+    assert scp.counts.snapshot()["failed"] == 3
+    assert "truncated at element (7FE0,0010)" in caplog.text
+    assert leftover_temp_files(scp.spool_dir) == []
+
+
+def test_full_disk_answers_out_of_resources_and_writes_nothing(scp, tmp_path, monkeypatch):
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(scp_module.os, "fsync", disk_full)
+    assoc = associate(scp)
+    try:
+        assert assoc.send_c_store(pydicom.dcmread(instance(tmp_path, 1))).Status == STATUS_OUT_OF_RESOURCES
+    finally:
+        assoc.release()
+    assert [path for path in scp.spool_dir.rglob("*") if path.is_file()] == []
+
+
+def test_write_spool_file_never_replaces_a_complete_file(tmp_path):
+    target = spool_path(tmp_path, "1.2.3.4")
+    assert write_spool_file(target, b"first") is True
+    assert write_spool_file(target, b"second") is False
+    assert target.read_bytes() == b"first"
+    assert leftover_temp_files(tmp_path) == []
+
+
+def test_spooled_uids_ignores_unfinished_temp_files(tmp_path):
+    target = spool_path(tmp_path, "1.2.3.4")
+    write_spool_file(target, b"done")
+    (target.parent / ".1.2.3.5.dcm.part").write_bytes(b"half")
+    assert spooled_uids(tmp_path) == {"1.2.3.4"}
+
+
+@pytest.mark.parametrize("uid", ["../../etc/passwd", "1.2.abc", "", "1." + "2" * 70])
+def test_spool_path_refuses_what_is_not_a_uid(tmp_path, uid):
+    with pytest.raises(ValueError, match="not a valid DICOM UID"):
+        spool_path(tmp_path, uid)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"port": 70000}, "port must be 0"),
+        ({"allowed_calling_aets": "GOODPACS"}, "list of AE titles, not one string"),
+        ({"allowed_calling_aets": []}, "allowed_calling_aets is empty"),
+        ({"maximum_associations": 0}, "maximum_associations must be >= 1"),
+    ],
+)
+def test_invalid_scp_settings_say_what_to_fix(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StorageSCP(tmp_path, **kwargs)

@@ -1,0 +1,403 @@
+"""Query/retrieve against real associations: Orthanc with a tiny C-FIND cap, and a PACS that aborts.
+
+One Orthanc (LimitFindResults=3) holding the synthetic studies and pydicom's sample files serves
+the whole module; each retrieval test pulls into its own spool.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import SYNTHETIC_STUDIES, make_instance
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+import ingest.scu as scu
+from ingest.orthanc import OrthancServer, free_port
+from ingest.scp import StorageSCP, spool_path, spooled_uids
+from ingest.scu import (
+    PacsConfig,
+    PacsError,
+    RetrieveItem,
+    echo,
+    find_instances,
+    find_series,
+    find_studies,
+    plan_retrieval,
+    retrieve,
+)
+
+FIND_CAP = 3
+OUR_AET = "PEDXRAY"
+
+
+class CountingObserver:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.found = self.stored = self.stored_bytes = 0
+        self.failures: list[str] = []
+
+    def on_found(self, n: int) -> None:
+        with self.lock:
+            self.found += n
+
+    def on_stored(self, nbytes: int) -> None:
+        with self.lock:
+            self.stored += 1
+            self.stored_bytes += nbytes
+
+    def on_failed(self, reason: str) -> None:
+        with self.lock:
+            self.failures.append(reason)
+
+
+def synthetic_study_uids(*, modalities=("CR", "DX"), first="00000000", last="99999999") -> set[str]:
+    return {
+        f"1.2.826.0.1.3680043.10.999.{n + 1}"
+        for n, (date, _time, modality, _sizes) in enumerate(SYNTHETIC_STUDIES)
+        if modality in modalities and first <= date <= last
+    }
+
+
+@pytest.fixture(scope="module")
+def pacs(orthanc_binary, tmp_path_factory, synthetic_files, pydicom_testfiles):
+    with OrthancServer(tmp_path_factory.mktemp("orthanc"), limit_find_results=FIND_CAP) as server:
+        server.upload([*synthetic_files, *pydicom_testfiles], progress=False)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def originals(synthetic_files, pydicom_testfiles) -> dict[str, Dataset]:
+    """Every instance in the PACS by SOPInstanceUID, as uploaded."""
+    datasets = (pydicom.dcmread(path) for path in [*synthetic_files, *pydicom_testfiles])
+    return {ds.SOPInstanceUID: ds for ds in datasets}
+
+
+@pytest.fixture
+def cfg(pacs) -> PacsConfig:
+    return PacsConfig("127.0.0.1", pacs.dicom_port, pacs.aet, calling_aet=OUR_AET, retries=1, backoff_s=0.01)
+
+
+def assert_spool_matches_pacs(spool: Path, originals: dict[str, Dataset]) -> None:
+    assert spooled_uids(spool) == set(originals)
+    for uid, original in originals.items():
+        received = pydicom.dcmread(spool_path(spool, uid))
+        assert received.SOPInstanceUID == uid
+        assert received.PixelData == original.PixelData, f"pixel data of {uid} changed in transit"
+    assert [path for path in spool.rglob(".*") if path.is_file()] == [], "temp files left in the spool"
+
+
+def test_echo_succeeds(cfg):
+    echo(cfg)
+
+
+def test_echo_to_a_closed_port_fails_after_bounded_retries():
+    cfg = PacsConfig("127.0.0.1", free_port(), "NOBODY", retries=2, backoff_s=0.01, network_timeout=2)
+    started = time.monotonic()
+    with pytest.raises(PacsError, match=r"C-ECHO .* failed after 3 attempts: no association"):
+        echo(cfg)
+    assert time.monotonic() - started < 10
+
+
+def test_orthanc_cuts_a_study_query_at_the_cap(pacs):
+    # The premise of the paging tests: one plain C-FIND returns only FIND_CAP studies.
+    ae = AE(ae_title=OUR_AET)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    assoc = ae.associate(pacs.host, pacs.dicom_port, ae_title=pacs.aet)
+    try:
+        responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    finally:
+        assoc.release()
+    assert len(responses) - 1 == FIND_CAP < len(pacs.study_uids())
+
+
+def test_find_studies_pages_past_the_cap_to_every_radiograph_study(cfg):
+    studies = list(find_studies(cfg))
+    uids = [study["StudyInstanceUID"] for study in studies]
+    assert len(uids) == len(set(uids)), "a study was yielded twice"
+    assert set(uids) == synthetic_study_uids()  # 11 CR/DX studies; the MR and pydicom's files left out
+    by_uid = {study["StudyInstanceUID"]: study for study in studies}
+    first = by_uid["1.2.826.0.1.3680043.10.999.1"]
+    assert (first["StudyDate"], first["ModalitiesInStudy"], first["NumberOfStudyRelatedInstances"]) == (
+        "20150302",
+        ("CR",),
+        3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("date_range", "modalities", "expected"),
+    [
+        (
+            ("2016-01-01", "2018-12-31"),
+            ("DX",),
+            synthetic_study_uids(modalities=("DX",), first="20160101", last="20181231"),
+        ),
+        # Four CR/DX studies on one day with a cap of 3: the day is split by StudyTime.
+        (("20180101", "20180101"), ("CR", "DX"), synthetic_study_uids(first="20180101", last="20180101")),
+        ((None, "2015-12-31"), ("CR", "DX"), synthetic_study_uids(last="20151231")),
+        (("2022-01-01", None), ("MR",), synthetic_study_uids(modalities=("MR",), first="20220101")),
+    ],
+)
+def test_find_studies_filters_by_date_range_and_modality(cfg, date_range, modalities, expected):
+    assert expected, "the parametrization must select some studies"
+    found = {s["StudyInstanceUID"] for s in find_studies(cfg, date_range=date_range, modalities=modalities)}
+    assert found == expected
+
+
+def test_find_studies_uses_a_known_page_limit(cfg):
+    found = {s["StudyInstanceUID"] for s in find_studies(cfg, page_limit=FIND_CAP)}
+    assert found == synthetic_study_uids()
+
+
+def test_find_series_and_instances_of_a_study(cfg):
+    study = "1.2.826.0.1.3680043.10.999.1"  # two series: one and two instances
+    series = find_series(cfg, study)
+    assert sorted(s["SeriesInstanceUID"] for s in series) == [f"{study}.1", f"{study}.2"]
+    assert {s["Modality"] for s in series} == {"CR"}
+    instances = find_instances(cfg, study)
+    assert sorted(i["SOPInstanceUID"] for i in instances) == [f"{study}.1.1", f"{study}.2.1", f"{study}.2.2"]
+    assert {i["SOPClassUID"] for i in instances} == {ComputedRadiographyImageStorage}
+    assert [i["SOPInstanceUID"] for i in find_instances(cfg, study, f"{study}.2")] != []
+
+
+def test_bad_query_arguments_say_what_to_fix(cfg):
+    with pytest.raises(ValueError, match="date_range starts after it ends"):
+        list(find_studies(cfg, date_range=("2020-01-02", "2020-01-01")))
+    with pytest.raises(ValueError, match="is not a date: use YYYY-MM-DD"):
+        list(find_studies(cfg, date_range=("last tuesday", None)))
+    with pytest.raises(ValueError, match="pass a sequence such as"):
+        list(find_studies(cfg, modalities="CR"))
+    with pytest.raises(ValueError, match="is not a DICOM UID"):
+        find_series(cfg, "1.2.x")
+
+
+def record_associations(monkeypatch) -> list[str]:
+    """Names of the threads that opened an association with the PACS, one entry per association."""
+    opened: list[str] = []
+    real = scu._associate
+
+    def counting(*args, **kwargs):
+        opened.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scu, "_associate", counting)
+    return opened
+
+
+def pull_and_resume(cfg, pacs, originals, spool, monkeypatch, **retrieve_kwargs):
+    """Full pull, a re-run that transfers nothing, then a run that refetches only deleted files."""
+    observer = CountingObserver()
+    plan = plan_retrieval(cfg, spool, pacs.study_uids(), observer=observer)
+    assert observer.found == len(originals)
+    assert sum(len(item.sop_instance_uids) for item in plan) == len(originals)
+    opened = record_associations(monkeypatch)
+    summary = retrieve(cfg, plan, workers=3, progress=False, observer=observer, **retrieve_kwargs)
+    assert summary.ok, summary.failures
+    assert (summary.requested, summary.completed, summary.failed) == (len(originals),) * 2 + (0,)
+    assert len(plan) > 3 and len(opened) == 3 and len(set(opened)) == 3, "3 reused parallel associations"
+    assert observer.stored == len(originals) and observer.failures == []
+    assert summary.bytes == observer.stored_bytes > 0
+    assert_spool_matches_pacs(spool, originals)
+
+    assert plan_retrieval(cfg, spool, pacs.study_uids()) == []
+    again = retrieve(cfg, plan, workers=3, progress=False, **retrieve_kwargs)
+    assert (again.completed, again.already_present, again.bytes) == (0, len(originals), 0)
+
+    deleted = sorted(originals)[::7]
+    for uid in deleted:
+        spool_path(spool, uid).unlink()
+    resumed_plan = plan_retrieval(cfg, spool, pacs.study_uids())
+    assert sorted(uid for item in resumed_plan for uid in item.sop_instance_uids) == deleted
+    resumed = retrieve(cfg, resumed_plan, workers=3, progress=False, **retrieve_kwargs)
+    assert (resumed.completed, resumed.failed) == (len(deleted), 0)
+    assert_spool_matches_pacs(spool, originals)
+
+
+@pytest.mark.slow
+def test_c_get_pulls_every_instance_and_resumes(cfg, pacs, originals, tmp_path, monkeypatch):
+    spool = tmp_path / "spool"
+    pull_and_resume(cfg, pacs, originals, spool, monkeypatch, method="get", spool_dir=spool)
+
+
+@pytest.mark.slow
+def test_c_move_into_the_storage_scp_pulls_every_instance_and_resumes(
+    cfg, pacs, originals, tmp_path, monkeypatch
+):
+    with StorageSCP(tmp_path / "spool", OUR_AET, 0, [pacs.aet]) as scp:
+        pacs.add_modality("pedxray", OUR_AET, "127.0.0.1", scp.port)
+        pull_and_resume(cfg, pacs, originals, scp.spool_dir, monkeypatch, method="move", scp=scp)
+
+
+def test_c_move_of_a_whole_study_counts_the_pacs_sub_operations(cfg, pacs, tmp_path):
+    study = "1.2.826.0.1.3680043.10.999.1"
+    with StorageSCP(tmp_path / "spool", OUR_AET, 0, [pacs.aet]) as scp:
+        pacs.add_modality("pedxray", OUR_AET, "127.0.0.1", scp.port)
+        summary = retrieve(cfg, [RetrieveItem(study)], method="move", scp=scp, progress=False)
+    assert summary.ok and (summary.requested, summary.completed) == (3, 3)
+    assert spooled_uids(scp.spool_dir) == {f"{study}.1.1", f"{study}.2.1", f"{study}.2.2"}
+
+
+def test_c_move_to_an_unknown_destination_fails_with_a_reason(cfg, pacs, tmp_path):
+    stranger = PacsConfig(cfg.host, cfg.port, cfg.called_aet, move_destination="NOTKNOWN", retries=0)
+    with StorageSCP(tmp_path / "spool", OUR_AET, 0, [pacs.aet]) as scp:
+        summary = retrieve(
+            stranger, [RetrieveItem("1.2.826.0.1.3680043.10.999.1")], method="move", scp=scp, progress=False
+        )
+    assert not summary.ok
+    (failure,) = summary.failures
+    assert "C-MOVE study 1.2.826.0.1.3680043.10.999.1" in failure.reason
+    assert spooled_uids(scp.spool_dir) == set()
+
+
+def test_retrieve_arguments_are_checked(cfg, tmp_path):
+    with pytest.raises(ValueError, match="use 'move'"):
+        retrieve(cfg, [], method="ftp", spool_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs a started StorageSCP"):
+        retrieve(cfg, [], method="move")
+    with pytest.raises(ValueError, match="use 1 or more parallel associations"):
+        retrieve(cfg, [], method="get", spool_dir=tmp_path, workers=0)
+
+
+# -- a PACS that drops the association in the middle of a C-GET -------------------------------------
+
+FLAKY_STUDY = "1.2.826.0.1.3680043.10.997.1"
+FLAKY_SERIES = f"{FLAKY_STUDY}.1"
+
+
+class FlakyPacs:
+    """A C-GET SCP that sends ``abort_after`` instances of each request, then aborts (None: never)."""
+
+    def __init__(self, datasets: list[Dataset]) -> None:
+        self.datasets = {ds.SOPInstanceUID: ds for ds in datasets}
+        self.abort_after: int | None = None
+        self.requests = 0
+        ae = AE(ae_title="FLAKYPACS")
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_supported_context(ComputedRadiographyImageStorage, scu_role=True, scp_role=True)
+        self.port = free_port()
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_GET, self.on_get)]
+        )
+
+    def on_get(self, event):
+        self.requests += 1
+        wanted = event.identifier.SOPInstanceUID
+        wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+        selected = [self.datasets[uid] for uid in wanted if uid in self.datasets]
+        yield len(selected)
+        for sent, dataset in enumerate(selected):
+            if sent == self.abort_after:
+                event.assoc.abort()
+                return
+            yield 0xFF00, dataset
+
+
+@pytest.fixture
+def flaky_pacs(tmp_path):
+    paths = [
+        make_instance(
+            tmp_path / "flaky" / f"{n}.dcm",
+            study_uid=FLAKY_STUDY,
+            series_uid=FLAKY_SERIES,
+            sop_uid=f"{FLAKY_SERIES}.{n}",
+            seed=n,
+        )
+        for n in range(1, 7)
+    ]
+    pacs = FlakyPacs([pydicom.dcmread(path) for path in paths])
+    yield pacs
+    pacs.server.shutdown()
+
+
+def test_aborted_c_get_reports_the_rest_as_failed_keeps_what_arrived_and_a_retry_completes(
+    flaky_pacs, tmp_path
+):
+    cfg = PacsConfig("127.0.0.1", flaky_pacs.port, "FLAKYPACS", retries=1, backoff_s=0.01)
+    spool = tmp_path / "spool"
+    uids = tuple(sorted(flaky_pacs.datasets))
+    item = RetrieveItem(FLAKY_STUDY, FLAKY_SERIES, uids, (ComputedRadiographyImageStorage,))
+    observer = CountingObserver()
+    flaky_pacs.abort_after = 1
+
+    summary = retrieve(cfg, [item], method="get", spool_dir=spool, progress=False, observer=observer)
+
+    # Two attempts (retries=1), each storing one instance before the abort: four are missing.
+    assert flaky_pacs.requests == 2
+    assert (summary.requested, summary.completed, summary.failed) == (6, 2, 4)
+    (failure,) = summary.failures
+    assert "failed after 2 attempts" in failure.reason and "association aborted" in failure.reason
+    assert observer.failures == [failure.reason]
+    kept = spooled_uids(spool)
+    assert kept == set(uids[:2])
+    kept_bytes = {uid: spool_path(spool, uid).read_bytes() for uid in kept}
+
+    flaky_pacs.abort_after = None
+    retried = retrieve(cfg, [item], method="get", spool_dir=spool, progress=False)
+    assert retried.ok
+    assert (retried.already_present, retried.completed) == (2, 4)
+    assert spooled_uids(spool) == set(uids)
+    assert {uid: spool_path(spool, uid).read_bytes() for uid in kept} == kept_bytes
+
+
+def test_retrieve_from_an_unreachable_pacs_fails_every_item_without_waiting_for_each(tmp_path):
+    cfg = PacsConfig("127.0.0.1", free_port(), "NOBODY", retries=2, backoff_s=0.01, network_timeout=2)
+    items = [
+        RetrieveItem(FLAKY_STUDY, FLAKY_SERIES, (f"{FLAKY_SERIES}.{n}",), (ComputedRadiographyImageStorage,))
+        for n in range(1, 6)
+    ]
+    started = time.monotonic()
+    summary = retrieve(cfg, items, method="get", spool_dir=tmp_path, workers=1, progress=False)
+    assert time.monotonic() - started < 10
+    assert (summary.requested, summary.failed, len(summary.failures)) == (5, 5, 5)
+    assert "failed after 3 attempts" in summary.failures[0].reason
+    assert all("no association" in failure.reason for failure in summary.failures)
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("PACS@10.0.0.5:104", ("10.0.0.5", 104, "PACS")),
+        ("[::1]:11112", ("::1", 11112, "GIVEN")),
+    ],
+)
+def test_pacs_address_parsing(address, expected):
+    cfg = PacsConfig.parse(address, called_aet="GIVEN" if "@" not in address else None)
+    assert (cfg.host, cfg.port, cfg.called_aet) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"port": 0}, "must be an integer in 1..65535"),
+        ({"called_aet": "A" * 17}, "is not a valid AE title"),
+        ({"dimse_timeout": 0}, "timeouts are seconds and must be > 0"),
+        ({"max_pdu": 100}, "use 0 \\(unlimited\\) or a size"),
+        ({"retries": -1}, "use 0 \\(one attempt only\\) or more"),
+    ],
+)
+def test_invalid_pacs_config_says_what_to_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PacsConfig(**{"host": "127.0.0.1", "port": 104, "called_aet": "PACS", **kwargs})
+
+
+def test_back_to_back_queries_on_one_association_lose_no_match(cfg):
+    # pynetdicom's reactor could take a response meant for send_c_find (issue #875): about 2% of
+    # queries lost a match here before ingest.scu parked it properly.
+    expected = synthetic_study_uids(first="20150101", last="20151231")  # under FIND_CAP
+    query = scu._query("STUDY", scu.STUDY_KEYS, StudyDate="20150101-20151231", ModalitiesInStudy="CR\\DX")
+    with scu._find_connection(cfg) as conn:
+        answers = [scu._find_once(conn, query, scu.STUDY_KEYS) for _ in range(150)]
+    assert all({m["StudyInstanceUID"] for m in matches} == expected for matches, _ in answers)
