@@ -35,9 +35,15 @@ def arc(center, axes, angle_deg: float, start_deg: float, end_deg: float, n: int
     )
 
 
-def lerp(p0, p1, t: float) -> np.ndarray:
-    p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
-    return p0 + (p1 - p0) * t
+def smooth(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur; wide kernels run on a downsampled copy (same look, a fraction of the cost)."""
+    factor = int(sigma // 2)
+    if factor < 2:
+        return cv2.GaussianBlur(image, (0, 0), sigma)
+    h, w = image.shape
+    small = cv2.resize(image, (max(w // factor, 1), max(h // factor, 1)), interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), sigma / factor)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 @dataclass(frozen=True)
@@ -146,13 +152,25 @@ class Scene:
     def _ellipse(self, layer, center, axes, angle_deg, value, thickness) -> None:
         c = self._fixed(self.px(center))[0, 0]
         ax = (max(int(round(self.length(axes[0]) * FIX)), 1), max(int(round(self.length(axes[1]) * FIX)), 1))
-        cv2.ellipse(layer, (int(c[0]), int(c[1])), ax, self.angle(angle_deg), 0, 360, value, thickness,
-                    cv2.LINE_8, SHIFT)
+        cv2.ellipse(
+            layer,
+            (int(c[0]), int(c[1])),
+            ax,
+            self.angle(angle_deg),
+            0,
+            360,
+            value,
+            thickness,
+            cv2.LINE_8,
+            SHIFT,
+        )
 
     def _capsule(self, layer, p0, p1, radius, value) -> None:
         a, b = self._fixed(self.px([p0, p1]))
         thick = max(int(round(2 * self.length(radius))), 1)
-        cv2.line(layer, tuple(int(v) for v in a[0]), tuple(int(v) for v in b[0]), value, thick, cv2.LINE_8, SHIFT)
+        cv2.line(
+            layer, tuple(int(v) for v in a[0]), tuple(int(v) for v in b[0]), value, thick, cv2.LINE_8, SHIFT
+        )
 
     # -- bone (additive: overlapping bones sum, as attenuation does) ----------------------------
     def _add_bone(self, pts_px: np.ndarray, pad: float, paint, fracture_axis=None) -> None:
@@ -166,8 +184,9 @@ class Scene:
             self._cut_fracture(roi, (x0, y0), *fracture_axis)
         self.bone[y0:y1, x0:x1] += roi
 
-    def bone_poly(self, points, density: float = 1.0, marrow: float = 0.5, cortex: float = 0.15,
-                  fracture_axis=None) -> None:
+    def bone_poly(
+        self, points, density: float = 1.0, marrow: float = 0.5, cortex: float = 0.15, fracture_axis=None
+    ) -> None:
         """A closed bone outline: dense cortex rim of ``cortex`` scene units around lighter marrow."""
         pts_px = self.px(points)
         ct = max(int(round(self.length(cortex))), 1)
@@ -179,8 +198,15 @@ class Scene:
 
         self._add_bone(pts_px, ct + 2, paint, fracture_axis)
 
-    def bone_ellipse(self, center, axes, angle_deg: float = 0.0, density: float = 1.0, marrow: float = 0.55,
-                     cortex: float = 0.12) -> None:
+    def bone_ellipse(
+        self,
+        center,
+        axes,
+        angle_deg: float = 0.0,
+        density: float = 1.0,
+        marrow: float = 0.55,
+        cortex: float = 0.12,
+    ) -> None:
         if min(axes) * self.scale < 0.8:
             return
         c_px = self.px(center)[0]
@@ -210,14 +236,32 @@ class Scene:
 
         self._add_bone(pts_px, outer + 2, paint)
 
-    def bone_ring(self, center, axes, angle_deg: float, width: float, density: float = 1.0,
-                  start_deg: float = 0.0, end_deg: float = 360.0) -> None:
+    def bone_ring(
+        self,
+        center,
+        axes,
+        angle_deg: float,
+        width: float,
+        density: float = 1.0,
+        start_deg: float = 0.0,
+        end_deg: float = 360.0,
+    ) -> None:
         """An elliptical shell seen edge-on (skull vault, orbit rim): a dense band."""
         pts = arc(center, axes, angle_deg, start_deg, end_deg, 72)
         self.bone_path(pts, width, density, marrow=0.8)
 
-    def long_bone(self, p0, p1, widths, *, density: float = 1.0, marrow: float = 0.4, cortex: float | None = None,
-                  tag: str | None = None, n: int = 20) -> None:
+    def long_bone(
+        self,
+        p0,
+        p1,
+        widths,
+        *,
+        density: float = 1.0,
+        marrow: float = 0.4,
+        cortex: float | None = None,
+        tag: str | None = None,
+        n: int = 20,
+    ) -> None:
         """A tubular bone from ``p0`` to ``p1`` with a width profile sampled along it (flared metaphyses).
 
         ``widths`` are full widths at evenly spaced stations from p0 to p1; the ends are rounded.
@@ -232,8 +276,13 @@ class Scene:
         t = np.linspace(0.0, 1.0, n)
         w = np.interp(t, np.linspace(0.0, 1.0, len(widths)), widths) / 2.0
         # round the two ends with shallow caps so the articular surfaces are convex
-        cap0 = [p0 + nrm * w[0] * math.cos(a) - u * w[0] * 0.35 * math.sin(a) for a in np.linspace(0, math.pi, 7)]
-        cap1 = [p1 - nrm * w[-1] * math.cos(a) + u * w[-1] * 0.35 * math.sin(a) for a in np.linspace(0, math.pi, 7)]
+        cap0 = [
+            p0 + nrm * w[0] * math.cos(a) - u * w[0] * 0.35 * math.sin(a) for a in np.linspace(0, math.pi, 7)
+        ]
+        cap1 = [
+            p1 - nrm * w[-1] * math.cos(a) + u * w[-1] * 0.35 * math.sin(a)
+            for a in np.linspace(0, math.pi, 7)
+        ]
         left = p0 + np.outer(t, axis) - np.outer(w, nrm)
         right = p0 + np.outer(t, axis) + np.outer(w, nrm)
         outline = np.concatenate([cap0[::-1][1:-1], left, cap1[::-1][1:-1], right[::-1]])
@@ -256,8 +305,15 @@ class Scene:
         b = self.px(centre + direction * half)[0] - off
         width_px = max(self.length(f.width), 1.2)
         mask = np.zeros_like(roi)
-        cv2.line(mask, tuple(np.round(a * FIX).astype(int)), tuple(np.round(b * FIX).astype(int)), 1.0,
-                 max(int(round(width_px)), 1), cv2.LINE_8, SHIFT)
+        cv2.line(
+            mask,
+            tuple(np.round(a * FIX).astype(int)),
+            tuple(np.round(b * FIX).astype(int)),
+            1.0,
+            max(int(round(width_px)), 1),
+            cv2.LINE_8,
+            SHIFT,
+        )
         mask = cv2.GaussianBlur(mask, (0, 0), 0.6)
         peak = float(roi.max())
         if f.buckle:
@@ -265,13 +321,23 @@ class Scene:
             for sign in (-1.0, 1.0):
                 bump = self.px(centre + direction * sign * half * 0.66 + along * half * 0.25)[0] - off
                 r = max(int(round(width_px * 1.6)), 2)
-                cv2.circle(roi, tuple(np.round(bump * FIX).astype(int)), r * FIX, peak * 0.9, -1, cv2.LINE_8, SHIFT)
+                cv2.circle(
+                    roi, tuple(np.round(bump * FIX).astype(int)), r * FIX, peak * 0.9, -1, cv2.LINE_8, SHIFT
+                )
         roi *= 1.0 - 0.85 * np.clip(mask, 0.0, 1.0)
 
     # -- exposure ----------------------------------------------------------------------------
-    def expose(self, *, mu_soft: float = 1.0, round_units: float = 2.0, air_blur_units: float = 0.4,
-               photons: float = 2500.0, marker: str | None = None, collimate: float = 0.75,
-               enhance: float = 0.6) -> np.ndarray:
+    def expose(
+        self,
+        *,
+        mu_soft: float = 1.0,
+        round_units: float = 2.0,
+        air_blur_units: float = 0.4,
+        photons: float = 2500.0,
+        marker: str | None = None,
+        collimate: float = 0.75,
+        enhance: float = 0.6,
+    ) -> np.ndarray:
         """The radiograph as float32 in [0, 1], bone bright."""
         rng, h, w = self.rng, self.height, self.width
         inside = (self.soft > 0).astype(np.uint8)
@@ -279,21 +345,24 @@ class Scene:
         round_px = max(self.length(round_units), 1.0)
         soft = self.soft * np.sqrt(np.clip(dist / round_px, 0.0, 1.0))
         soft = cv2.GaussianBlur(soft, (0, 0), 1.2)
-        air = cv2.GaussianBlur(self.air, (0, 0), max(self.length(air_blur_units), 0.8))
+        air = smooth(self.air, max(self.length(air_blur_units), 0.8))
         soft = np.maximum(soft - air, 0.0)
-        texture = cv2.resize(rng.standard_normal((max(h // 6, 2), max(w // 6, 2))).astype(np.float32), (w, h),
-                             interpolation=cv2.INTER_CUBIC)
+        texture = cv2.resize(
+            rng.standard_normal((max(h // 6, 2), max(w // 6, 2)), dtype=np.float32),
+            (w, h),
+            interpolation=cv2.INTER_CUBIC,
+        )
         bone = cv2.GaussianBlur(self.bone, (0, 0), 0.7) * (1.0 + 0.1 * texture)
         total = mu_soft * soft + bone + self.metal
         transmitted = np.exp(-total)
-        quanta = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), 0.6) * 2.2
+        quanta = cv2.GaussianBlur(rng.standard_normal((h, w), dtype=np.float32), (0, 0), 0.6) * 2.2
         detected = transmitted + np.sqrt(transmitted / photons) * quanta
         image = -np.log(np.clip(detected, 1e-4, None))
         sample = image[:: max(h // 200, 1), :: max(w // 200, 1)]
         lo, hi = np.percentile(sample, [0.5, 99.7])
         image = np.clip((image - lo) / max(hi - lo, 1e-6), 0.0, 1.2)
         image = image ** rng.uniform(0.75, 1.0)
-        blurred = cv2.GaussianBlur(image, (0, 0), max(0.02 * min(h, w), 2.0))
+        blurred = smooth(image, max(0.02 * min(h, w), 2.0))
         image = image + enhance * (image - blurred)
         image = np.clip(image / 1.1, 0.0, 1.0)
         image = self._collimate(image, collimate)
@@ -327,14 +396,22 @@ class Scene:
         scale = size / 22.0
         thick = max(int(round(scale * 2.2)), 2)
         (tw, th), _ = cv2.getTextSize(letter, cv2.FONT_HERSHEY_DUPLEX, scale, thick)
-        ys, xs = np.nonzero(self.exposed[:: 4, :: 4])
+        ys, xs = np.nonzero(self.exposed[::4, ::4])
         x_lo, x_hi = (xs.min() * 4, xs.max() * 4) if len(xs) else (0, w)
         y_lo, y_hi = (ys.min() * 4, ys.max() * 4) if len(ys) else (0, h)
         right, bottom = rng.random() < 0.5, rng.random() < 0.3
         pad = int(0.03 * min(h, w)) + thick
         x = x_hi - pad - tw if right else x_lo + pad
         y = y_hi - pad if bottom else y_lo + pad + th
-        cv2.putText(image, letter, (int(x), int(y)), cv2.FONT_HERSHEY_DUPLEX, scale, 1.0, thick, cv2.LINE_AA)
+        # OpenCV draws text only into 8-bit images: draw a mask, then burn it in
+        mask = np.zeros((h, w), np.uint8)
+        cv2.putText(mask, letter, (int(x), int(y)), cv2.FONT_HERSHEY_DUPLEX, scale, 255, thick, cv2.LINE_AA)
+        np.maximum(image, mask.astype(np.float32) / 255.0, out=image)
         if rng.random() < 0.5:
-            cv2.rectangle(image, (int(x - thick * 2), int(y - th - thick * 2)), (int(x + tw + thick * 2),
-                          int(y + thick * 2)), 0.95, max(thick // 2, 1))
+            cv2.rectangle(
+                image,
+                (int(x - thick * 2), int(y - th - thick * 2)),
+                (int(x + tw + thick * 2), int(y + thick * 2)),
+                0.95,
+                max(thick // 2, 1),
+            )

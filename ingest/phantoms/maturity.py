@@ -50,8 +50,8 @@ EPIPHYSIS_YEARS = {
     "calcaneal_apophysis": (7.0, 15.0),
 }
 THUMB_SESAMOID_ONSET_YEARS = 13.0  # appears shortly before the pubertal growth spurt
-PHYSIS_CLOSING_YEARS = 4.0
-ADULT_HAND_LENGTH_CM = 18.7  # the growth plate narrows over the last years before fusion
+PHYSIS_CLOSING_YEARS = 4.0  # the growth plate narrows over the last years before fusion
+ADULT_HAND_LENGTH_CM = 18.7
 
 
 def smoothstep(x: float) -> float:

@@ -33,8 +33,17 @@ def rounded_rect(center, width: float, height: float, radius: float, angle_deg: 
     return rotate(pts, angle_deg, about=(cx, cy)) if angle_deg else pts
 
 
-def growing_bone(s: Scene, j0, j1, widths: tuple[float, float, float], *, epi0: str | None = None,
-                 epi1: str | None = None, tag: str | None = None, density: float = 1.0) -> tuple:
+def growing_bone(
+    s: Scene,
+    j0,
+    j1,
+    widths: tuple[float, float, float],
+    *,
+    epi0: str | None = None,
+    epi1: str | None = None,
+    tag: str | None = None,
+    density: float = 1.0,
+) -> tuple:
     """A long bone between two articular surfaces ``j0`` (proximal) and ``j1``, with maturity-driven ends.
 
     ``widths`` = (end at j0, shaft, end at j1). An end named by an epiphysis (``epi0``/``epi1``, keys of
@@ -69,36 +78,73 @@ def growing_bone(s: Scene, j0, j1, widths: tuple[float, float, float], *, epi0: 
             nrm = np.array([-u[1], u[0]]) * width * 0.45
             s.bone_path([at - nrm, at + nrm], width * 0.05, density * 0.3 * e.scar, marrow=1.0)
     shaft = widths[1]
-    profile = [widths[0], 0.6 * widths[0] + 0.4 * shaft, shaft, shaft, shaft, 0.6 * widths[2] + 0.4 * shaft,
-               widths[2]]
+    profile = [
+        widths[0],
+        0.6 * widths[0] + 0.4 * shaft,
+        shaft,
+        shaft,
+        shaft,
+        0.6 * widths[2] + 0.4 * shaft,
+        widths[2],
+    ]
     s.long_bone(ends[0], ends[1], profile, density=density, tag=tag)
     return ends[0], ends[1]
 
 
-def vertebra_ap(s: Scene, centre, width: float, height: float, *, angle_deg: float = 0.0, density: float = 0.85,
-                transverse: float = 0.4, spinous: bool = True) -> None:
+def vertebra_ap(
+    s: Scene,
+    centre,
+    width: float,
+    height: float,
+    *,
+    angle_deg: float = 0.0,
+    density: float = 0.85,
+    transverse: float = 0.4,
+    spinous: bool = True,
+) -> None:
     """A vertebra seen front-on: body, the two pedicle 'eyes', transverse and spinous processes."""
     cx, cy = centre
-    s.bone_poly(rounded_rect(centre, width, height, height * 0.18, angle_deg), density * 0.8, 0.6, height * 0.08)
-    ped = rotate([(cx - width * 0.33, cy - height * 0.12), (cx + width * 0.33, cy - height * 0.12)], angle_deg,
-                 (cx, cy))
+    s.bone_poly(
+        rounded_rect(centre, width, height, height * 0.18, angle_deg), density * 0.8, 0.6, height * 0.08
+    )
+    ped = rotate(
+        [(cx - width * 0.33, cy - height * 0.12), (cx + width * 0.33, cy - height * 0.12)],
+        angle_deg,
+        (cx, cy),
+    )
     for p in ped:
         s.bone_ellipse(p, (width * 0.09, height * 0.2), angle_deg + 90, density * 0.6, 0.3, height * 0.06)
     if transverse > 0:
         for sign in (-1, 1):
-            a = rotate([(cx + sign * width * 0.45, cy - height * 0.1), (cx + sign * width * (0.5 + transverse),
-                        cy - height * 0.18)], angle_deg, (cx, cy))
+            a = rotate(
+                [
+                    (cx + sign * width * 0.45, cy - height * 0.1),
+                    (cx + sign * width * (0.5 + transverse), cy - height * 0.18),
+                ],
+                angle_deg,
+                (cx, cy),
+            )
             s.bone_path(a, height * 0.22, density * 0.55)
     if spinous:
         tip = rotate([(cx, cy + height * 0.05), (cx, cy + height * 0.45)], angle_deg, (cx, cy))
         s.bone_path(tip, width * 0.12, density * 0.5)
 
 
-def vertebra_lateral(s: Scene, centre, width: float, height: float, *, angle_deg: float = 0.0,
-                     posterior: float = 1.0, density: float = 0.85) -> None:
+def vertebra_lateral(
+    s: Scene,
+    centre,
+    width: float,
+    height: float,
+    *,
+    angle_deg: float = 0.0,
+    posterior: float = 1.0,
+    density: float = 0.85,
+) -> None:
     """A vertebra in profile, anterior to the left (-x): body box plus pedicle, lamina and spinous process."""
     cx, cy = centre
-    s.bone_poly(rounded_rect(centre, width, height, height * 0.15, angle_deg), density * 0.85, 0.55, height * 0.09)
+    s.bone_poly(
+        rounded_rect(centre, width, height, height * 0.15, angle_deg), density * 0.85, 0.55, height * 0.09
+    )
     if posterior <= 0:
         return
     back = [

@@ -15,17 +15,16 @@ Field = tuple[float, float] | Callable[[Maturity], tuple[float, float]]
 class ViewSpec:
     """How to draw one view.
 
-    ``field`` is the collimated field (width, height) in scene centimetres for an adult, or a function of
-    maturity for views drawn at true size (``true_size``: the hand family, whose bones must visibly
-    lengthen with age). ``fracture_sites`` maps a bone tag to the range of positions along the bone
-    (0 = proximal end) where a fracture line may be cut.
+    ``field`` is the collimated field (width, height) in scene centimetres, or a function of maturity for
+    views that collimate to the child's size (the hand-and-arm family). ``fracture_sites`` maps a bone tag
+    to the range of positions along the bone (0 = the end the drawing starts from) where a fracture line
+    may be cut.
     """
 
     label_68: str
     draw: Callable[[Scene], None]
     field: Field
     paired: bool = True
-    true_size: bool = False
     mu_soft: float = 0.6
     round_units: float = 1.5
     air_blur_units: float = 0.4
@@ -40,7 +39,9 @@ class ViewSpec:
 REGISTRY: dict[str, ViewSpec] = {}
 
 
-def view(label_68: str, field: Field, **options) -> Callable[[Callable[[Scene], None]], Callable[[Scene], None]]:
+def view(
+    label_68: str, field: Field, **options
+) -> Callable[[Callable[[Scene], None]], Callable[[Scene], None]]:
     """Register the decorated drawing function as the renderer of ``label_68``."""
 
     def register(draw: Callable[[Scene], None]) -> Callable[[Scene], None]:

@@ -1,0 +1,96 @@
+"""A placed view of a scene's drawing API: anatomy drawn in local coordinates, moved, turned and squeezed.
+
+Views reuse one anatomical drawing under several projections (an oblique squeezes the x axis, a decubitus
+chest is the frontal chest turned 90 degrees, a zoomed view shifts the origin). ``Frame`` applies
+p' = origin + R(angle) @ diag(squeeze, 1) @ p to every point before handing it to the scene, and frames nest.
+Ellipses become polygons so that a squeeze stays exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .canvas import arc
+
+
+class Frame:
+    def __init__(
+        self, scene, origin=(0.0, 0.0), angle_deg: float = 0.0, squeeze: float = 1.0, scale: float = 1.0
+    ) -> None:
+        self.scene = scene
+        self.maturity = scene.maturity
+        self.rng = scene.rng
+        self.origin = np.asarray(origin, float)
+        a = math.radians(angle_deg)
+        self._m = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) @ np.diag(
+            [squeeze * scale, scale]
+        )
+        self._k = math.sqrt(abs(squeeze)) * scale  # how a width changes, on average over directions
+
+    def p(self, points) -> np.ndarray:
+        pts = np.asarray(points, float)
+        return pts @ self._m.T + self.origin
+
+    def _ellipse_pts(self, center, axes, angle_deg, n=32):
+        return self.p(arc(center, axes, angle_deg, 0, 360, n)[:-1])
+
+    # soft tissue, air, metal
+    def tissue_poly(self, points, thickness: float = 1.0) -> None:
+        self.scene.tissue_poly(self.p(points), thickness)
+
+    def tissue_ellipse(self, center, axes, angle_deg: float = 0.0, thickness: float = 1.0) -> None:
+        self.scene.tissue_poly(self._ellipse_pts(center, axes, angle_deg), thickness)
+
+    def tissue_capsule(self, p0, p1, radius: float, thickness: float = 1.0) -> None:
+        self.scene.tissue_capsule(*self.p([p0, p1]), radius * self._k, thickness)
+
+    def tissue_path(self, points, radius: float, thickness: float = 1.0) -> None:
+        self.scene.tissue_path(self.p(points), radius * self._k, thickness)
+
+    def air_poly(self, points, amount: float) -> None:
+        self.scene.air_poly(self.p(points), amount)
+
+    def air_ellipse(self, center, axes, angle_deg: float = 0.0, amount: float = 0.5) -> None:
+        self.scene.air_poly(self._ellipse_pts(center, axes, angle_deg), amount)
+
+    def air_capsule(self, p0, p1, radius: float, amount: float) -> None:
+        self.scene.air_capsule(*self.p([p0, p1]), radius * self._k, amount)
+
+    def metal_poly(self, points, amount: float = 3.0) -> None:
+        self.scene.metal_poly(self.p(points), amount)
+
+    def metal_line(self, p0, p1, width: float, amount: float = 3.0) -> None:
+        self.scene.metal_line(*self.p([p0, p1]), width * self._k, amount)
+
+    # bone
+    def bone_poly(self, points, density=1.0, marrow=0.5, cortex=0.15, fracture_axis=None) -> None:
+        self.scene.bone_poly(self.p(points), density, marrow, cortex * self._k)
+
+    def bone_ellipse(self, center, axes, angle_deg=0.0, density=1.0, marrow=0.55, cortex=0.12) -> None:
+        if min(axes) * self._k <= 0.02:
+            return
+        cortex = min(cortex, min(axes) * 0.5)
+        self.scene.bone_poly(
+            self._ellipse_pts(center, axes, angle_deg, 24), density, marrow, cortex * self._k
+        )
+
+    def bone_path(self, points, width, density=1.0, marrow=0.55) -> None:
+        self.scene.bone_path(self.p(points), width * self._k, density, marrow)
+
+    def bone_ring(self, center, axes, angle_deg, width, density=1.0, start_deg=0.0, end_deg=360.0) -> None:
+        self.bone_path(arc(center, axes, angle_deg, start_deg, end_deg, 72), width, density, marrow=0.8)
+
+    def long_bone(self, p0, p1, widths, *, density=1.0, marrow=0.4, cortex=None, tag=None, n=20) -> None:
+        p0, p1 = self.p([p0, p1])
+        self.scene.long_bone(
+            p0,
+            p1,
+            [w * self._k for w in widths],
+            density=density,
+            marrow=marrow,
+            cortex=None if cortex is None else cortex * self._k,
+            tag=tag,
+            n=n,
+        )
