@@ -232,6 +232,25 @@ def _views_named(rules: Rules, region: str, named: dict[str, Pattern]) -> dict[s
     return {p: label for p, label in found.items() if p not in refined}
 
 
+def _prefer_specific_peer(
+    found: dict[str, dict[str, str]], named: dict[str, dict[str, Pattern]]
+) -> dict[str, dict[str, str]]:
+    """Series description and protocol name are peers, but one that names only the generic
+    projection a specific view is written as ('KNEE AP' beside 'KNEE SKYLINE', whose ViewPosition is
+    AP) does not contradict it: the specific view wins instead of a conflict.
+    """
+    first, second = PROJECTION_TIERS[0]
+    a, b = found.get(first, {}), found.get(second, {})
+    if len(a) != 1 or len(b) != 1 or a == b:
+        return found
+    ((pa, _),), ((pb, _),) = a.items(), b.items()
+    if pa in named[second][pb].written_as:
+        return {f: v for f, v in found.items() if f != first}
+    if pb in named[first][pa].written_as:
+        return {f: v for f, v in found.items() if f != second}
+    return found
+
+
 def _decide_projection(
     found: dict[str, dict[str, str]], named: dict[str, dict[str, Pattern]], region: str
 ) -> tuple[str | None, str | None]:
@@ -239,6 +258,7 @@ def _decide_projection(
     a description naming exactly one view that ViewPosition writes that way ('ANKLE MORTISE' with
     ViewPosition AP) gives the more specific label.
     """
+    found = _prefer_specific_peer(found, named)
     labels = {f: set(views.values()) for f, views in found.items()}
     label, why = _decide(PROJECTION_TIERS, labels, f"projection for {region}")
     decided_by = found.get("view_position", {})

@@ -337,3 +337,21 @@ def test_cli_missing_catalog_is_a_clear_error(tmp_path, capsys):
 
 def test_label_fields_are_catalog_columns_or_documented_extras():
     assert set(LABEL_FIELDS) - set(CATALOG_COLUMNS) == {"procedure_code_meaning"}
+
+
+@pytest.mark.parametrize(
+    ("series", "protocol", "expected"),
+    [
+        ("KNEE SKYLINE RT", "KNEE AP RT", "Knee_Skyline"),  # protocol names the ViewPosition only
+        ("ANKLE AP LT", "ANKLE MORTISE LT", "Ankle_Mortise"),  # either peer may be the specific one
+        ("HIP FROGLEG", "HIP AP", "Pelvis_Frogleg"),
+    ],
+)
+def test_a_generic_peer_yields_to_the_specific_view_it_is_written_as(series, protocol, expected):
+    result = label_header(fields(None, None, "XR 3 VIEWS", series, protocol), TAXONOMY)
+    assert (result.status, result.label_68) == ("ok", expected)
+
+
+def test_peers_naming_two_different_specific_views_still_conflict():
+    result = label_header(fields(None, None, None, "KNEE SKYLINE", "KNEE STRESS"), TAXONOMY)
+    assert result.status == "unmapped" and result.reason.startswith("conflict: projection for KNEE")
