@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from datetime import date
 from pathlib import Path
 
@@ -156,3 +157,57 @@ def test_cli_runs_with_metrics_and_fails_clearly_without_a_pacs(pacs, tmp_path: 
     ]
     assert main(dead) == 1
     assert "error:" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def phantom_pacs(orthanc_binary, tmp_path_factory):
+    from ingest import phantoms
+
+    data = tmp_path_factory.mktemp("phantoms")
+    truth = phantoms.generate(data, studies=40, seed=7)
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc-phantoms"), aet="PHANTOMS")
+    with server:
+        assert server.upload(sorted(data.rglob("*.dcm")), progress=False) == len(truth)
+        yield server, truth
+
+
+def test_pull_of_the_phantom_pacs_labels_correctly_and_shards_match_the_catalog(
+    phantom_pacs, tmp_path
+) -> None:
+    server, truth = phantom_pacs
+    cfg = PullConfig(
+        pacs=PacsConfig("127.0.0.1", server.dicom_port, "PHANTOMS"),
+        work_dir=tmp_path,
+        method="get",
+        balance=BalanceConfig(granularity=7, per_class=8, reference_date=date(2020, 7, 1)),
+        preprocessing=PreprocessParams(size=32),
+        shard_size=16,
+    )
+    result = pull(cfg, id_salt="s", scheduler="sync", progress=False)
+    assert result.ok and result.retrieval.completed == len(truth)
+    catalog = read_catalog(cfg.catalog_path).astype({"sop_instance_uid": str, "label_68": object})
+    merged = truth.merge(catalog, on="sop_instance_uid", suffixes=("_truth", ""))
+    assert len(merged) == len(truth)
+    mapped = merged[merged["status"] == "ok"]
+    # Phantom headers include deliberate quirks (missing body part, wrong ViewPosition, abbreviations).
+    assert len(mapped) >= 0.95 * len(truth)
+    assert (mapped["label_68"] == mapped["label_68_truth"]).mean() >= 0.98
+
+    manifest = result.manifest
+    labels = catalog.set_index("sop_instance_uid")["label_7"]
+    sharded: dict[tuple[str, str], int] = {}
+    for shard in manifest["shards"]:
+        with tarfile.open(cfg.shards_dir / shard["name"]) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.load(tar.extractfile(member))
+                    assert labels[meta["sop_instance_uid"]] == meta["label_7"]
+                    key = (meta["split"], meta["label_7"])
+                    sharded[key] = sharded.get(key, 0) + 1
+    for split, per_class in manifest["counts"].items():
+        for cls, n in per_class.items():
+            assert sharded.get((split, cls), 0) == n, (split, cls)
+        assert sum(per_class.values()) == manifest["samples"][split]
+    for cls in manifest["classes"]:
+        total = sum(manifest["counts"][s][cls] for s in ("train", "finetune"))
+        assert total + manifest["balance_report"]["shortfall"].get(cls, 0) == 8, "short classes are reported"
