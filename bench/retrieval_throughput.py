@@ -1,0 +1,505 @@
+"""Retrieval throughput: images/s and MB/s pulling one set from Orthanc on loopback, ingest vs dcmtk.
+
+    .venv/bin/python bench/retrieval_throughput.py                       # ~190 phantom instances
+    .venv/bin/python bench/retrieval_throughput.py --data synthetic      # pydicom DX files instead
+    .venv/bin/python bench/retrieval_throughput.py --data DIR            # existing DICOM files
+
+One run starts Orthanc (``ingest.orthanc.OrthancServer``) on free 127.0.0.1 ports, uploads the set
+and pulls it the same way several times, each into a fresh, empty directory:
+
+* ingest C-MOVE (``ingest.scu.retrieve`` into ``ingest.scp.StorageSCP``) with 1, 2, 4, 8 associations;
+* ingest C-GET with 1 and 4 associations;
+* ingest C-MOVE with one study-level item per study (1 and 4 associations), beside the plan's
+  one item per series chunk, to show what Orthanc's cost per C-MOVE request amounts to;
+* dcmtk ``movescu`` into a background ``storescp``: one association moving every study (a
+  backslash-separated StudyInstanceUID list; repeated ``-k`` keys keep only the last value), and
+  one ``movescu`` process per study;
+* dcmtk ``getscu``, one process per study (Orthanc 1.10 ends a C-GET at the first instance it cannot
+  send, and ``getscu`` offers one transfer syntax per storage class).
+
+Seconds run from the first retrieve request to the last file on disk; the ingest plan (C-FIND per
+series and instance) is made once beforehand and timed separately. Files and bytes are counted in
+each output directory, and a row whose count differs from what Orthanc holds is flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+from ingest.orthanc import LOOPBACK, OrthancServer, find_dicom_files, free_port
+from ingest.scp import StorageSCP
+from ingest.scu import PacsConfig, RetrieveItem, plan_retrieval, retrieve
+
+PACS_AET = "BENCHPACS"
+INGEST_AET = "PEDXRAY"
+DCMTK_AET = "DCMTK"
+# dcmtk (like the DCMTK inside Orthanc) leaves Nagle on unless told; OrthancServer sets the same.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    associations: str
+    instances: int
+    expected: int
+    nbytes: int
+    seconds: float
+    command: str
+    note: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return self.instances == self.expected
+
+
+def output_files(directory: Path) -> tuple[int, int]:
+    """(files, bytes) of the regular files under ``directory``, temporary files left out."""
+    files = [p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def wait_for_files(directory: Path, expected: int, timeout: float, settle: float = 0.5) -> None:
+    """storescp may still be closing the last file when movescu exits: wait until all are there,
+    or until no file arrived for ``settle`` seconds (an incomplete transfer), at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    count, last_change = output_files(directory)[0], time.monotonic()
+    while count < expected and time.monotonic() < min(deadline, last_change + settle):
+        time.sleep(0.01)
+        now_count = output_files(directory)[0]
+        if now_count != count:
+            count, last_change = now_count, time.monotonic()
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+
+def phantom_set(cache_dir: Path, studies: int, seed: int) -> list[Path]:
+    """The phantom PACS from ``ingest.phantoms.generate``, generated once into ``cache_dir``."""
+    from ingest.phantoms import generate
+
+    target = cache_dir / f"phantoms-s{studies}-seed{seed}"
+    if not (target / "ground_truth.csv").exists():
+        print(f"generating {studies} phantom studies into {target} (once; later runs reuse it)", flush=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".phantoms-", dir=cache_dir))
+        generate(scratch, studies=studies, seed=seed, progress=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(scratch, target)
+    return find_dicom_files(target)
+
+
+def synthetic_set(cache_dir: Path, studies: int, seed: int) -> list[Path]:
+    """DX studies of 1-3 uncompressed 1500x1200 uint16 instances (3.6 MB each), written once."""
+    target = cache_dir / f"synthetic-s{studies}-seed{seed}"
+    if not (target / "complete").exists():
+        scratch = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=cache_dir))
+        rng = np.random.default_rng(seed)
+        pixels = rng.integers(0, 4096, size=(1500, 1200), dtype=np.uint16)
+        for study in range(studies):
+            study_uid, series_uid = generate_uid(), generate_uid()
+            for number in range(1, int(rng.integers(1, 4)) + 1):
+                write_synthetic_dx(
+                    scratch / f"s{study:05d}_{number}.dcm", study, number, study_uid, series_uid, pixels
+                )
+        (scratch / "complete").touch()
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(scratch, target)
+    return find_dicom_files(target)
+
+
+def write_synthetic_dx(
+    path: Path, study: int, number: int, study_uid: str, series_uid: str, pixels: np.ndarray
+) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.PatientID, ds.PatientName = f"BENCH{study:05d}", f"Bench^{study}"
+    ds.StudyDate, ds.StudyTime, ds.Modality = "20240101", "120000", "DX"
+    ds.SeriesNumber, ds.InstanceNumber = 1, number
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.roll(pixels, number).tobytes()  # distinct content per instance
+    ds.save_as(path, enforce_file_format=True)
+
+
+def load_data(spec: str, cache_dir: Path, studies: int, seed: int) -> tuple[str, list[Path]]:
+    if spec == "phantoms":
+        try:
+            return "phantoms", phantom_set(cache_dir, studies, seed)
+        except Exception as error:  # the generator is optional for this benchmark: say so and go on
+            print(f"phantom generator failed ({error!r}); falling back to --data synthetic", flush=True)
+            spec = "synthetic"
+    if spec == "synthetic":
+        return "synthetic", synthetic_set(cache_dir, studies, seed)
+    files = find_dicom_files(spec)
+    if not files:
+        raise SystemExit(
+            f"--data {spec}: no DICOM Part 10 files found; use phantoms, synthetic or a directory"
+        )
+    return spec, files
+
+
+# -- measurements -------------------------------------------------------------------------------------
+
+
+def run_bounded(function: Callable[[], object], timeout: float) -> object:
+    """Run ``function`` on a daemon-like worker and give up after ``timeout`` seconds."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(function).result(timeout=timeout)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def ingest_cli(cfg: PacsConfig, spool: Path, method: str, workers: int, scp_port: int) -> str:
+    """The CLI pull that retrieves the same way (it also runs the C-FIND and the plan)."""
+    return (
+        f"python -m ingest.scu --pacs {cfg.called_aet}@{cfg.host}:{cfg.port} pull --spool {spool} "
+        f"--method {method} --workers {workers}"
+        + (f" --scp-host {LOOPBACK} --scp-port {scp_port}" if method == "move" else "")
+    )
+
+
+def measure_ingest(
+    label: str,
+    cfg: PacsConfig,
+    items: list[RetrieveItem],
+    method: str,
+    workers: int,
+    spool: Path,
+    scp_port: int,
+    expected: int,
+    timeout: float,
+    command: str,
+) -> Row:
+    note = ""
+    started = time.monotonic()
+    try:
+        if method == "move":
+            with StorageSCP(spool, INGEST_AET, scp_port, [PACS_AET]) as scp:
+                summary = run_bounded(
+                    lambda: retrieve(cfg, items, method="move", scp=scp, workers=workers, progress=False),
+                    timeout,
+                )
+        else:
+            summary = run_bounded(
+                lambda: retrieve(cfg, items, method="get", spool_dir=spool, workers=workers, progress=False),
+                timeout,
+            )
+        if summary.failures:
+            note = f"{len(summary.failures)} item(s) failed: {summary.failures[0].reason}"
+    except FutureTimeout:
+        note = f"timed out after {timeout:g} s"
+    seconds = time.monotonic() - started
+    files, nbytes = output_files(spool)
+    return Row(label, str(workers), files, expected, nbytes, seconds, command, note)
+
+
+def measure_command(
+    method: str,
+    associations: str,
+    commands: Sequence[list[str]],
+    out_dir: Path,
+    expected: int,
+    timeout: float,
+    receiver_lags: bool,
+) -> Row:
+    """Run ``commands`` one after another (dcmtk clients); the row covers all of them.
+
+    ``receiver_lags``: another process (storescp) writes the files, so wait for them to land.
+    """
+    note = ""
+    failing = 0
+    started = time.monotonic()
+    deadline = started + timeout
+    for command in commands:
+        try:
+            result = subprocess.run(
+                command,
+                env=DCMTK_ENV,
+                capture_output=True,
+                text=True,
+                timeout=max(deadline - time.monotonic(), 0.1),
+            )
+        except subprocess.TimeoutExpired:
+            note = f"timed out after {timeout:g} s"
+            break
+        if result.returncode != 0 or "E: " in result.stderr:
+            failing += 1
+            first_error = next((line for line in result.stderr.splitlines() if line.startswith("E:")), "")
+            note = note or f"{command[0]} exit {result.returncode}: {first_error or result.stderr[-200:]}"
+    if receiver_lags:
+        wait_for_files(out_dir, expected, timeout=max(deadline - time.monotonic(), 0.0))
+    seconds = time.monotonic() - started
+    files, nbytes = output_files(out_dir)
+    if failing:
+        note = f"{failing} of {len(commands)} {commands[0][0]} process(es) reported errors, first: {note}"
+    shown = shell_command(commands[0]) + (f"  (x{len(commands)}, one per study)" if len(commands) > 1 else "")
+    return Row(method, associations, files, expected, nbytes, seconds, shown, note)
+
+
+def shell_command(command: list[str]) -> str:
+    """The command as a shell line, a long StudyInstanceUID list cut short for the table."""
+    shown = []
+    for argument in command:
+        if argument.startswith("StudyInstanceUID=") and argument.count("\\") > 1:
+            uids = argument.removeprefix("StudyInstanceUID=").split("\\")
+            argument = f"StudyInstanceUID={uids[0]}\\{uids[1]}\\...(all {len(uids)} study UIDs)"
+        shown.append(argument)
+    return shlex.join(shown)
+
+
+def movescu_command(pacs_port: int, study_uids: Sequence[str]) -> list[str]:
+    return [
+        "movescu", "-S", "-aet", DCMTK_AET, "-aec", PACS_AET, "-aem", DCMTK_AET,
+        "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=" + "\\".join(study_uids),
+        LOOPBACK, str(pacs_port),
+    ]  # fmt: skip
+
+
+def getscu_command(pacs_port: int, study_uid: str, out_dir: Path) -> list[str]:
+    return [
+        "getscu", "-S", "-aet", DCMTK_AET, "-aec", PACS_AET,
+        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}", "-od", str(out_dir),
+        LOOPBACK, str(pacs_port),
+    ]  # fmt: skip
+
+
+class Storescp:
+    """dcmtk's storescp in the background, accepting every transfer syntax, writing into ``out_dir``."""
+
+    def __init__(self, port: int, out_dir: Path, log_path: Path) -> None:
+        self.command = ["storescp", "-aet", DCMTK_AET, "+xa", "-od", str(out_dir), str(port)]
+        self.port = port
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Storescp:
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                self.command, env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 10
+        while not _accepts(self.port):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise SystemExit(f"storescp did not start on port {self.port}; see {self.log_path}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+
+def report_progress(row: Row) -> None:
+    print(f"  {row.method} x{row.associations}: {row.instances} files in {row.seconds:.2f} s", flush=True)
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    lines = [
+        "| method | associations | instances | MB | seconds | images/s | MB/s | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        count = f"{row.instances}" if row.complete else f"{row.instances}/{row.expected} INCOMPLETE"
+        lines.append(
+            f"| {row.method} | {row.associations} | {count} | {row.nbytes / 1e6:.1f} | {row.seconds:.2f} | "
+            f"{row.instances / row.seconds:.1f} | {row.nbytes / 1e6 / row.seconds:.1f} | `{row.command}` |"
+        )
+    notes = [f"- {row.method} ({row.associations}): {row.note}" for row in rows if row.note]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="phantoms", help="phantoms (default), synthetic, or a directory")
+    parser.add_argument("--studies", type=int, default=110, help="studies to generate (~1.8 instances each)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "pedx-bench-data",
+        help="where generated sets are kept between runs",
+    )
+    parser.add_argument("--move-workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--get-workers", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--study-item-workers", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--timeout", type=float, default=60, help="seconds allowed per measurement")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (Orthanc, outputs)")
+    args = parser.parse_args(argv)
+    if args.studies < 1 or args.timeout <= 0:
+        parser.error("--studies must be >= 1 and --timeout > 0")
+    for tool in ("movescu", "getscu", "storescp"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} not found: install dcmtk (apt-get install -y dcmtk or scripts/setup.sh)")
+
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    data_name, files = load_data(args.data, args.cache_dir, args.studies, args.seed)
+    work = Path(tempfile.mkdtemp(prefix="retrieval-bench-"))
+    ingest_port, dcmtk_port = free_port(), free_port()
+    while dcmtk_port == ingest_port:
+        dcmtk_port = free_port()
+    # Orthanc serves at most DicomThreadsCount associations at once (4 by default): allow the widest run.
+    threads = max([*args.move_workers, *args.get_workers, *args.study_item_workers, 4])
+    rows: list[Row] = []
+    try:
+        with OrthancServer(
+            work / "orthanc",
+            aet=PACS_AET,
+            modalities={
+                "pedxray": (INGEST_AET, LOOPBACK, ingest_port),
+                "dcmtk": (DCMTK_AET, LOOPBACK, dcmtk_port),
+            },
+            extra_options={"DicomThreadsCount": threads},
+        ) as orthanc:
+            orthanc.upload(files, progress=False)
+            expected = orthanc.instance_count()
+            study_uids = orthanc.study_uids()
+            source_mb = sum(f.stat().st_size for f in files) / 1e6
+            print(
+                f"data: {data_name}, {len(files)} files, {expected} instances in {len(study_uids)} studies, "
+                f"{source_mb:.1f} MB; Orthanc {PACS_AET} on {LOOPBACK}:{orthanc.dicom_port}",
+                flush=True,
+            )
+            cfg = PacsConfig(LOOPBACK, orthanc.dicom_port, PACS_AET, calling_aet=INGEST_AET, retries=0)
+            started = time.monotonic()
+            items = plan_retrieval(cfg, work / "empty-spool", study_uids)
+            plan_seconds = time.monotonic() - started
+            print(f"ingest plan: {len(items)} items by C-FIND in {plan_seconds:.2f} s (not in the rows)")
+
+            for method, worker_counts in (("move", args.move_workers), ("get", args.get_workers)):
+                for workers in worker_counts:
+                    spool = work / f"ingest-{method}-{workers}"
+                    command = ingest_cli(cfg, spool, method, workers, ingest_port)
+                    label = f"ingest C-{method.upper()}"
+                    row = measure_ingest(
+                        label,
+                        cfg,
+                        items,
+                        method,
+                        workers,
+                        spool,
+                        ingest_port,
+                        expected,
+                        args.timeout,
+                        command,
+                    )
+                    report_progress(row)
+                    rows.append(row)
+            # One C-MOVE per study instead of per series chunk: what the per-request cost is worth.
+            study_items = [RetrieveItem(uid) for uid in study_uids]
+            for workers in args.study_item_workers:
+                spool = work / f"ingest-move-study-{workers}"
+                command = (
+                    f'retrieve(cfg, [RetrieveItem(uid) for uid in study_uids], method="move", '
+                    f"scp=StorageSCP({spool}, {INGEST_AET!r}, {ingest_port}), workers={workers})"
+                )
+                label = "ingest C-MOVE, one item per study"
+                row = measure_ingest(
+                    label,
+                    cfg,
+                    study_items,
+                    "move",
+                    workers,
+                    spool,
+                    ingest_port,
+                    expected,
+                    args.timeout,
+                    command,
+                )
+                report_progress(row)
+                rows.append(row)
+
+            dcmtk_runs = [
+                ("dcmtk movescu+storescp", "1", [movescu_command(orthanc.dicom_port, study_uids)]),
+                (
+                    "dcmtk movescu+storescp",
+                    f"{len(study_uids)} sequential",
+                    [movescu_command(orthanc.dicom_port, [uid]) for uid in study_uids],
+                ),
+            ]
+            for index, (method, associations, commands) in enumerate(dcmtk_runs):
+                out_dir = work / f"dcmtk-move-{index}"
+                out_dir.mkdir()
+                # A fresh storescp per run so each writes into its own empty directory.
+                with Storescp(dcmtk_port, out_dir, work / "storescp.log") as storescp:
+                    row = measure_command(
+                        method, associations, commands, out_dir, expected, args.timeout, receiver_lags=True
+                    )
+                row = Row(**{**row.__dict__, "command": f"{shell_command(storescp.command)} & {row.command}"})
+                report_progress(row)
+                rows.append(row)
+
+            get_dir = work / "dcmtk-get"
+            get_dir.mkdir()
+            row = measure_command(
+                "dcmtk getscu",
+                f"{len(study_uids)} sequential",
+                [getscu_command(orthanc.dicom_port, uid, get_dir) for uid in study_uids],
+                get_dir,
+                expected,
+                args.timeout,
+                receiver_lags=False,
+            )
+            report_progress(row)
+            rows.append(row)
+    finally:
+        if args.keep:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(
+        f"Retrieval from Orthanc 1.10 on loopback, {expected} instances / {len(study_uids)} studies "
+        f"({data_name}, {source_mb:.1f} MB), {os.cpu_count()} CPUs, python {sys.version.split()[0]}"
+    )
+    print()
+    print(markdown_table(rows))
+    return 0 if all(row.complete for row in rows if row.method.startswith("ingest")) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
