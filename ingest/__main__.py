@@ -8,7 +8,10 @@ import sys
 COMMANDS = {
     "pull": ("ingest.pull", "PACS → spool → catalog → shards in one run, with Prometheus metrics"),
     "scan": ("ingest.catalog", "read every DICOM header under a directory into the Parquet catalog"),
-    "labels": ("ingest.labels", "per-class counts and the top unmapped descriptions; relabel with a code table"),
+    "labels": (
+        "ingest.labels",
+        "per-class counts and the top unmapped descriptions; relabel with a code table",
+    ),
     "preview": ("ingest.preprocess", "write the preprocessed PNG of one DICOM file"),
     "shards": ("ingest.shards", "balance, split and write WebDataset shards + manifest.json"),
 }

@@ -174,3 +174,13 @@ def write_synthetic_studies(root: Path, studies=SYNTHETIC_STUDIES) -> list[Path]
 def synthetic_files(tmp_path_factory) -> list[Path]:
     """SYNTHETIC_STUDIES written once per session (20 instances, a few kB each)."""
     return write_synthetic_studies(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session: starting Ray costs ~20 s on 2 cores."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()

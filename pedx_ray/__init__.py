@@ -1,0 +1,1 @@
+"""PedX-Ray training side: models, shard loading, pretraining on Ray Train (see pedx_ray.pretrain)."""

@@ -1,0 +1,45 @@
+"""The paper's eight training augmentations (albumentations 2.x names), reproducible per seed.
+
+The paper lists ShiftScaleRotate, HorizontalFlip, RandomBrightness, RandomContrast, RandomGamma,
+GaussNoise, Sharpen and RandomBlur. In albumentations 2.x these are Affine (ShiftScaleRotate's
+replacement), HorizontalFlip, RandomBrightnessContrast split into a brightness-only and a
+contrast-only transform, RandomGamma, GaussNoise, Sharpen and Blur (random kernel size).
+
+Each sample's randomness comes from (seed, epoch, sample key) alone, so a run's augmentations
+are the same whatever the number of workers, the order batches arrive in, or a resume.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import albumentations as A
+import numpy as np
+
+
+def build_augmentation(p: float) -> A.Compose:
+    return A.Compose(
+        [
+            A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-15, 15), p=p),
+            A.HorizontalFlip(p=p),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.0, p=p),
+            A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.2, p=p),
+            A.RandomGamma(gamma_limit=(80, 120), p=p),
+            A.GaussNoise(std_range=(0.01, 0.05), p=p),
+            A.Sharpen(alpha=(0.1, 0.3), p=p),
+            A.Blur(blur_limit=(3, 5), p=p),
+        ]
+    )
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    return zlib.crc32(f"{seed}:{epoch}:{key}".encode())
+
+
+def augment_images(transform: A.Compose, images: np.ndarray, keys, *, seed: int, epoch: int) -> np.ndarray:
+    """Augment a (N, H, W) uint8 batch; sample i depends only on (seed, epoch, keys[i])."""
+    out = np.empty_like(images)
+    for i, (image, key) in enumerate(zip(images, keys, strict=True)):
+        transform.set_random_seed(sample_seed(seed, epoch, str(key)))
+        out[i] = transform(image=image)["image"]
+    return out
