@@ -16,9 +16,9 @@ from datetime import date, timedelta
 
 import numpy as np
 import pandas as pd
-from ingest.labels import label_catalog
 
 from ingest.balance import BalanceConfig, balance
+from ingest.labels import label_catalog
 from ingest.taxonomy import load_taxonomy
 
 
