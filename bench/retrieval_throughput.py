@@ -7,10 +7,12 @@
 One run starts Orthanc (``ingest.orthanc.OrthancServer``) on free 127.0.0.1 ports, uploads the set
 and pulls it the same way several times, each into a fresh, empty directory:
 
-* ingest C-MOVE (``ingest.scu.retrieve`` into ``ingest.scp.StorageSCP``) with 1, 2, 4, 8 associations;
-* ingest C-GET with 1 and 4 associations;
-* ingest C-MOVE with one study-level item per study (1 and 4 associations), beside the plan's
-  one item per series chunk, to show what Orthanc's cost per C-MOVE request amounts to;
+* ingest C-MOVE (``ingest.scu.retrieve`` into ``ingest.scp.StorageSCP``) with 1, 2, 4, 8 associations,
+  of ``plan_retrieval``'s plan: whole studies, a StudyInstanceUID list per request (up to 50);
+* ingest C-GET with 1 and 4 associations, same plan;
+* the same C-MOVE with one study per request (``max_studies_per_request=1``, what a PACS without
+  UID lists gets), and with the older plan of one IMAGE-level request per series
+  (``whole_studies=False``), to show what Orthanc's cost per C-MOVE request amounts to;
 * dcmtk ``movescu`` into a background ``storescp``: one association moving every study (a
   backslash-separated StudyInstanceUID list; repeated ``-k`` keys keep only the last value), and
   one ``movescu`` process per study;
@@ -175,11 +177,14 @@ def run_bounded(function: Callable[[], object], timeout: float) -> object:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def ingest_cli(cfg: PacsConfig, spool: Path, method: str, workers: int, scp_port: int) -> str:
+def ingest_cli(
+    cfg: PacsConfig, spool: Path, method: str, workers: int, scp_port: int, studies_per_request: int = 50
+) -> str:
     """The CLI pull that retrieves the same way (it also runs the C-FIND and the plan)."""
     return (
         f"python -m ingest.scu --pacs {cfg.called_aet}@{cfg.host}:{cfg.port} pull --spool {spool} "
         f"--method {method} --workers {workers}"
+        + (f" --studies-per-request {studies_per_request}" if studies_per_request != 50 else "")
         + (f" --scp-host {LOOPBACK} --scp-port {scp_port}" if method == "move" else "")
     )
 
@@ -195,20 +200,20 @@ def measure_ingest(
     expected: int,
     timeout: float,
     command: str,
+    studies_per_request: int = 50,
 ) -> Row:
     note = ""
+    options = {"workers": workers, "progress": False, "max_studies_per_request": studies_per_request}
     started = time.monotonic()
     try:
         if method == "move":
             with StorageSCP(spool, INGEST_AET, scp_port, [PACS_AET]) as scp:
                 summary = run_bounded(
-                    lambda: retrieve(cfg, items, method="move", scp=scp, workers=workers, progress=False),
-                    timeout,
+                    lambda: retrieve(cfg, items, method="move", scp=scp, **options), timeout
                 )
         else:
             summary = run_bounded(
-                lambda: retrieve(cfg, items, method="get", spool_dir=spool, workers=workers, progress=False),
-                timeout,
+                lambda: retrieve(cfg, items, method="get", spool_dir=spool, **options), timeout
             )
         if summary.failures:
             note = f"{len(summary.failures)} item(s) failed: {summary.failures[0].reason}"
@@ -365,7 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--move-workers", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--get-workers", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--study-item-workers", type=int, nargs="+", default=[1, 4])
+    parser.add_argument(
+        "--baseline-workers",
+        type=int,
+        nargs="+",
+        default=[4],
+        help="associations for the one-study-per-request and per-series C-MOVE rows",
+    )
     parser.add_argument("--timeout", type=float, default=60, help="seconds allowed per measurement")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (Orthanc, outputs)")
     args = parser.parse_args(argv)
@@ -382,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     while dcmtk_port == ingest_port:
         dcmtk_port = free_port()
     # Orthanc serves at most DicomThreadsCount associations at once (4 by default): allow the widest run.
-    threads = max([*args.move_workers, *args.get_workers, *args.study_item_workers, 4])
+    threads = max([*args.move_workers, *args.get_workers, *args.baseline_workers, 4])
     rows: list[Row] = []
     try:
         with OrthancServer(
@@ -408,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             items = plan_retrieval(cfg, work / "empty-spool", study_uids)
             plan_seconds = time.monotonic() - started
             print(f"ingest plan: {len(items)} items by C-FIND in {plan_seconds:.2f} s (not in the rows)")
+            series_items = plan_retrieval(cfg, work / "empty-spool", study_uids, whole_studies=False)
 
             for method, worker_counts in (("move", args.move_workers), ("get", args.get_workers)):
                 for workers in worker_counts:
@@ -428,29 +440,32 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     report_progress(row)
                     rows.append(row)
-            # One C-MOVE per study instead of per series chunk: what the per-request cost is worth.
-            study_items = [RetrieveItem(uid) for uid in study_uids]
-            for workers in args.study_item_workers:
-                spool = work / f"ingest-move-study-{workers}"
-                command = (
-                    f'retrieve(cfg, [RetrieveItem(uid) for uid in study_uids], method="move", '
-                    f"scp=StorageSCP({spool}, {INGEST_AET!r}, {ingest_port}), workers={workers})"
-                )
-                label = "ingest C-MOVE, one item per study"
-                row = measure_ingest(
-                    label,
-                    cfg,
-                    study_items,
-                    "move",
-                    workers,
-                    spool,
-                    ingest_port,
-                    expected,
-                    args.timeout,
-                    command,
-                )
-                report_progress(row)
-                rows.append(row)
+            # What UID lists save: one C-MOVE per study, and one per series (the plan before them).
+            baselines = [
+                ("one study per request", items, 1, "--studies-per-request 1"),
+                ("one request per series", series_items, 50, "plan_retrieval(..., whole_studies=False)"),
+            ]
+            for name, baseline_items, per_request, how in baselines:
+                for workers in args.baseline_workers:
+                    spool = work / f"ingest-move-{per_request}-{len(baseline_items)}-{workers}"
+                    command = ingest_cli(cfg, spool, "move", workers, ingest_port, per_request)
+                    if per_request != 1:
+                        command = f"{command}  # with {how}"
+                    row = measure_ingest(
+                        f"ingest C-MOVE, {name}",
+                        cfg,
+                        baseline_items,
+                        "move",
+                        workers,
+                        spool,
+                        ingest_port,
+                        expected,
+                        args.timeout,
+                        command,
+                        per_request,
+                    )
+                    report_progress(row)
+                    rows.append(row)
 
             dcmtk_runs = [
                 ("dcmtk movescu+storescp", "1", [movescu_command(orthanc.dicom_port, study_uids)]),

@@ -8,12 +8,15 @@
   was stored before a failure stays in the spool (the spool de-duplicates), and the summary names
   every item that still failed and why.
 * ``plan_retrieval`` asks the PACS which instances a study has and leaves out those already spooled,
-  so a resumed pull transfers only what is missing.
+  so a resumed pull transfers only what is missing. Studies not yet spooled at all are retrieved
+  whole, many per request (a StudyInstanceUID list): per request Orthanc opens a C-STORE
+  association to us, which costs more than moving a small study.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import itertools
 import logging
@@ -64,6 +67,9 @@ RADIOGRAPHY_SOP_CLASSES: tuple[str, ...] = (
 )
 # An association carries at most 128 presentation contexts; one is the C-GET model itself.
 _MAX_STORAGE_CONTEXTS = 127
+# Study UIDs per C-MOVE/C-GET identifier: 1000 UIDs of up to 64 characters plus separators fit the
+# 16-bit length of an explicit VR UI element.
+_MAX_LISTED_STUDIES = 1000
 _PENDING = (0xFF00, 0xFF01)
 # Final statuses after which "more matches exist": Cancel (Orthanc's LimitFindResults) or a Warning.
 _FIND_TRUNCATED = (0xFE00, 0xB000)
@@ -72,6 +78,7 @@ _PERMANENT_RETRIEVE_STATUSES = {
     0xA801: "move destination unknown: register {dest} (host/port of our Storage SCP) at the PACS",
     0xA900: "identifier does not match SOP class",
 }
+_MOVE_DESTINATION_UNKNOWN = 0xA801
 # Day windows are split by time only once a single day exceeds the cap.
 _EARLIEST_DATE = dt.date(1, 1, 1)
 _LATEST_DATE = dt.date(9999, 12, 31)
@@ -641,6 +648,13 @@ def find_instances(cfg: PacsConfig, study_uid: str, series_uid: str | None = Non
 class RetrieveItem:
     """What to retrieve: a study, a series, or listed instances of one series.
 
+    * IMAGE level: ``series_uid`` and the ``sop_instance_uids`` to fetch.
+    * SERIES level: ``series_uid`` alone.
+    * STUDY level: no ``series_uid``. ``sop_instance_uids`` may list the instances the study holds
+      (from C-FIND); the whole study is requested, and the spool is checked against that list to
+      count, retry and resume exactly as for an IMAGE-level item. Such items are what ``retrieve``
+      sends several of in one request (a StudyInstanceUID list).
+
     ``sop_class_uids`` lets a C-GET association offer exactly the storage classes the item holds.
     """
 
@@ -653,16 +667,14 @@ class RetrieveItem:
         _check_uid("study_uid", self.study_uid)
         if self.series_uid is not None:
             _check_uid("series_uid", self.series_uid)
-        if self.sop_instance_uids and self.series_uid is None:
-            raise ValueError("RetrieveItem with sop_instance_uids needs series_uid (study root image level)")
         for uid in (*self.sop_instance_uids, *self.sop_class_uids):
             _check_uid("RetrieveItem uid", uid)
 
     @property
     def level(self) -> Literal["STUDY", "SERIES", "IMAGE"]:
-        if self.sop_instance_uids:
-            return "IMAGE"
-        return "SERIES" if self.series_uid else "STUDY"
+        if self.series_uid is None:
+            return "STUDY"
+        return "IMAGE" if self.sop_instance_uids else "SERIES"
 
     def identifier(self) -> Dataset:
         query = Dataset()
@@ -670,14 +682,30 @@ class RetrieveItem:
         query.StudyInstanceUID = self.study_uid
         if self.series_uid:
             query.SeriesInstanceUID = self.series_uid
-        if self.sop_instance_uids:
+        if self.level == "IMAGE":
             query.SOPInstanceUID = list(self.sop_instance_uids)
         return query
 
     def describe(self) -> str:
-        if self.sop_instance_uids:
+        if self.level == "IMAGE":
             return f"{len(self.sop_instance_uids)} instance(s) of series {self.series_uid}"
-        return f"series {self.series_uid}" if self.series_uid else f"study {self.study_uid}"
+        if self.level == "SERIES":
+            return f"series {self.series_uid}"
+        expected = f" ({len(self.sop_instance_uids)} instance(s))" if self.sop_instance_uids else ""
+        return f"study {self.study_uid}{expected}"
+
+
+def _study_list_identifier(items: Sequence[RetrieveItem]) -> Dataset:
+    """One STUDY-level identifier naming every study of ``items`` (a backslash-separated UID list)."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = [item.study_uid for item in items]
+    return query
+
+
+def _lists_studies(item: RetrieveItem) -> bool:
+    """Whether ``item`` may share a request with other studies: whole study, expected instances known."""
+    return item.level == "STUDY" and bool(item.sop_instance_uids)
 
 
 @dataclass(frozen=True)
@@ -778,20 +806,84 @@ class _Retriever:
         self.outcomes: list[_ItemOutcome] = []
         self._lock = threading.Lock()
         self._unreachable: str | None = None
+        self._lists_refused = False
+        self.request_warnings = 0  # from UID-list requests: the PACS counts them per request, not study
 
-    def work(self, items: queue.Queue) -> None:
+    def work(self, requests: queue.Queue[list[RetrieveItem]]) -> None:
         with _Connection(self.cfg, self.ae, **self.associate_kwargs) as conn:
             while True:
                 try:
-                    item = items.get_nowait()
+                    batch = requests.get_nowait()
                 except queue.Empty:
                     return
-                outcome = self._retrieve_with_retries(conn, item)
-                with self._lock:
-                    self.outcomes.append(outcome)
-                    self.bar.update(1)
-                if outcome.error is not None and self.observer is not None:
-                    self.observer.on_failed(outcome.error)
+                remaining = self._retrieve_study_list(conn, batch) if len(batch) > 1 else batch
+                for item in remaining:
+                    self._record(self._retrieve_with_retries(conn, item))
+
+    def _record(self, outcome: _ItemOutcome) -> None:
+        with self._lock:
+            self.outcomes.append(outcome)
+            self.bar.update(1)
+        if outcome.error is not None and self.observer is not None:
+            self.observer.on_failed(outcome.error)
+
+    def _missing(self, item: RetrieveItem) -> tuple[str, ...]:
+        present = _present_in_spool(self.spool_dir, item.sop_instance_uids)
+        return tuple(uid for uid in item.sop_instance_uids if uid not in present)
+
+    def _retrieve_study_list(self, conn: _Connection, batch: list[RetrieveItem]) -> list[RetrieveItem]:
+        """One request for every study of ``batch``; returns the items still incomplete after it.
+
+        Those are then retrieved one per request with the usual retries. A PACS that answers a UID
+        list without sending anything does not understand lists: from then on this run sends one
+        study per request.
+        """
+        if self._unreachable is not None or self._lists_refused:
+            return batch
+        what = f"C-{self.method.upper()} of {len(batch)} studies from {self.cfg.describe()}"
+        status = None
+        try:
+            status, identifier = self._send(conn, _study_list_identifier(batch))
+            with self._lock:
+                self.request_warnings += int(status.get("NumberOfWarningSuboperations") or 0)
+            self._check_final(status, identifier)
+            error = None
+        except AssociationError:
+            return batch  # the per-item retries reconnect, or find the PACS unreachable
+        except PacsError as exc:
+            error = exc
+        incomplete: list[RetrieveItem] = []
+        arrived = 0
+        for item in batch:
+            missing = self._missing(item)
+            arrived += len(item.sop_instance_uids) - len(missing)
+            if missing:
+                incomplete.append(dataclasses.replace(item, sop_instance_uids=missing))
+            else:
+                self._record(_ItemOutcome(item, len(item.sop_instance_uids), len(item.sop_instance_uids)))
+        if not incomplete:
+            return []
+        if status is not None and status.Status == _MOVE_DESTINATION_UNKNOWN:
+            for item in incomplete:  # sending the studies one by one cannot help
+                failed = len(item.sop_instance_uids)
+                self._record(_ItemOutcome(item, failed, failed=failed, error=f"{what} failed: {error}"))
+            return []
+        if status is not None and arrived == 0:
+            with self._lock:
+                if not self._lists_refused:
+                    LOGGER.warning(
+                        "%s answered a C-%s of %d studies in one request with %s and sent none of them: "
+                        "it does not take StudyInstanceUID lists, so this run sends one study per request "
+                        "(max_studies_per_request=1, --studies-per-request 1, skips the try)",
+                        self.cfg.describe(),
+                        self.method.upper(),
+                        len(batch),
+                        error or "success",
+                    )
+                self._lists_refused = True
+        else:
+            LOGGER.info("%s: %d incomplete (%s), retrying them one per request", what, len(incomplete), error)
+        return incomplete
 
     def _retrieve_with_retries(self, conn: _Connection, item: RetrieveItem) -> _ItemOutcome:
         outcome = _ItemOutcome(item, requested=len(item.sop_instance_uids))
@@ -806,11 +898,10 @@ class _Retriever:
             nonlocal pending
             if item.sop_instance_uids:
                 # Retry only what is still missing: earlier attempts' instances are safe in the spool.
-                present = _present_in_spool(self.spool_dir, pending.sop_instance_uids)
-                missing = tuple(uid for uid in pending.sop_instance_uids if uid not in present)
+                missing = self._missing(pending)
                 if not missing:
                     return
-                pending = RetrieveItem(item.study_uid, item.series_uid, missing, item.sop_class_uids)
+                pending = dataclasses.replace(item, sop_instance_uids=missing)
             self._retrieve_once(conn, pending, outcome)
 
         try:
@@ -822,49 +913,42 @@ class _Retriever:
                 self._unreachable = f"no association with {self.cfg.describe()} ({exc.__cause__})"
         if item.sop_instance_uids:
             # The spool, not the PACS's counters, says what arrived.
-            present = _present_in_spool(self.spool_dir, item.sop_instance_uids)
-            outcome.completed = len(present)
+            outcome.completed = outcome.requested - len(self._missing(item))
             outcome.failed = outcome.requested - outcome.completed
             if outcome.failed == 0:
                 outcome.error = None
         return outcome
 
-    def _retrieve_once(self, conn: _Connection, item: RetrieveItem, outcome: _ItemOutcome) -> None:
+    def _send(self, conn: _Connection, identifier: Dataset) -> tuple[Dataset, Dataset | None]:
+        """One C-MOVE or C-GET; returns the final (status, identifier), raises PacsError on an abort."""
         assoc = conn.get()
         if self.method == "move":
             responses = assoc.send_c_move(
-                item.identifier(),
+                identifier,
                 self.destination,
                 StudyRootQueryRetrieveInformationModelMove,
                 msg_id=conn.next_message_id(),
             )
         else:
             responses = assoc.send_c_get(
-                item.identifier(), StudyRootQueryRetrieveInformationModelGet, msg_id=conn.next_message_id()
+                identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=conn.next_message_id()
             )
-        final = None
-        for status, identifier in responses:
+        for status, answer in responses:
             if not status:
                 conn.drop()
                 raise PacsError(
                     f"association aborted or no response within dimse_timeout={self.cfg.dimse_timeout:g} s"
                 )
             if status.Status not in _PENDING:
-                final = (status, identifier)
-                break
-        if final is None:
-            conn.drop()
-            raise PacsError("the PACS ended the retrieve without a final status")
-        status, identifier = final
+                return status, answer
+        conn.drop()
+        raise PacsError("the PACS ended the retrieve without a final status")
+
+    def _check_final(self, status: Dataset, identifier: Dataset | None) -> None:
+        """Raise PacsError unless the final status says every sub-operation succeeded (or warned)."""
         completed = int(status.get("NumberOfCompletedSuboperations") or 0)
         failed = int(status.get("NumberOfFailedSuboperations") or 0)
         warning = int(status.get("NumberOfWarningSuboperations") or 0)
-        if not item.sop_instance_uids:
-            # Study/series items are re-sent whole, so the last attempt's counters are the outcome.
-            outcome.requested, outcome.completed = completed + failed + warning, completed
-            outcome.failed, outcome.warning = failed, warning
-        else:
-            outcome.warning += warning
         code = status.Status
         if code in _PERMANENT_RETRIEVE_STATUSES:
             reason = _PERMANENT_RETRIEVE_STATUSES[code].format(dest=self.destination)
@@ -877,6 +961,30 @@ class _Retriever:
                 f"{warning} warning{listed}"
             )
 
+    def _retrieve_once(self, conn: _Connection, item: RetrieveItem, outcome: _ItemOutcome) -> None:
+        status, identifier = self._send(conn, item.identifier())
+        completed = int(status.get("NumberOfCompletedSuboperations") or 0)
+        failed = int(status.get("NumberOfFailedSuboperations") or 0)
+        warning = int(status.get("NumberOfWarningSuboperations") or 0)
+        if not item.sop_instance_uids:
+            # Study/series items are re-sent whole, so the last attempt's counters are the outcome.
+            outcome.requested, outcome.completed = completed + failed + warning, completed
+            outcome.failed, outcome.warning = failed, warning
+        else:
+            outcome.warning += warning
+        self._check_final(status, identifier)
+
+
+def _requests(
+    items: list[RetrieveItem], workers: int, max_studies_per_request: int
+) -> list[list[RetrieveItem]]:
+    """Group whole-study items into UID-list requests, at least ``workers`` of them where there are
+    enough studies so every association gets work; every other item is a request of its own."""
+    listable = [item for item in items if _lists_studies(item)]
+    per_request = min(max_studies_per_request, -(-len(listable) // workers)) if listable else 1
+    batches = [listable[start : start + per_request] for start in range(0, len(listable), per_request)]
+    return batches + [[item] for item in items if not _lists_studies(item)]
+
 
 def retrieve(
     cfg: PacsConfig,
@@ -888,16 +996,32 @@ def retrieve(
     workers: int = 4,
     progress: bool = True,
     observer: RetrieveObserver | None = None,
+    max_studies_per_request: int = 50,
 ) -> RetrieveSummary:
     """Retrieve ``items`` by C-MOVE (into the running ``scp``) or C-GET (into ``spool_dir``).
 
     ``workers`` threads each hold one association and reuse it for many requests. Instances listed
     in an item that are already in the spool are skipped and counted as ``already_present``.
+
+    Whole-study items with their instances listed (what ``plan_retrieval`` makes) go up to
+    ``max_studies_per_request`` to one request as a StudyInstanceUID list: Orthanc, for one, opens a
+    C-STORE association to us per C-MOVE, which costs more than a small study's transfer. Studies a
+    list request leaves incomplete are retried one per request; a PACS that sends nothing for a
+    list gets one study per request for the rest of the run. ``max_studies_per_request=1`` never
+    sends a list.
     """
     if method not in ("move", "get"):
         raise ValueError(f"method={method!r}: use 'move' (PACS pushes to our Storage SCP) or 'get'")
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: use 1 or more parallel associations")
+    if (
+        not isinstance(max_studies_per_request, int)
+        or not 1 <= max_studies_per_request <= _MAX_LISTED_STUDIES
+    ):
+        raise ValueError(
+            f"max_studies_per_request={max_studies_per_request!r}: use 1 (no UID lists) to "
+            f"{_MAX_LISTED_STUDIES} (what fits one identifier element)"
+        )
     ae = _make_ae(cfg)
     associate_kwargs: dict = {}
     items = list(items)
@@ -927,7 +1051,7 @@ def retrieve(
     summary = RetrieveSummary()
     started = time.monotonic()
     present = spooled_uids(spool) if any(item.sop_instance_uids for item in items) else set()
-    work: queue.Queue[RetrieveItem] = queue.Queue()
+    wanted: list[RetrieveItem] = []
     for item in items:
         if item.sop_instance_uids:
             missing = tuple(uid for uid in item.sop_instance_uids if uid not in present)
@@ -935,23 +1059,28 @@ def retrieve(
             summary.requested += len(item.sop_instance_uids) - len(missing)
             if not missing:
                 continue
-            item = RetrieveItem(item.study_uid, item.series_uid, missing, item.sop_class_uids)
-        work.put(item)
+            item = dataclasses.replace(item, sop_instance_uids=missing)
+        wanted.append(item)
+    requests = _requests(wanted, workers, max_studies_per_request)
+    work: queue.Queue[list[RetrieveItem]] = queue.Queue()
+    for batch in requests:
+        work.put(batch)
 
     bytes_before = counts.snapshot()["bytes"]
     if observer is not None:
         counts.subscribe(observer.on_stored)
-    n_workers = min(workers, work.qsize())
+    n_workers = min(workers, len(requests))
     LOGGER.info(
-        "retrieving %d item(s) by C-%s from %s with %d association(s)%s",
-        work.qsize(),
+        "retrieving %d item(s) in %d request(s) by C-%s from %s with %d association(s)%s",
+        len(wanted),
+        len(requests),
         method.upper(),
         cfg.describe(),
         n_workers,
         f" into {destination}" if destination else "",
     )
     try:
-        with tqdm(total=work.qsize(), unit="item", desc=f"C-{method.upper()}", disable=not progress) as bar:
+        with tqdm(total=len(wanted), unit="item", desc=f"C-{method.upper()}", disable=not progress) as bar:
             retriever = _Retriever(
                 cfg, method, destination, spool, counts, ae, associate_kwargs, observer, bar
             )
@@ -974,6 +1103,7 @@ def retrieve(
         summary.warning += outcome.warning
         if outcome.error is not None:
             summary.failures.append(RetrieveFailure(outcome.item, outcome.error))
+    summary.warning += retriever.request_warnings
     summary.bytes = counts.snapshot()["bytes"] - bytes_before
     summary.seconds = time.monotonic() - started
     log = LOGGER.warning if summary.failures else LOGGER.info
@@ -981,6 +1111,10 @@ def retrieve(
     for failure in summary.failures:
         LOGGER.warning("failed: %s: %s", failure.item.describe(), failure.reason)
     return summary
+
+
+def _sop_classes(instances: Iterable[dict]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(i["SOPClassUID"] for i in instances if i["SOPClassUID"]))
 
 
 def plan_retrieval(
@@ -991,10 +1125,15 @@ def plan_retrieval(
     max_instances_per_item: int = 100,
     observer: RetrieveObserver | None = None,
     progress: bool = False,
+    whole_studies: bool = True,
 ) -> list[RetrieveItem]:
-    """Instance-level plan for ``study_uids``: one item per series (chunked), spooled instances left out.
+    """What to retrieve for ``study_uids``, found by C-FIND, with spooled instances left out.
 
-    Running it again after a complete pull returns []; after a partial pull, only what is missing.
+    A study with nothing in the spool becomes one STUDY-level item listing its instances, which
+    ``retrieve`` sends several to a request; a partly spooled study becomes IMAGE-level items, one
+    per series and ``max_instances_per_item`` missing instances. ``whole_studies=False`` plans every
+    study that way. Running it again after a complete pull returns []; after a partial pull, items
+    for exactly the missing instances.
     """
     if max_instances_per_item < 1:
         raise ValueError(f"max_instances_per_item={max_instances_per_item!r} must be >= 1")
@@ -1005,22 +1144,23 @@ def plan_retrieval(
         _check_uid("study_uid", uid)
     with _find_connection(cfg) as conn:
         for study_uid in tqdm(study_uids, unit="study", desc="plan", disable=not progress):
-            for series in _find_series(conn, study_uid):
-                series_uid = series["SeriesInstanceUID"]
-                instances = _find_instances(conn, study_uid, series_uid)
-                if observer is not None:
-                    observer.on_found(len(instances))
-                missing = [i for i in instances if i["SOPInstanceUID"] not in present]
+            by_series = {
+                series["SeriesInstanceUID"]: _find_instances(conn, study_uid, series["SeriesInstanceUID"])
+                for series in _find_series(conn, study_uid)
+            }
+            instances = [instance for found in by_series.values() for instance in found]
+            if observer is not None:
+                observer.on_found(len(instances))
+            if whole_studies and instances and not any(i["SOPInstanceUID"] in present for i in instances):
+                uids = tuple(i["SOPInstanceUID"] for i in instances)
+                plan.append(RetrieveItem(study_uid, None, uids, _sop_classes(instances)))
+                continue
+            for series_uid, found in by_series.items():
+                missing = [i for i in found if i["SOPInstanceUID"] not in present]
                 for start in range(0, len(missing), max_instances_per_item):
                     chunk = missing[start : start + max_instances_per_item]
-                    plan.append(
-                        RetrieveItem(
-                            study_uid,
-                            series_uid,
-                            tuple(i["SOPInstanceUID"] for i in chunk),
-                            tuple(dict.fromkeys(i["SOPClassUID"] for i in chunk if i["SOPClassUID"])),
-                        )
-                    )
+                    uids = tuple(i["SOPInstanceUID"] for i in chunk)
+                    plan.append(RetrieveItem(study_uid, series_uid, uids, _sop_classes(chunk)))
     LOGGER.info(
         "plan: %d item(s), %d instance(s) to fetch for %d study(ies)",
         len(plan),
@@ -1063,6 +1203,12 @@ def main(argv: list[str] | None = None) -> int:
     pull.add_argument("--spool", required=True, type=Path, help="spool directory")
     pull.add_argument("--method", choices=("move", "get"), default="move")
     pull.add_argument("--workers", type=int, default=4, help="parallel associations")
+    pull.add_argument(
+        "--studies-per-request",
+        type=int,
+        default=50,
+        help="whole studies per C-MOVE/C-GET as a StudyInstanceUID list (1: a PACS without list support)",
+    )
     pull.add_argument("--scp-host", default="0.0.0.0", help="address our Storage SCP binds for C-MOVE")
     pull.add_argument("--scp-port", type=int, default=11112, help="port the PACS knows for our AE title")
     args = parser.parse_args(argv)
@@ -1084,12 +1230,26 @@ def main(argv: list[str] | None = None) -> int:
         study_uids = [study["StudyInstanceUID"] for study in studies]
         items = plan_retrieval(cfg, args.spool, study_uids, progress=True)
         if args.method == "get":
-            summary = retrieve(cfg, items, method="get", spool_dir=args.spool, workers=args.workers)
+            summary = retrieve(
+                cfg,
+                items,
+                method="get",
+                spool_dir=args.spool,
+                workers=args.workers,
+                max_studies_per_request=args.studies_per_request,
+            )
         else:
             destination = cfg.move_destination or cfg.calling_aet
             scp = StorageSCP(args.spool, destination, args.scp_port, [cfg.called_aet], args.scp_host)
             with scp:
-                summary = retrieve(cfg, items, method="move", scp=scp, workers=args.workers)
+                summary = retrieve(
+                    cfg,
+                    items,
+                    method="move",
+                    scp=scp,
+                    workers=args.workers,
+                    max_studies_per_request=args.studies_per_request,
+                )
     except (PacsError, ValueError) as exc:
         print(f"error: {exc}")
         return 1

@@ -197,17 +197,36 @@ def record_associations(monkeypatch) -> list[str]:
     return opened
 
 
+def record_requests(monkeypatch) -> list[Dataset]:
+    """The identifier of every C-MOVE / C-GET request ``retrieve`` sends."""
+    sent: list[Dataset] = []
+    real = scu._Retriever._send
+
+    def recording(self, conn, identifier):
+        sent.append(identifier)
+        return real(self, conn, identifier)
+
+    monkeypatch.setattr(scu._Retriever, "_send", recording)
+    return sent
+
+
 def pull_and_resume(cfg, pacs, originals, spool, monkeypatch, **retrieve_kwargs):
     """Full pull, a re-run that transfers nothing, then a run that refetches only deleted files."""
     observer = CountingObserver()
     plan = plan_retrieval(cfg, spool, pacs.study_uids(), observer=observer)
     assert observer.found == len(originals)
     assert sum(len(item.sop_instance_uids) for item in plan) == len(originals)
+    assert {item.level for item in plan} == {"STUDY"}, "nothing spooled yet: whole studies"
     opened = record_associations(monkeypatch)
+    sent = record_requests(monkeypatch)
     summary = retrieve(cfg, plan, workers=3, progress=False, observer=observer, **retrieve_kwargs)
     assert summary.ok, summary.failures
     assert (summary.requested, summary.completed, summary.failed) == (len(originals),) * 2 + (0,)
     assert len(plan) > 3 and len(opened) == 3 and len(set(opened)) == 3, "3 reused parallel associations"
+    # One StudyInstanceUID list per association instead of one request per series.
+    assert len(sent) == 3 and sorted(uid for ds in sent for uid in ds.StudyInstanceUID) == sorted(
+        item.study_uid for item in plan
+    )
     assert observer.stored == len(originals) and observer.failures == []
     assert summary.bytes == observer.stored_bytes > 0
     assert_spool_matches_pacs(spool, originals)
@@ -221,6 +240,10 @@ def pull_and_resume(cfg, pacs, originals, spool, monkeypatch, **retrieve_kwargs)
         spool_path(spool, uid).unlink()
     resumed_plan = plan_retrieval(cfg, spool, pacs.study_uids())
     assert sorted(uid for item in resumed_plan for uid in item.sop_instance_uids) == deleted
+    for item in resumed_plan:
+        study = {uid for uid, ds in originals.items() if ds.StudyInstanceUID == item.study_uid}
+        # Whole studies only where none of the study is left; elsewhere just the missing instances.
+        assert item.level == ("STUDY" if study <= set(deleted) else "IMAGE")
     resumed = retrieve(cfg, resumed_plan, workers=3, progress=False, **retrieve_kwargs)
     assert (resumed.completed, resumed.failed) == (len(deleted), 0)
     assert_spool_matches_pacs(spool, originals)
@@ -262,6 +285,21 @@ def test_c_move_to_an_unknown_destination_fails_with_a_reason(cfg, pacs, tmp_pat
     assert spooled_uids(scp.spool_dir) == set()
 
 
+def test_whole_study_item_requests_the_study_and_lists_what_it_expects():
+    study = "1.2.826.0.1.3680043.10.999.1"
+    item = RetrieveItem(study, sop_instance_uids=(f"{study}.1.1", f"{study}.2.1"))
+    identifier = item.identifier()
+    assert (item.level, identifier.QueryRetrieveLevel, identifier.StudyInstanceUID) == (
+        "STUDY",
+        "STUDY",
+        study,
+    )
+    assert "SOPInstanceUID" not in identifier
+    assert item.describe() == f"study {study} (2 instance(s))"
+    listed = scu._study_list_identifier([item, RetrieveItem("1.2.3")])
+    assert list(listed.StudyInstanceUID) == [study, "1.2.3"]
+
+
 def test_retrieve_arguments_are_checked(cfg, tmp_path):
     with pytest.raises(ValueError, match="use 'move'"):
         retrieve(cfg, [], method="ftp", spool_dir=tmp_path)
@@ -269,6 +307,8 @@ def test_retrieve_arguments_are_checked(cfg, tmp_path):
         retrieve(cfg, [], method="move")
     with pytest.raises(ValueError, match="use 1 or more parallel associations"):
         retrieve(cfg, [], method="get", spool_dir=tmp_path, workers=0)
+    with pytest.raises(ValueError, match=r"max_studies_per_request=0: use 1 \(no UID lists\)"):
+        retrieve(cfg, [], method="get", spool_dir=tmp_path, max_studies_per_request=0)
 
 
 # -- a PACS that drops the association in the middle of a C-GET -------------------------------------
@@ -350,6 +390,62 @@ def test_aborted_c_get_reports_the_rest_as_failed_keeps_what_arrived_and_a_retry
     assert (retried.already_present, retried.completed) == (2, 4)
     assert spooled_uids(spool) == set(uids)
     assert {uid: spool_path(spool, uid).read_bytes() for uid in kept} == kept_bytes
+
+
+class ListRefusingPacs(FlakyPacs):
+    """Sends whole studies by C-GET, but answers a request naming several studies with ``answer``:
+    a failure status, or None for a Success without sending anything (a list taken as one UID)."""
+
+    def __init__(self, datasets: list[Dataset], answer: int | None) -> None:
+        super().__init__(datasets)
+        self.answer = answer
+        self.studies_per_request: list[int] = []
+
+    def on_get(self, event):
+        studies = event.identifier.StudyInstanceUID
+        studies = [studies] if isinstance(studies, str) else list(studies)
+        self.studies_per_request.append(len(studies))
+        if len(studies) > 1:
+            yield 0 if self.answer is None else len(studies)
+            if self.answer is not None:
+                yield self.answer, None
+            return
+        selected = [ds for ds in self.datasets.values() if ds.StudyInstanceUID == studies[0]]
+        yield len(selected)
+        for dataset in selected:
+            yield 0xFF00, dataset
+
+
+@pytest.mark.parametrize("answer", [0xA900, 0xC000, None])
+def test_a_pacs_without_study_uid_lists_gets_one_study_per_request(tmp_path, caplog, answer):
+    studies = [f"1.2.826.0.1.3680043.10.996.{n}" for n in range(1, 4)]
+    paths = [
+        make_instance(
+            tmp_path / "pacs" / f"{s}-{n}.dcm",
+            study_uid=study,
+            series_uid=f"{study}.1",
+            sop_uid=f"{study}.1.{n}",
+            seed=10 * s + n,
+        )
+        for s, study in enumerate(studies)
+        for n in (1, 2)
+    ]
+    pacs = ListRefusingPacs([pydicom.dcmread(path) for path in paths], answer)
+    try:
+        cfg = PacsConfig("127.0.0.1", pacs.port, "FLAKYPACS", retries=1, backoff_s=0.01)
+        items = [
+            RetrieveItem(study, None, (f"{study}.1.1", f"{study}.1.2"), (ComputedRadiographyImageStorage,))
+            for study in studies
+        ]
+        spool = tmp_path / "spool"
+        summary = retrieve(cfg, items, method="get", spool_dir=spool, workers=1, progress=False)
+    finally:
+        pacs.server.shutdown()
+    assert summary.ok, summary.failures
+    assert (summary.requested, summary.completed) == (6, 6)
+    assert spooled_uids(spool) == set(pacs.datasets)
+    assert pacs.studies_per_request == [3, 1, 1, 1]
+    assert "does not take StudyInstanceUID lists, so this run sends one study per request" in caplog.text
 
 
 def test_retrieve_from_an_unreachable_pacs_fails_every_item_without_waiting_for_each(tmp_path):
