@@ -54,6 +54,7 @@ class PullConfig:
     modalities: tuple[str, ...] = ("CR", "DX")
     page_limit: int | None = None
     workers: int = 4
+    studies_per_request: int = 50
     write_shards: bool = True
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     preprocessing: PreprocessParams = field(default_factory=PreprocessParams)
@@ -64,6 +65,10 @@ class PullConfig:
             raise ValueError(f"method={self.method!r}: use 'move' (the PACS pushes to our SCP) or 'get'")
         if self.date_from and self.date_to and self.date_from > self.date_to:
             raise ValueError(f"--from {self.date_from} is after --to {self.date_to}")
+        if not 1 <= self.studies_per_request <= 1000:
+            raise ValueError(
+                f"studies_per_request={self.studies_per_request}: use 1..1000 (1 = no UID lists)"
+            )
         if self.workers < 1:
             raise ValueError(f"workers={self.workers}: use 1 or more parallel associations")
         if self.shard_size < 1:
@@ -187,6 +192,7 @@ def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) ->
             method="get",
             spool_dir=cfg.spool_dir,
             workers=cfg.workers,
+            max_studies_per_request=cfg.studies_per_request,
             progress=progress,
             observer=metrics,
         )
@@ -195,7 +201,14 @@ def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) ->
     scp = StorageSCP(cfg.spool_dir, destination, cfg.scp_port, [cfg.pacs.called_aet], cfg.scp_host)
     with scp:
         return retrieve(
-            cfg.pacs, items, method="move", scp=scp, workers=cfg.workers, progress=progress, observer=metrics
+            cfg.pacs,
+            items,
+            method="move",
+            scp=scp,
+            workers=cfg.workers,
+            max_studies_per_request=cfg.studies_per_request,
+            progress=progress,
+            observer=metrics,
         )
 
 
@@ -226,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net.add_argument("--scp-port", type=int, default=11112, help="port the PACS knows for our AE title")
     net.add_argument("--workers", type=int, default=4, help="parallel associations (default 4)")
+    net.add_argument(
+        "--studies-per-request",
+        type=int,
+        default=50,
+        help="whole studies asked for in one C-MOVE/C-GET as a UID list (default 50; 1 = one per request)",
+    )
     net.add_argument("--timeout", type=float, default=120, help="seconds to wait for each DIMSE reply")
     net.add_argument("--retries", type=int, default=3, help="retries with back-off per request")
     net.add_argument("--max-pdu", type=int, default=65536, help="maximum PDU size in bytes (0: unlimited)")
@@ -275,6 +294,7 @@ def config_from_args(args: argparse.Namespace) -> PullConfig:
         modalities=tuple(args.modality),
         page_limit=args.page_limit,
         workers=args.workers,
+        studies_per_request=args.studies_per_request,
         write_shards=not args.no_shards,
         balance=balance_config_from_args(args),
         preprocessing=PreprocessParams(size=args.image_size),
