@@ -1,0 +1,481 @@
+"""Downstream evaluation: predictions CSVs → metrics JSON, the paper's Tables 2/3 in Markdown, PNG plots.
+
+``python -m pedx_ray.evaluate PRED.csv [--compare BASELINE.csv ...] --out DIR``
+
+Each CSV has the columns ``id,target,prediction,sex,age_months,split`` (issue-5 interface 1); its
+sidecar ``<csv>.json`` names the task and the checkpoint/init/recipe that produced it. PRED.csv is the
+model under study; every ``--compare`` file is a baseline tested against it on the same cases
+(matched by ``id``): DeLong's test of the AUCs for fracture, a paired t-test of the absolute errors
+for bone age. The p-value sits in the baseline's row; the studied model's row shows "—".
+
+Writes to DIR: ``metrics.json``, ``table.md`` and the plots — fracture: ``roc.png``; bone age:
+``predicted_vs_true.png`` and ``bland_altman_<n>.png`` per model. Plots are drawn with OpenCV
+(matplotlib is not a dependency), each file written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from ingest.preprocess import write_png
+from pedx_ray import stats
+
+TASKS = ("bone_age", "fracture")
+REQUIRED_COLUMNS = ("id", "target", "prediction", "sex", "age_months", "split")
+DEFAULT_AGE_BINS_YEARS = (0, 2, 6, 10, 14, 18)
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One model's predictions, sorted by id, with a label for the tables."""
+
+    path: Path
+    task: str
+    label: str
+    frame: pd.DataFrame
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    threshold: float | str = 0.5
+    ci_method: str = "delong"
+    n_bootstrap: int = 2000
+    seed: int = 0
+    age_bins_years: tuple[float, ...] = DEFAULT_AGE_BINS_YEARS
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, str) and self.threshold != "youden":
+            raise EvaluationError(f"threshold must be a probability or 'youden', got {self.threshold!r}")
+        if not isinstance(self.threshold, str) and not 0 <= self.threshold <= 1:
+            raise EvaluationError(
+                f"threshold must be a probability in [0, 1] or 'youden', got {self.threshold}"
+            )
+        if self.ci_method not in stats.CI_METHODS:
+            raise EvaluationError(f"ci_method must be one of {stats.CI_METHODS}, got {self.ci_method!r}")
+        edges = self.age_bins_years
+        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise EvaluationError(
+                f"age bins must be at least two increasing edges in years (e.g. 0,2,6,10,14,18), got {edges}"
+            )
+
+
+def _sidecar(path: Path) -> dict:
+    sidecar = path.with_name(path.name + ".json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        meta = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as exc:
+        raise EvaluationError(
+            f"{sidecar} is not valid JSON ({exc}); fix or delete it and pass --task"
+        ) from exc
+    if not isinstance(meta, dict):
+        raise EvaluationError(f"{sidecar} must hold a JSON object with a 'task' key")
+    return meta
+
+
+def _label(path: Path, meta: dict) -> str:
+    parts = [str(meta[key]) for key in ("recipe", "init") if meta.get(key)]
+    return " / ".join(parts) if parts else path.stem
+
+
+def read_predictions(
+    path: str | os.PathLike, task: str | None = None, split: str | None = None
+) -> Predictions:
+    """Read and validate one predictions CSV; ``task`` overrides (and must agree with) the sidecar."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"predictions file {path} does not exist")
+    meta = _sidecar(path)
+    sidecar_task = meta.get("task")
+    if task and sidecar_task and task != sidecar_task:
+        raise EvaluationError(f"--task {task} contradicts {path.name}.json, which says task={sidecar_task!r}")
+    task = task or sidecar_task
+    if task not in TASKS:
+        raise EvaluationError(
+            f"cannot tell the task of {path}: its sidecar {path.name}.json gives {sidecar_task!r}; "
+            f"pass --task {'|'.join(TASKS)}"
+        )
+    frame = pd.read_csv(path, dtype={"id": str, "sex": str, "split": str})
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise EvaluationError(
+            f"{path} lacks column(s) {', '.join(missing)}; a predictions CSV has the columns "
+            f"{','.join(REQUIRED_COLUMNS)} (found {','.join(map(str, frame.columns))})"
+        )
+    if split is not None:
+        frame = frame[frame["split"] == split]
+    if frame.empty:
+        raise EvaluationError(f"{path} has no rows" + (f" in split {split!r}" if split else ""))
+    duplicated = frame["id"][frame["id"].duplicated()].unique()
+    if len(duplicated):
+        raise EvaluationError(f"{path} repeats id(s) {', '.join(duplicated[:5])}: each case must appear once")
+    for column in ("target", "prediction"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        if values.isna().any() or not np.isfinite(values).all():
+            bad = frame["id"][values.isna() | ~np.isfinite(values.fillna(0))].tolist()[:5]
+            raise EvaluationError(f"{path}: column {column} must be numeric and finite; bad rows (id): {bad}")
+        frame[column] = values.astype(float)
+    if task == "fracture":
+        if not frame["target"].isin((0, 1)).all():
+            raise EvaluationError(f"{path}: fracture targets must be 0 or 1")
+        if not frame["prediction"].between(0, 1).all():
+            raise EvaluationError(
+                f"{path}: fracture predictions must be probabilities in [0, 1] (apply the sigmoid to logits)"
+            )
+    frame = frame.sort_values("id").reset_index(drop=True)
+    return Predictions(path=path, task=task, label=_label(path, meta), frame=frame, meta=meta)
+
+
+def check_same_cases(models: list[Predictions]) -> None:
+    """All models must predict the same task on the same set of ids (paired tests need paired cases)."""
+    reference = models[0]
+    for other in models[1:]:
+        if other.task != reference.task:
+            raise EvaluationError(
+                f"{other.path} is a {other.task} file but {reference.path} is {reference.task}"
+            )
+        ids_a, ids_b = set(reference.frame["id"]), set(other.frame["id"])
+        if ids_a != ids_b:
+            only_a, only_b = sorted(ids_a - ids_b), sorted(ids_b - ids_a)
+            raise EvaluationError(
+                f"{reference.path.name} and {other.path.name} cover different cases: "
+                f"{len(only_a)} id(s) only in the first (e.g. {only_a[:3]}), "
+                f"{len(only_b)} only in the second (e.g. {only_b[:3]}); "
+                "predict both models on the same split (or pass --split)"
+            )
+        if not np.allclose(reference.frame["target"], other.frame["target"]):
+            raise EvaluationError(
+                f"{reference.path.name} and {other.path.name} disagree on targets of the same ids"
+            )
+
+
+def _unique_labels(models: list[Predictions]) -> list[str]:
+    labels = [m.label for m in models]
+    return [f"{m.label} ({m.path.stem})" if labels.count(m.label) > 1 else m.label for m in models]
+
+
+def evaluate_fracture(models: list[Predictions], config: EvaluationConfig) -> list[dict]:
+    y = models[0].frame["target"].to_numpy().astype(int)
+    reference_scores = models[0].frame["prediction"].to_numpy()
+    rows = []
+    for i, (model, label) in enumerate(zip(models, _unique_labels(models), strict=True)):
+        scores = model.frame["prediction"].to_numpy()
+        value, low, high = stats.auc_ci(
+            y, scores, method=config.ci_method, n_bootstrap=config.n_bootstrap, seed=config.seed
+        )
+        row = {"label": label, "file": str(model.path), "meta": model.meta, "n": len(y)}
+        row |= {"auc": value, "auc_ci_low": low, "auc_ci_high": high, "ci_method": config.ci_method}
+        row |= stats.binary_metrics(y, scores, config.threshold)
+        if i > 0:
+            test = stats.delong_test(y, reference_scores, scores)
+            row["vs_reference"] = {"test": "delong", **vars(test)}
+        rows.append(row)
+    return rows
+
+
+def evaluate_bone_age(models: list[Predictions], config: EvaluationConfig) -> list[dict]:
+    target = models[0].frame["target"].to_numpy()
+    reference_error = np.abs(models[0].frame["prediction"].to_numpy() - target)
+    rows = []
+    for i, (model, label) in enumerate(zip(models, _unique_labels(models), strict=True)):
+        prediction = model.frame["prediction"].to_numpy()
+        row = {"label": label, "file": str(model.path), "meta": model.meta}
+        row |= stats.regression_metrics(target, prediction)
+        row["by_age_group"] = stats.error_by_age_group(target, prediction, config.age_bins_years)
+        row["bland_altman"] = stats.bland_altman(target, prediction)
+        if i > 0:
+            test = stats.paired_t_test(reference_error, np.abs(prediction - target))
+            row["vs_reference"] = {"test": "paired_t_abs_error", **vars(test)}
+        rows.append(row)
+    return rows
+
+
+def _p(row: dict) -> str:
+    if "vs_reference" not in row:
+        return "—"
+    p = row["vs_reference"]["p_value"]
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _f(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or np.isnan(value) else f"{value:.{digits}f}"
+
+
+def fracture_table(rows: list[dict]) -> str:
+    """Table 2's layout: model/init, AUC (95% CI), F1, ACC, SEN, SPE, PPV, NPV, DeLong p vs studied model."""
+    lines = [
+        "| Model / init | AUC (95% CI) | F1 | ACC | SEN | SPE | PPV | NPV | DeLong p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        auc_text = f"{r['auc']:.3f} ({r['auc_ci_low']:.3f}–{r['auc_ci_high']:.3f})"
+        cells = [r["label"], auc_text] + [
+            _f(r[k]) for k in ("f1", "accuracy", "sensitivity", "specificity", "ppv", "npv")
+        ]
+        lines.append("| " + " | ".join(cells + [_p(r)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bone_age_table(rows: list[dict]) -> str:
+    """Table 3's layout (months): model/init, MAE ± SD, MSE, R², paired t-test p vs the studied model."""
+    lines = ["| Model / init | MAE ± SD | MSE | R² | Paired t-test p |", "|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["label"], f"{r['mae']:.2f} ± {r['mae_sd']:.2f}", f"{r['mse']:.2f}", _f(r["r2"]), _p(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    groups = [g["group"] for g in rows[0]["by_age_group"]]
+    lines += ["", "MAE ± SD (months) by true age:", ""]
+    lines.append(
+        "| Model / init | "
+        + " | ".join(f"{g} (n={x['n']})" for g, x in zip(groups, rows[0]["by_age_group"], strict=True))
+        + " |"
+    )
+    lines.append("|---" * (len(groups) + 1) + "|")
+    for r in rows:
+        cells = [f"{_f(g['mae'], 2)} ± {_f(g['mae_sd'], 2)}" for g in r["by_age_group"]]
+        lines.append("| " + " | ".join([r["label"], *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- plots (OpenCV): white canvas, axes box with ticks, data mapped linearly into the box ----
+
+PALETTE = ((180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148), (75, 86, 140))
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+class _Axes:
+    def __init__(self, xlim, ylim, title: str, xlabel: str, ylabel: str, size=(640, 560)) -> None:
+        self.width, self.height = size
+        self.left, self.right, self.top, self.bottom = 80, 30, 55, 60
+        self.xlim, self.ylim = xlim, ylim
+        self.image = np.full((self.height, self.width, 3), 255, np.uint8)
+        box = (self.left, self.top), (self.width - self.right, self.height - self.bottom)
+        cv2.rectangle(self.image, *box, (0, 0, 0), 1)
+        self.text(title, (self.left, 22), 0.6)
+        self.text(xlabel, (self.width // 2 - 60, self.height - 15), 0.5)
+        for value in np.linspace(*xlim, 6):
+            x, y = self.px(value, ylim[0])
+            cv2.line(self.image, (x, y), (x, y + 5), (0, 0, 0), 1)
+            self.text(f"{value:.3g}", (x - 12, y + 20), 0.4)
+        for value in np.linspace(*ylim, 6):
+            x, y = self.px(xlim[0], value)
+            cv2.line(self.image, (x - 5, y), (x, y), (0, 0, 0), 1)
+            self.text(f"{value:.3g}", (5, y + 4), 0.4)
+        self.text(ylabel, (5, self.top - 8), 0.45)
+
+    def px(self, x: float, y: float) -> tuple[int, int]:
+        (x0, x1), (y0, y1) = self.xlim, self.ylim
+        span_x = self.width - self.left - self.right
+        span_y = self.height - self.top - self.bottom
+        return (
+            int(round(self.left + (x - x0) / (x1 - x0) * span_x)),
+            int(round(self.height - self.bottom - (y - y0) / (y1 - y0) * span_y)),
+        )
+
+    def text(self, text: str, origin, scale: float, color=(0, 0, 0)) -> None:
+        # Hershey fonts are ASCII-only
+        ascii_text = text.replace("–", "-").replace("±", "+/-").encode("ascii", "replace").decode()
+        cv2.putText(self.image, ascii_text, origin, _FONT, scale, color, 1, cv2.LINE_AA)
+
+    def line(self, xs, ys, color, thickness: int = 2) -> None:
+        points = np.array([self.px(x, y) for x, y in zip(xs, ys, strict=True)], np.int32)
+        cv2.polylines(self.image, [points], False, color, thickness, cv2.LINE_AA)
+
+    def dashed_hline(self, y: float, color) -> None:
+        x0, x1 = self.xlim
+        for start in np.linspace(x0, x1, 40)[::2]:
+            self.line([start, min(x1, start + (x1 - x0) / 39)], [y, y], color, 1)
+
+    def points(self, xs, ys, color) -> None:
+        for x, y in zip(xs, ys, strict=True):
+            cv2.circle(self.image, self.px(x, y), 3, color, -1, cv2.LINE_AA)
+
+    def legend(self, entries: list[tuple[str, tuple]]) -> None:
+        for i, (label, color) in enumerate(entries):
+            y = self.height - self.bottom - 15 - 20 * (len(entries) - 1 - i)
+            cv2.line(self.image, (self.width // 2 - 40, y - 4), (self.width // 2 - 15, y - 4), color, 3)
+            self.text(label, (self.width // 2 - 10, y), 0.45)
+
+
+def _limits(*arrays) -> tuple[float, float]:
+    values = np.concatenate([np.asarray(a, float) for a in arrays])
+    low, high = float(values.min()), float(values.max())
+    pad = 0.05 * (high - low) or 1.0
+    return low - pad, high + pad
+
+
+def roc_plot(models: list[Predictions], rows: list[dict]) -> np.ndarray:
+    axes = _Axes((0, 1), (0, 1), "ROC", "1 - specificity", "sensitivity")
+    axes.line([0, 1], [0, 1], (160, 160, 160), 1)
+    legend = []
+    for i, (model, row) in enumerate(zip(models, rows, strict=True)):
+        color = PALETTE[i % len(PALETTE)]
+        curve = stats.roc_curve(model.frame["target"].astype(int), model.frame["prediction"])
+        axes.line(curve.fpr, curve.tpr, color)
+        legend.append((f"{row['label']} AUC {row['auc']:.3f}", color))
+    axes.legend(legend)
+    return axes.image
+
+
+def predicted_vs_true_plot(models: list[Predictions], rows: list[dict]) -> np.ndarray:
+    target = models[0].frame["target"]
+    limits = _limits(target, *[m.frame["prediction"] for m in models])
+    axes = _Axes(limits, limits, "Predicted vs true bone age", "true (months)", "predicted (months)")
+    axes.line(limits, limits, (160, 160, 160), 1)
+    legend = []
+    for i, (model, row) in enumerate(zip(models, rows, strict=True)):
+        color = PALETTE[i % len(PALETTE)]
+        axes.points(target, model.frame["prediction"], color)
+        legend.append((f"{row['label']} MAE {row['mae']:.1f}", color))
+    axes.legend(legend)
+    return axes.image
+
+
+def bland_altman_plot(model: Predictions, row: dict) -> np.ndarray:
+    target, prediction = model.frame["target"].to_numpy(), model.frame["prediction"].to_numpy()
+    mean, difference = (target + prediction) / 2, prediction - target
+    agreement = row["bland_altman"]
+    ylim = _limits(difference, [agreement["loa_low"], agreement["loa_high"]])
+    axes = _Axes(
+        _limits(mean),
+        ylim,
+        f"Bland-Altman: {row['label']}",
+        "mean of true and predicted (months)",
+        "predicted - true (months)",
+    )
+    axes.points(mean, difference, PALETTE[0])
+    axes.dashed_hline(agreement["mean_difference"], (0, 0, 0))
+    for key in ("loa_low", "loa_high"):
+        axes.dashed_hline(agreement[key], (40, 39, 214))
+    axes.legend(
+        [
+            (f"mean {agreement['mean_difference']:.2f}", (0, 0, 0)),
+            (f"LoA {agreement['loa_low']:.2f} to {agreement['loa_high']:.2f}", (40, 39, 214)),
+        ]
+    )
+    return axes.image
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None  # JSON has no NaN
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    return value
+
+
+def evaluate(
+    paths: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    task: str | None = None,
+    config: EvaluationConfig = EvaluationConfig(),
+) -> dict:
+    """Evaluate ``paths[0]`` against the baselines ``paths[1:]``; writes metrics.json, table.md and PNGs."""
+    models = [read_predictions(p, task, config.split) for p in paths]
+    check_same_cases(models)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = models[0].task
+    if task == "fracture":
+        rows = evaluate_fracture(models, config)
+        table = "Fracture classification (Table 2 layout)\n\n" + fracture_table(rows)
+        write_png(roc_plot(models, rows), out / "roc.png")
+    else:
+        rows = evaluate_bone_age(models, config)
+        table = "Bone age assessment, months (Table 3 layout)\n\n" + bone_age_table(rows)
+        write_png(predicted_vs_true_plot(models, rows), out / "predicted_vs_true.png")
+        for i, (model, row) in enumerate(zip(models, rows, strict=True)):
+            write_png(bland_altman_plot(model, row), out / f"bland_altman_{i}.png")
+    result = {"task": task, "split": config.split, "reference": rows[0]["label"], "models": rows}
+    _write_text(out / "metrics.json", json.dumps(_jsonable(result), indent=2, allow_nan=False))
+    _write_text(out / "table.md", table)
+    return result
+
+
+def _threshold(text: str) -> float | str:
+    return text if text == "youden" else float(text)
+
+
+def _age_bins(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"age bins are comma-separated years like 0,2,6,10,14,18: {exc}"
+        ) from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pedx_ray.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("predictions", help="the studied model's predictions CSV")
+    parser.add_argument(
+        "--compare", nargs="+", default=[], metavar="BASELINE.csv", help="baselines to test against it"
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--task", choices=TASKS, help="overrides the sidecar JSON's task")
+    parser.add_argument("--split", help="evaluate only rows of this split (e.g. test)")
+    parser.add_argument("--threshold", type=_threshold, default=0.5, help="probability cut-off or 'youden'")
+    parser.add_argument(
+        "--ci", choices=stats.CI_METHODS, default="delong", help="AUC confidence interval method"
+    )
+    parser.add_argument(
+        "--bootstrap", type=int, default=2000, help="bootstrap replicates (with --ci bootstrap)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--age-bins", type=_age_bins, default=DEFAULT_AGE_BINS_YEARS, help="group edges in years"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = EvaluationConfig(
+            threshold=args.threshold,
+            ci_method=args.ci,
+            n_bootstrap=args.bootstrap,
+            seed=args.seed,
+            age_bins_years=args.age_bins,
+            split=args.split,
+        )
+        result = evaluate([args.predictions, *args.compare], args.out, args.task, config)
+    except (EvaluationError, stats.StatsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "table.md").read_text(), end="")
+    print(f"wrote {Path(args.out) / 'metrics.json'} ({len(result['models'])} model(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

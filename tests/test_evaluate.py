@@ -1,0 +1,141 @@
+"""pedx_ray.evaluate: predictions CSVs → metrics JSON, Tables 2/3 in Markdown, PNG plots; bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from pedx_ray import evaluate, stats
+
+
+def write_predictions(path: Path, target, prediction, task: str | None, **meta) -> Path:
+    n = len(target)
+    pd.DataFrame(
+        {
+            "id": [f"case{i:03d}" for i in range(n)],
+            "target": target,
+            "prediction": prediction,
+            "sex": ["M", "F"] * (n // 2) + ["M"] * (n % 2),
+            "age_months": np.linspace(10, 200, n),
+            "split": ["test"] * n,
+        }
+    ).sample(frac=1.0, random_state=1).to_csv(path, index=False)  # shuffled: matching is by id
+    if task:
+        path.with_name(path.name + ".json").write_text(json.dumps({"task": task, **meta}))
+    return path
+
+
+@pytest.fixture
+def fracture_files(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 120)
+    good = 1 / (1 + np.exp(-rng.normal(2.5 * y - 1.25, 1.0)))
+    poor = 1 / (1 + np.exp(-rng.normal(0.5 * y - 0.25, 1.0)))
+    model = write_predictions(
+        tmp_path / "pedxnet.csv", y, good, "fracture", init="pedxnet:7C", recipe="inception"
+    )
+    baseline = write_predictions(
+        tmp_path / "scratch.csv", y, poor, "fracture", init="scratch", recipe="inception"
+    )
+    return y, good, poor, model, baseline
+
+
+@pytest.fixture
+def bone_age_files(tmp_path):
+    rng = np.random.default_rng(1)
+    target = rng.uniform(6, 216, 80)
+    close = target + rng.normal(0, 8, 80)
+    far = target + rng.normal(5, 20, 80)
+    model = write_predictions(tmp_path / "pedxnet.csv", target, close, "bone_age", init="pedxnet:7C")
+    baseline = write_predictions(tmp_path / "scratch.csv", target, far, "bone_age", init="scratch")
+    return target, close, far, model, baseline
+
+
+def read_png(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image is not None, f"{path} is not a readable PNG"
+    return image
+
+
+def test_fracture_metrics_table_and_roc_plot(fracture_files, tmp_path, capsys):
+    y, good, poor, model, baseline = fracture_files
+    out = tmp_path / "eval"
+    assert evaluate.main([str(model), "--compare", str(baseline), "--out", str(out)]) == 0
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "fracture" and metrics["reference"] == "inception / pedxnet:7C"
+    studied, base = metrics["models"]
+    assert studied["auc"] == pytest.approx(stats.auc(y, good))
+    assert (studied["auc_ci_low"], studied["auc_ci_high"]) == pytest.approx(stats.auc_ci(y, good)[1:])
+    assert studied["sensitivity"] == pytest.approx(stats.binary_metrics(y, good)["sensitivity"])
+    assert "vs_reference" not in studied
+    assert base["vs_reference"]["p_value"] == pytest.approx(stats.delong_test(y, good, poor).p_value)
+
+    table = (out / "table.md").read_text()
+    assert "| Model / init | AUC (95% CI) | F1 | ACC | SEN | SPE | PPV | NPV | DeLong p |" in table
+    assert f"| inception / pedxnet:7C | {studied['auc']:.3f} (" in table
+    assert table.splitlines()[-1].startswith("| inception / scratch |")
+    assert table in capsys.readouterr().out
+    assert read_png(out / "roc.png").shape[2] == 3
+
+
+def test_bone_age_metrics_table_and_plots(bone_age_files, tmp_path):
+    target, close, far, model, baseline = bone_age_files
+    out = tmp_path / "eval"
+    result = evaluate.evaluate(
+        [model, baseline], out, config=evaluate.EvaluationConfig(age_bins_years=(0, 9, 18))
+    )
+    studied, base = result["models"]
+    assert studied["mae"] == pytest.approx(np.abs(close - target).mean())
+    assert studied["r2"] == pytest.approx(stats.regression_metrics(target, close)["r2"])
+    expected = stats.paired_t_test(np.abs(close - target), np.abs(far - target))
+    assert base["vs_reference"]["p_value"] == pytest.approx(expected.p_value)
+    assert [g["group"] for g in studied["by_age_group"]] == ["0–9 y", "9–18 y"]
+    assert sum(g["n"] for g in studied["by_age_group"]) == 80
+
+    table = (out / "table.md").read_text()
+    assert "| Model / init | MAE ± SD | MSE | R² | Paired t-test p |" in table
+    assert f"| pedxnet:7C | {studied['mae']:.2f} ± {studied['mae_sd']:.2f} |" in table
+    p = expected.p_value
+    baseline_row = next(line for line in table.splitlines() if line.startswith("| scratch |"))
+    assert baseline_row.endswith(f"| {'<0.001' if p < 0.001 else f'{p:.3f}'} |")
+    for name in ("predicted_vs_true.png", "bland_altman_0.png", "bland_altman_1.png"):
+        assert read_png(out / name).ndim == 3
+
+
+def test_task_from_flag_when_no_sidecar(tmp_path):
+    path = write_predictions(
+        tmp_path / "p.csv", [0, 1, 0, 1, 1, 0], [0.1, 0.8, 0.3, 0.6, 0.9, 0.2], task=None
+    )
+    with pytest.raises(evaluate.EvaluationError, match="--task"):
+        evaluate.read_predictions(path)
+    assert evaluate.read_predictions(path, task="fracture").task == "fracture"
+    path.with_name("p.csv.json").write_text(json.dumps({"task": "bone_age"}))
+    with pytest.raises(evaluate.EvaluationError, match="contradicts"):
+        evaluate.read_predictions(path, task="fracture")
+
+
+def test_wrong_columns_are_named(tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    pd.DataFrame({"id": ["a", "b"], "label": [0, 1], "prediction": [0.2, 0.7]}).to_csv(path, index=False)
+    assert evaluate.main([str(path), "--task", "fracture", "--out", str(tmp_path / "o")]) == 2
+    message = capsys.readouterr().err
+    assert "lacks column(s) target, sex, age_months, split" in message
+
+
+def test_mismatched_cases_are_rejected(bone_age_files, tmp_path):
+    target, close, _, model, _ = bone_age_files
+    other = write_predictions(tmp_path / "short.csv", target[:-1], close[:-1], "bone_age")
+    with pytest.raises(evaluate.EvaluationError, match="different cases: 1 id"):
+        evaluate.evaluate([model, other], tmp_path / "o")
+
+
+def test_fracture_predictions_must_be_probabilities(tmp_path):
+    path = write_predictions(tmp_path / "logits.csv", [0, 1, 0, 1], [-2.0, 3.0, -1.0, 0.5], "fracture")
+    with pytest.raises(evaluate.EvaluationError, match="probabilities"):
+        evaluate.read_predictions(path)
