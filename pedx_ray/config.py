@@ -99,7 +99,11 @@ class PretrainConfig:
                 f"betas must be two values in [0, 1), not {self.betas}",
             ),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, not {self.weight_decay}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, not {self.warmup_epochs}"),
+            (
+                0 <= self.warmup_epochs < self.epochs,
+                f"warmup_epochs must be in [0, epochs={self.epochs}), not {self.warmup_epochs}: "
+                "the polynomial decay needs at least one epoch after warm-up",
+            ),
             (self.poly_power > 0, f"poly_power must be positive, not {self.poly_power}"),
             (0 <= self.augment_p <= 1, f"augment_p is a probability in [0, 1], not {self.augment_p}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), not {self.dropout}"),

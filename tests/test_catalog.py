@@ -37,11 +37,24 @@ def spool(tmp_path: Path) -> Path:
     shutil.copy(get_testdata_file("rtplan.dcm"), bad / "rtplan.dcm")  # no pixel data
     shutil.copy(get_testdata_file("SC_rgb_small_odd.dcm"), bad / "SC_rgb.dcm")  # colour, not a radiograph
     # Files some PACS exports write: no 128-byte preamble; no preamble and no file meta either.
-    bare = write(radiograph(patient_id="MRN-010", study_key="bare", body_part="FOOT", view_position="AP",
-                            study_description="XR FOOT AP"), tmp_path / "bare")
+    bare = write(
+        radiograph(
+            patient_id="MRN-010",
+            study_key="bare",
+            body_part="FOOT",
+            view_position="AP",
+            study_description="XR FOOT AP",
+        ),
+        tmp_path / "bare",
+    )
     (root / "good" / "no_preamble.dcm").write_bytes(bare.read_bytes()[132:])
-    no_meta = radiograph(patient_id="MRN-011", study_key="nometa", body_part="ELBOW", view_position="LAT",
-                         study_description="XR ELBOW LATERAL")
+    no_meta = radiograph(
+        patient_id="MRN-011",
+        study_key="nometa",
+        body_part="ELBOW",
+        view_position="LAT",
+        study_description="XR ELBOW LATERAL",
+    )
     del no_meta.file_meta
     no_meta.save_as(root / "good" / "no_meta.dcm", implicit_vr=False, little_endian=True)
     (bad / "notes.txt").write_text("not a DICOM file\n")
