@@ -57,6 +57,7 @@ class PretrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets the runs of a sweep share a GPU
     storage: str = "runs"
     name: str = ""
     max_failures: int = 2
@@ -108,6 +109,7 @@ class PretrainConfig:
             (0 <= self.augment_p <= 1, f"augment_p is a probability in [0, 1], not {self.augment_p}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), not {self.dropout}"),
             (self.cpus_per_worker > 0, f"cpus_per_worker must be positive, not {self.cpus_per_worker}"),
+            (self.gpus_per_worker > 0, f"gpus_per_worker must be positive, not {self.gpus_per_worker}"),
             (
                 self.max_failures >= -1,
                 f"max_failures must be -1 (retry forever) or more, not {self.max_failures}",

@@ -113,6 +113,7 @@ class FinetuneConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets the runs of a sweep share a GPU
     storage: str = "runs"
     name: str = ""
     max_failures: int = 2
@@ -179,6 +180,7 @@ class FinetuneConfig:
             (self.hidden >= 1, f"hidden must be at least 1, not {self.hidden}"),
             (self.target_std > 0, f"target_std must be positive, not {self.target_std}"),
             (self.cpus_per_worker > 0, f"cpus_per_worker must be positive, not {self.cpus_per_worker}"),
+            (self.gpus_per_worker > 0, f"gpus_per_worker must be positive, not {self.gpus_per_worker}"),
             (
                 self.max_failures >= -1,
                 f"max_failures must be -1 (retry forever) or more, not {self.max_failures}",
@@ -516,10 +518,11 @@ def _connect_ray(config: FinetuneConfig):
             f"× {config.cpus_per_worker:g} CPUs need {needed_cpus}; use fewer --num-workers or a smaller "
             "--cpus-per-worker"
         )
-    if config.use_gpu and resources.get("GPU", 0) < config.num_workers:
+    needed_gpus = config.num_workers * config.gpus_per_worker
+    if config.use_gpu and resources.get("GPU", 0) < needed_gpus:
         raise FinetuneError(
-            f"--use-gpu with {config.num_workers} workers needs {config.num_workers} GPUs; the Ray "
-            f"cluster has {resources.get('GPU', 0):g}"
+            f"--use-gpu with {config.num_workers} workers × {config.gpus_per_worker:g} GPUs needs "
+            f"{needed_gpus:g} GPUs; the Ray cluster has {resources.get('GPU', 0):g}"
         )
     return ray
 
@@ -541,8 +544,12 @@ def _records(frame: pd.DataFrame) -> dict:
     return {c: frame[c].tolist() for c in ("id", "image", "sex", "target")}
 
 
-def run_finetuning(config: FinetuneConfig, *, resume: bool = False, progress: bool = True) -> FinetuneResult:
-    """Prepare the data, run (or resume) the Ray Train job, export the best checkpoint and predictions."""
+def run_finetuning(
+    config: FinetuneConfig, *, resume: bool = False, progress: bool = True, callbacks=()
+) -> FinetuneResult:
+    """Prepare the data, run (or resume) the Ray Train job, export the best checkpoint and predictions.
+
+    ``callbacks`` are Ray Train callbacks (a Tune sweep passes ``TuneReportCallback``)."""
     if not config.data:
         raise FinetuneError("no data given: pass --data KIND:PATH or set `data:` in the --config YAML")
     config = config.replace(name=config.name or f"{config.task}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -581,12 +588,14 @@ def run_finetuning(config: FinetuneConfig, *, resume: bool = False, progress: bo
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker},
+            resources_per_worker={"CPU": config.cpus_per_worker}
+            | ({"GPU": config.gpus_per_worker} if config.use_gpu else {}),
         ),
         run_config=RunConfig(
             name=config.name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=config.max_failures),
+            callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.num_to_keep,
                 checkpoint_score_attribute=SCORE_METRIC,

@@ -281,10 +281,11 @@ def _connect_ray(config: PretrainConfig):
             f"× {config.cpus_per_worker:g} CPUs plus 1 for data loading need {needed_cpus}; "
             "use fewer --num-workers or a smaller --cpus-per-worker"
         )
-    if config.use_gpu and resources.get("GPU", 0) < config.num_workers:
+    needed_gpus = config.num_workers * config.gpus_per_worker
+    if config.use_gpu and resources.get("GPU", 0) < needed_gpus:
         raise PretrainError(
-            f"--use-gpu with {config.num_workers} workers needs {config.num_workers} GPUs; the Ray "
-            f"cluster has {resources.get('GPU', 0):g}"
+            f"--use-gpu with {config.num_workers} workers × {config.gpus_per_worker:g} GPUs needs "
+            f"{needed_gpus:g} GPUs; the Ray cluster has {resources.get('GPU', 0):g}"
         )
     return ray
 
@@ -313,8 +314,12 @@ def _export_best(best_checkpoint, best_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def run_pretraining(config: PretrainConfig, *, resume: bool = False, progress: bool = True) -> PretrainResult:
-    """Check the shard set, start (or resume) the Ray Train run, export the best checkpoint."""
+def run_pretraining(
+    config: PretrainConfig, *, resume: bool = False, progress: bool = True, callbacks=()
+) -> PretrainResult:
+    """Check the shard set, start (or resume) the Ray Train run, export the best checkpoint.
+
+    ``callbacks`` are Ray Train callbacks (a Tune sweep passes ``TuneReportCallback``)."""
     manifest = read_manifest(config.shards)
     check_manifest(manifest, config.granularity, config.shards)
     if config.classes and tuple(manifest["classes"]) != config.classes:
@@ -351,12 +356,14 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = False, progress: b
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker},
+            resources_per_worker={"CPU": config.cpus_per_worker}
+            | ({"GPU": config.gpus_per_worker} if config.use_gpu else {}),
         ),
         run_config=RunConfig(
             name=config.name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=config.max_failures),
+            callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.num_to_keep,
                 checkpoint_score_attribute=SCORE_METRIC,

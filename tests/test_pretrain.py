@@ -155,10 +155,10 @@ def test_augmentation_depends_only_on_seed_epoch_and_key():
 def test_config_precedence_is_defaults_then_yaml_then_flags(tmp_path):
     (tmp_path / "run.yaml").write_text("epochs: 7\nlr: 0.001\nimage_size: 299\n")
     args = build_parser().parse_args(
-        ["--shards", "S", "--config", str(tmp_path / "run.yaml"), "--epochs", "3"]
+        ["--shards", "S", "--config", str(tmp_path / "run.yaml"), "--epochs", "9"]
     )
     config = config_from_args(args)
-    assert (config.epochs, config.lr, config.image_size) == (3, 0.001, 299)  # flag > YAML > default
+    assert (config.epochs, config.lr, config.image_size) == (9, 0.001, 299)  # flag > YAML > default
     assert config.batch_size == 60 and config.weight_decay == 5e-4 and config.betas == (0.9, 0.999)
     assert not config.use_gpu
 
@@ -170,6 +170,8 @@ def test_config_validation_says_how_to_fix():
         resolve_config({"epoch": 3})
     with pytest.raises(ConfigError, match="granularity must be one of"):
         PretrainConfig(granularity=12)
+    with pytest.raises(ConfigError, match="at least one epoch after warm-up"):
+        PretrainConfig(epochs=5, warmup_epochs=5)
 
 
 def test_shipped_yaml_configs_are_valid():
