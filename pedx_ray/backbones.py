@@ -25,7 +25,7 @@ from torch import nn
 
 from pedx_ray.config import MIN_INCEPTION_SIZE
 from pedx_ray.enhance import ENHANCERS
-from pedx_ray.models import PedXInception, TinyCNN
+from pedx_ray.models import INCEPTION_STEPS, PedXInception, TinyCNN
 
 
 class WeightsError(ValueError):
@@ -65,26 +65,6 @@ def _densenet121() -> nn.Module:
     return net
 
 
-_INCEPTION_STEPS = (
-    "Conv2d_1a_3x3",
-    "Conv2d_2a_3x3",
-    "Conv2d_2b_3x3",
-    "maxpool1",
-    "Conv2d_3b_1x1",
-    "Conv2d_4a_3x3",
-    "maxpool2",
-    "Mixed_5b",
-    "Mixed_5c",
-    "Mixed_5d",
-    "Mixed_6a",
-    "Mixed_6b",
-    "Mixed_6c",
-    "Mixed_6d",
-    "Mixed_6e",
-    "Mixed_7a",
-    "Mixed_7b",
-    "Mixed_7c",
-)
 _RESNET_STEPS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -98,7 +78,7 @@ _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 ARCHITECTURES: dict[str, _Arch] = {
     "inception_v3": _Arch(
         build=lambda: PedXInception(num_classes=1),
-        steps=_children(*_INCEPTION_STEPS),
+        steps=_children(*INCEPTION_STEPS),
         attention_points=_children("Mixed_5d", "Mixed_6e", "Mixed_7c"),
         first_conv="Conv2d_1a_3x3.conv",
         num_features=2048,

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 
 from pedx_ray.augment import augment_images, build_augmentation
+from pedx_ray.cluster import connect_ray
 from pedx_ray.config import MIN_INCEPTION_SIZE, ConfigError, read_yaml
 from pedx_ray.data import to_model_input
 from pedx_ray.datasets import (
@@ -498,35 +499,6 @@ class FinetuneResult:
     predictions: dict[str, Path]  # split → CSV
 
 
-def _connect_ray(config: FinetuneConfig):
-    """Connect to RAY_ADDRESS's cluster, else start local Ray sized for the workers."""
-    import ray
-
-    needed_cpus = math.ceil(config.num_workers * config.cpus_per_worker)
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(
-                num_cpus=max(os.cpu_count() or 1, needed_cpus),
-                num_gpus=torch.cuda.device_count() if config.use_gpu else 0,
-            )
-    resources = ray.cluster_resources()
-    if resources.get("CPU", 0) < needed_cpus:
-        raise FinetuneError(
-            f"the Ray cluster has {resources.get('CPU', 0):g} CPUs but {config.num_workers} workers "
-            f"× {config.cpus_per_worker:g} CPUs need {needed_cpus}; use fewer --num-workers or a smaller "
-            "--cpus-per-worker"
-        )
-    needed_gpus = config.num_workers * config.gpus_per_worker
-    if config.use_gpu and resources.get("GPU", 0) < needed_gpus:
-        raise FinetuneError(
-            f"--use-gpu with {config.num_workers} workers × {config.gpus_per_worker:g} GPUs needs "
-            f"{needed_gpus:g} GPUs; the Ray cluster has {resources.get('GPU', 0):g}"
-        )
-    return ray
-
-
 def prepare_data(config: FinetuneConfig, *, progress: bool = True) -> tuple[FinetuneConfig, pd.DataFrame]:
     """The table with cached images, and the config with the bone-age target scale filled in."""
     table = load_table(config)
@@ -575,7 +547,13 @@ def run_finetuning(
     counts = {split: int((table["split"] == split).sum()) for split in ("train", "val", "test")}
     print("data: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " images")
 
-    ray = _connect_ray(config)
+    ray = connect_ray(
+        num_workers=config.num_workers,
+        cpus_per_worker=config.cpus_per_worker,
+        gpus_per_worker=config.gpus_per_worker,
+        use_gpu=config.use_gpu,
+        error=FinetuneError,
+    )
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -29,6 +29,29 @@ class CheckpointError(RuntimeError):
     pass
 
 
+# InceptionV3's feature blocks in forward order (torchvision's Inception3 attribute names).
+INCEPTION_STEPS = (
+    "Conv2d_1a_3x3",
+    "Conv2d_2a_3x3",
+    "Conv2d_2b_3x3",
+    "maxpool1",
+    "Conv2d_3b_1x1",
+    "Conv2d_4a_3x3",
+    "maxpool2",
+    "Mixed_5b",
+    "Mixed_5c",
+    "Mixed_5d",
+    "Mixed_6a",
+    "Mixed_6b",
+    "Mixed_6c",
+    "Mixed_6d",
+    "Mixed_6e",
+    "Mixed_7a",
+    "Mixed_7b",
+    "Mixed_7c",
+)
+
+
 class PedXInception(Inception3):
     """InceptionV3 with a 1-channel stem (radiographs are grayscale) and no auxiliary head."""
 
@@ -45,27 +68,7 @@ class PedXInception(Inception3):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) images -> (N, 2048) globally pooled features."""
-        for name in (
-            "Conv2d_1a_3x3",
-            "Conv2d_2a_3x3",
-            "Conv2d_2b_3x3",
-            "maxpool1",
-            "Conv2d_3b_1x1",
-            "Conv2d_4a_3x3",
-            "maxpool2",
-            "Mixed_5b",
-            "Mixed_5c",
-            "Mixed_5d",
-            "Mixed_6a",
-            "Mixed_6b",
-            "Mixed_6c",
-            "Mixed_6d",
-            "Mixed_6e",
-            "Mixed_7a",
-            "Mixed_7b",
-            "Mixed_7c",
-            "avgpool",
-        ):
+        for name in (*INCEPTION_STEPS, "avgpool"):
             x = getattr(self, name)(x)
         return torch.flatten(x, 1)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from pedx_ray.cluster import connect_ray
 from pedx_ray.config import (
     GRANULARITIES,
     ConfigError,
@@ -261,35 +261,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 # ---------------------------------------------------------------- driver side
 
 
-def _connect_ray(config: PretrainConfig):
-    """Connect to RAY_ADDRESS's cluster, else start local Ray sized for the workers plus data tasks."""
-    import ray
-
-    needed_cpus = math.ceil(config.num_workers * config.cpus_per_worker) + 1  # +1: Ray Data read tasks
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(
-                num_cpus=max(os.cpu_count() or 1, needed_cpus),
-                num_gpus=torch.cuda.device_count() if config.use_gpu else 0,
-            )
-    resources = ray.cluster_resources()
-    if resources.get("CPU", 0) < needed_cpus:
-        raise PretrainError(
-            f"the Ray cluster has {resources.get('CPU', 0):g} CPUs but {config.num_workers} workers "
-            f"× {config.cpus_per_worker:g} CPUs plus 1 for data loading need {needed_cpus}; "
-            "use fewer --num-workers or a smaller --cpus-per-worker"
-        )
-    needed_gpus = config.num_workers * config.gpus_per_worker
-    if config.use_gpu and resources.get("GPU", 0) < needed_gpus:
-        raise PretrainError(
-            f"--use-gpu with {config.num_workers} workers × {config.gpus_per_worker:g} GPUs needs "
-            f"{needed_gpus:g} GPUs; the Ray cluster has {resources.get('GPU', 0):g}"
-        )
-    return ray
-
-
 def _storage_root(config: PretrainConfig) -> Path:
     if "://" in config.storage:
         raise PretrainError(
@@ -346,7 +317,15 @@ def run_pretraining(
     tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
     os.replace(tmp, run_dir / CONFIG_FILE)
 
-    ray = _connect_ray(config)
+    ray = connect_ray(
+        num_workers=config.num_workers,
+        cpus_per_worker=config.cpus_per_worker,
+        gpus_per_worker=config.gpus_per_worker,
+        use_gpu=config.use_gpu,
+        extra_cpus=1,  # Ray Data read tasks
+        extra_what="data loading",
+        error=PretrainError,
+    )
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -57,7 +57,7 @@ def test_inception_rejects_images_too_small_for_it():
 
 def test_checkpoint_round_trip_rebuilds_the_model_from_config_json_alone(tmp_path):
     torch.manual_seed(0)
-    config = PretrainConfig(image_size=96, classes=CLASSES_7, epochs=3)
+    config = PretrainConfig(image_size=96, classes=CLASSES_7, epochs=3, warmup_epochs=1)
     model = build_model(config)
     ddp_like = torch.nn.Module()  # state_dict must be the unwrapped model's, whatever wraps it
     ddp_like._orig_mod = model
