@@ -516,6 +516,27 @@ def _records(frame: pd.DataFrame) -> dict:
     return {c: frame[c].tolist() for c in ("id", "image", "sex", "target")}
 
 
+def _with_absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
+    """Ray Train workers run in their own working directory, and a resume may start elsewhere: every
+    path the run reads is fixed relative to the directory the job was started from."""
+
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve()) if path else path
+
+    def absolute_spec(spec: str) -> str:
+        kind, sep, path = spec.partition(":")
+        return f"{kind}{sep}{absolute(path)}" if sep else spec
+
+    return config.replace(
+        init=absolute_spec(config.init),
+        data=absolute_spec(config.data),
+        **{
+            f: absolute(getattr(config, f))
+            for f in ("images", "labels", "val_list", "test_list", "cache_dir")
+        },
+    )
+
+
 def run_finetuning(
     config: FinetuneConfig, *, resume: bool = False, progress: bool = True, callbacks=()
 ) -> FinetuneResult:
@@ -524,7 +545,9 @@ def run_finetuning(
     ``callbacks`` are Ray Train callbacks (a Tune sweep passes ``TuneReportCallback``)."""
     if not config.data:
         raise FinetuneError("no data given: pass --data KIND:PATH or set `data:` in the --config YAML")
-    config = config.replace(name=config.name or f"{config.task}-{datetime.now():%Y%m%d-%H%M%S}")
+    config = _with_absolute_paths(
+        config.replace(name=config.name or f"{config.task}-{datetime.now():%Y%m%d-%H%M%S}")
+    )
     storage = _storage_root(config)
     run_dir = storage / config.name
     if (run_dir / CONFIG_FILE).exists() and not resume:

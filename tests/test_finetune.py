@@ -7,6 +7,7 @@ small phantom sets: the architecture is not what they test.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -170,11 +171,14 @@ def bone_age_set(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_bone_age_run_writes_a_checkpoint_and_predictions(
-    ray_session, bone_age_set, pedxnet_checkpoint, tmp_path
+    ray_session, bone_age_set, pedxnet_checkpoint, tmp_path, monkeypatch
 ):
+    # Paths relative to where the command runs, as typed on a command line: Ray Train workers run
+    # elsewhere, so the run must fix them before they get there.
+    monkeypatch.chdir(tmp_path)
     config = tiny(
-        data=f"phantom:{bone_age_set}",
-        init=f"pedxnet:{pedxnet_checkpoint}",
+        data=f"phantom:{os.path.relpath(bone_age_set)}",
+        init=f"pedxnet:{os.path.relpath(pedxnet_checkpoint)}",
         storage=str(tmp_path),
         name="ba",
         num_workers=2,
@@ -184,7 +188,8 @@ def test_bone_age_run_writes_a_checkpoint_and_predictions(
     result = run_finetuning(config, progress=False)
     assert result.best_metrics["val_mae"] > 0
     model, saved = load_finetuned(result.best_dir)
-    assert saved.init == config.init and saved.target_mean > 0  # the target scale came from the train split
+    assert saved.init == f"pedxnet:{pedxnet_checkpoint.resolve()}"
+    assert saved.target_mean > 0  # the target scale came from the train split
     val = pd.read_csv(result.predictions["val"])
     test = pd.read_csv(result.predictions["test"])
     assert tuple(val.columns) == PREDICTION_COLUMNS
@@ -193,7 +198,7 @@ def test_bone_age_run_writes_a_checkpoint_and_predictions(
     mae = (val["prediction"] - val["target"]).abs().mean()
     assert mae == pytest.approx(result.best_metrics["val_mae"], rel=1e-4)  # CSV = the checkpoint's own scores
     sidecar = json.loads(Path(str(result.predictions["val"]) + ".json").read_text())
-    assert sidecar["task"] == "bone_age" and sidecar["init"] == config.init
+    assert sidecar["task"] == "bone_age" and sidecar["init"] == saved.init
     assert len(list((tmp_path / "ba").glob("checkpoint_epoch_*"))) == 2
     init_report = json.loads((tmp_path / "ba" / "init_report.json").read_text())
     assert set(init_report["skipped"]) == {"fc.weight", "fc.bias"} and init_report["loaded"]
