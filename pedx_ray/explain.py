@@ -147,7 +147,7 @@ def gradcam(
     cam = _upsample(cam, tuple(images.shape[-2:]))
     peak = cam.amax(dim=(1, 2), keepdim=True)
     cam = torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
-    return cam.clamp(0, 1).numpy()
+    return cam.clamp(0, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -168,7 +168,7 @@ def mean_activation_map(
         )
     finally:
         model.train(was_training)
-    return _upsample(torch.sigmoid(activation.mean(dim=1)), tuple(images.shape[-2:])).numpy()
+    return _upsample(torch.sigmoid(activation.mean(dim=1)), tuple(images.shape[-2:])).cpu().numpy()
 
 
 def overlay(
@@ -315,7 +315,7 @@ def extract_features(model: nn.Module, images: np.ndarray, batch_size: int = 16)
     batches = []
     for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch"):
         batch = torch.from_numpy(images[start : start + batch_size].astype(np.float32) / 255.0)[:, None]
-        batches.append(model.forward_features(batch).numpy())
+        batches.append(model.forward_features(batch).cpu().numpy())
     return np.concatenate(batches)
 
 

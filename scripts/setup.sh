@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up PedX-Ray on a fresh Debian/Ubuntu machine: system packages the tests and demo need
-# (Orthanc as the PACS, dcmtk as the reference DICOM tools) and a virtualenv at .venv with the
+# (Orthanc as the PACS, dcmtk as the reference DICOM tools, headless Chromium and its WebDriver for
+# the serving web page's test) and a virtualenv at .venv with the
 # project installed editable. Idempotent: a second run checks and changes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 command -v findscu >/dev/null 2>&1 || need_apt+=(dcmtk)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 if ((${#need_apt[@]})); then
     echo "setup: installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -1,0 +1,1 @@
+"""Ray Serve application serving the PedX-Ray models (see deploy/app.py)."""

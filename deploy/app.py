@@ -1,0 +1,391 @@
+"""The PedX-Ray Ray Serve application: view, bone-age and fracture prediction over HTTP.
+
+``serve run deploy.app:app`` (settings from deploy/config.yaml or $PEDX_SERVE_CONFIG, overridden by
+``key=value`` arguments, e.g. ``view_7=runs/NAME/best``), or ``serve deploy deploy/config.yaml`` on a
+cluster. ``app`` is a Serve application builder; `build_app` is the same from Python.
+
+Deployments: one ``ModelServer`` per checkpoint (named ``view_7``, ``view_30``, ``view_68``, ``bone_age``,
+``fracture``), each batching requests with ``@serve.batch``, and the ``Gateway`` ingress (FastAPI): it
+reads and checks the upload, preprocesses it exactly as training did (`deploy.inputs`) in a thread, and
+awaits the model's batched prediction. Routes:
+
+- ``POST /v1/view?granularity=7|30|68&top_k=3``, ``POST /v1/bone-age?sex=M|F``, ``POST /v1/fracture``:
+  body ``application/dicom``, ``image/png``, ``image/jpeg`` or multipart (part ``file``, field ``sex``);
+  ``explain=1`` adds the Grad-CAM overlay (base64 PNG in JSON, or the PNG itself with ``Accept: image/png``);
+- ``GET /healthz``, ``GET /v1/models`` (checkpoints, configs, metrics, preprocessing),
+  ``GET /openapi.json``, and the upload page at ``GET /``.
+
+Refused requests get a 4xx JSON ``{"error": code, "message": ...}``; an unexpected failure gets a 500
+with a request id and no stack trace. With an API key configured (the variable named by
+``api_key_env``), prediction routes and /v1/models need ``Authorization: Bearer KEY``; only the key's
+SHA-256 travels to the replicas and it is never logged. Overload: each deployment's
+``max_queued_requests`` makes Serve answer 503 at once instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import serve
+from ray.serve import Application
+
+from deploy.inputs import (
+    FEMALE,
+    InputError,
+    Limits,
+    Upload,
+    check_length,
+    decode,
+    parse_body,
+    parse_sex,
+    prepare,
+    too_large,
+)
+from deploy.metrics import GatewayMetrics, ModelMetrics
+from deploy.models import ModelSpec, Predictor, encode_overlay, inspect_checkpoint
+from deploy.settings import VIEW_MODELS, ServeSettings, resolve_checkpoint, resolve_settings
+
+log = logging.getLogger("ray.serve")
+PAGE = Path(__file__).with_name("static") / "index.html"
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'"
+)
+UPLOAD_BODY = {
+    "required": True,
+    "description": "A radiograph: DICOM Part 10, PNG or JPEG; or multipart/form-data with the file in "
+    "part `file` (and optionally a `sex` field).",
+    "content": {
+        "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}, "sex": {"type": "string"}},
+                "required": ["file"],
+            }
+        },
+    },
+}
+SUFFIX = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg"}
+# Module level: FastAPI resolves the routes' (string) annotations in this module's namespace.
+BEARER = HTTPBearer(auto_error=False, description="the API key, when the service has one")
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "device=cuda but this replica sees no GPU; give model replicas a GPU (num_gpus) "
+            "or use device=auto"
+        )
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+@serve.deployment(max_ongoing_requests=32, max_queued_requests=64, health_check_period_s=10)
+class ModelServer:
+    """One checkpoint; ``predict`` calls from all gateway replicas are batched dynamically."""
+
+    def __init__(self, spec: ModelSpec, settings: ServeSettings) -> None:
+        device = resolve_device(settings.device)
+        on_cuda = device == "cuda"
+        self.predictor = Predictor(
+            spec,
+            device=device,
+            bf16=on_cuda and settings.bf16,
+            channels_last=on_cuda and settings.channels_last,
+        )
+        self.metrics = ModelMetrics(spec.name)
+        self.metrics.loaded(self.predictor.load_seconds)
+        self.predict_batch.set_max_batch_size(settings.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.max_batch_size = settings.max_batch_size
+        log.info(
+            "%s: loaded %s on %s in %.1f s", spec.name, spec.checkpoint, device, self.predictor.load_seconds
+        )
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def predict_batch(self, items: list[tuple[np.ndarray, float]]) -> list[dict]:
+        images = np.stack([image for image, _ in items])
+        sex = np.array([s for _, s in items], np.float32)
+        started = time.perf_counter()
+        # In a thread, so the replica's event loop keeps collecting the next batch meanwhile.
+        results = await asyncio.to_thread(self.predictor.predict, images, sex)
+        self.metrics.batch(len(items), time.perf_counter() - started)
+        return results
+
+    async def predict(self, image: np.ndarray, sex: float = FEMALE) -> dict:
+        return await self.predict_batch((image, sex))
+
+    async def explain(self, image: np.ndarray, sex: float = FEMALE) -> tuple[dict, bytes]:
+        result, bgr = await asyncio.to_thread(self.predictor.explain, image, sex)
+        return result, encode_overlay(bgr)
+
+    def info(self) -> dict:
+        return self.predictor.info() | {"max_batch_size": self.max_batch_size}
+
+
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=128)
+@serve.ingress()
+class Gateway:
+    """The HTTP layer: auth, upload checks, preprocessing, routing to the model deployments."""
+
+    def __init__(
+        self, settings: ServeSettings, specs: dict[str, ModelSpec], key_digest: str | None, **models: Any
+    ) -> None:
+        self.settings, self.specs, self.models = settings, specs, models
+        self.key_digest = key_digest
+        self.limits = Limits(settings.max_upload_bytes, settings.max_pixels)
+        self.metrics = GatewayMetrics()
+        self.page = PAGE.read_text()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
+
+    # -- request handling, shared by the routes --
+    async def read_upload(self, request: Request) -> Upload:
+        check_length(request.headers.get("content-length"), self.limits)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.limits.max_upload_bytes:  # chunked uploads have no Content-Length
+                raise too_large(None, self.limits)
+            chunks.append(chunk)
+        upload = parse_body(b"".join(chunks), request.headers.get("content-type"))
+        if self.settings.upload_dir:
+            await asyncio.to_thread(self.keep_upload, upload)
+        return upload
+
+    def keep_upload(self, upload: Upload) -> None:
+        """Write the upload under a random name (never anything from the request or the header)."""
+        folder = Path(self.settings.upload_dir) / time.strftime("%Y-%m-%d")
+        folder.mkdir(parents=True, exist_ok=True)
+        name = uuid.uuid4().hex
+        tmp = folder / f".{name}.partial"
+        tmp.write_bytes(upload.data)
+        os.replace(tmp, folder / f"{name}{SUFFIX[upload.kind]}")
+
+    async def model_input(self, upload: Upload, name: str) -> np.ndarray:
+        decoded = await asyncio.to_thread(decode, upload, self.limits)
+        return await asyncio.to_thread(prepare, decoded, self.specs[name].recipe)
+
+    async def run(self, name: str, image: np.ndarray, sex: float, explain: bool) -> tuple[dict, bytes | None]:
+        if explain:
+            return await self.models[name].explain.remote(image, sex)
+        return await self.models[name].predict.remote(image, sex), None
+
+    def model_for(self, name: str, what: str) -> str:
+        if name not in self.models:
+            served = ", ".join(self.models) or "none"
+            raise InputError(404, "model_not_loaded", f"no {what} model is served here (served: {served})")
+        return name
+
+
+def _answer(body: dict, overlay: bytes | None, accept: str) -> Response:
+    if overlay is not None and "image/png" in accept:
+        return Response(overlay, media_type="image/png", headers={"X-PedX-Result": json.dumps(body)})
+    if overlay is not None:
+        body["overlay_png"] = base64.b64encode(overlay).decode()
+    return JSONResponse(body)
+
+
+def build_api(gw: Gateway) -> FastAPI:
+    api = FastAPI(
+        title="PedX-Ray",
+        version="1",
+        description="Pediatric radiograph view, bone age and fracture prediction (PedXnet).",
+        docs_url=None,  # Swagger UI loads its assets from a CDN; the spec is at /openapi.json
+        redoc_url=None,
+    )
+    if gw.settings.cors_origins:
+        api.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(gw.settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @api.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # a bug, not bad input: log it here, give the client no internals
+            request_id = uuid.uuid4().hex[:12]
+            log.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc, exc_info=True)
+            response = JSONResponse(
+                {"error": "internal_error", "message": f"internal error (request id {request_id})"}, 500
+            )
+        route = request.scope.get("route")
+        gw.metrics.record(
+            getattr(route, "path", "unmatched"), response.status_code, time.perf_counter() - started
+        )
+        return response
+
+    @api.exception_handler(InputError)
+    async def refused(_: Request, exc: InputError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.code, "message": exc.message}, exc.status, headers=headers)
+
+    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        if gw.key_digest is None:
+            return
+        given = hashlib.sha256(credentials.credentials.encode()).hexdigest() if credentials else ""
+        if not hmac.compare_digest(given, gw.key_digest):
+            raise InputError(401, "unauthorized", "this service needs an API key: Authorization: Bearer KEY")
+
+    predict_route = {"dependencies": [Depends(authorize)], "openapi_extra": {"requestBody": UPLOAD_BODY}}
+    explain_query = Query(False, description="add the Grad-CAM overlay (PNG) of the prediction")
+
+    @api.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(gw.page, headers={"Content-Security-Policy": PAGE_POLICY})
+
+    @api.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "models": list(gw.models)}
+
+    @api.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict:
+        infos = await asyncio.gather(*(handle.info.remote() for handle in gw.models.values()))
+        return {"models": infos}
+
+    @api.post("/v1/view", **predict_route)
+    async def view(
+        request: Request,
+        granularity: int | None = Query(None, description="7, 30 or 68 (default: the coarsest served)"),
+        top_k: int = Query(3, ge=1, le=68),
+        explain: bool = explain_query,
+    ) -> Response:
+        served = sorted(VIEW_MODELS[n] for n in gw.models if n in VIEW_MODELS)
+        granularity = granularity or (served[0] if served else 7)
+        name = gw.model_for(f"view_{granularity}", f"{granularity}-class view")
+        upload = await gw.read_upload(request)
+        result, overlay = await gw.run(name, await gw.model_input(upload, name), FEMALE, explain)
+        classes = gw.specs[name].classes
+        ranked = sorted(zip(classes, result["probabilities"], strict=True), key=lambda c: -c[1])
+        body = {
+            "model": name,
+            "task": "view",
+            "granularity": granularity,
+            "label": result["label"],
+            "probability": ranked[0][1],
+            "top_k": [{"label": label, "probability": p} for label, p in ranked[:top_k]],
+            "probabilities": dict(zip(classes, result["probabilities"], strict=True)),
+        }
+        return _answer(body, overlay, request.headers.get("accept", ""))
+
+    @api.post("/v1/bone-age", **predict_route)
+    async def bone_age(
+        request: Request,
+        sex: str | None = Query(None, description="M or F; default: the DICOM header's PatientSex"),
+        explain: bool = explain_query,
+    ) -> Response:
+        name = gw.model_for("bone_age", "bone age")
+        upload = await gw.read_upload(request)
+        given = parse_sex(upload.fields.get("sex") or sex)
+        decoded = await asyncio.to_thread(decode, upload, gw.limits)
+        if given is None and decoded.header_sex is None:
+            raise InputError(
+                422,
+                "sex_required",
+                "bone age needs the patient's sex: pass sex=M or sex=F (query parameter or form field); "
+                + (
+                    "the DICOM header has no PatientSex M/F"
+                    if decoded.kind == "dicom"
+                    else "an image has none"
+                ),
+            )
+        value = given if given is not None else decoded.header_sex
+        image = await asyncio.to_thread(prepare, decoded, gw.specs[name].recipe)
+        result, overlay = await gw.run(name, image, value, explain)
+        months = result["bone_age_months"]
+        body = {
+            "model": name,
+            "task": "bone_age",
+            "bone_age_months": months,
+            "bone_age_years": months / 12,
+            "sex": "F" if value == FEMALE else "M",
+            "sex_source": "request" if given is not None else "dicom",
+        }
+        return _answer(body, overlay, request.headers.get("accept", ""))
+
+    @api.post("/v1/fracture", **predict_route)
+    async def fracture(request: Request, explain: bool = explain_query) -> Response:
+        name = gw.model_for("fracture", "fracture")
+        upload = await gw.read_upload(request)
+        result, overlay = await gw.run(name, await gw.model_input(upload, name), FEMALE, explain)
+        body = {
+            "model": name,
+            "task": "fracture",
+            "probability": result["probability"],
+            "label": "fracture" if result["fracture"] else "no_fracture",
+            "threshold": result["threshold"],
+        }
+        return _answer(body, overlay, request.headers.get("accept", ""))
+
+    return api
+
+
+def _gpus_per_model(settings: ServeSettings, n_models: int) -> float:
+    """``num_gpus: auto``: share the GPUs visible where the app is built between the models."""
+    if settings.num_gpus != "auto":
+        return float(settings.num_gpus)
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else torch.cuda.device_count()
+    return 0.0 if not gpus else min(1.0, int(100 * gpus / n_models) / 100)
+
+
+def build_app(settings: ServeSettings, deployment_options: dict[str, dict] | None = None) -> Application:
+    """The application for ``settings``; checkpoints are validated here, before any replica starts.
+
+    ``deployment_options`` maps a deployment name (``Gateway``, ``view_7``, ...) to Serve options that
+    override the defaults (as a Serve config file's ``deployments:`` section does).
+    """
+    specs = {
+        name: inspect_checkpoint(
+            name,
+            resolve_checkpoint(path, name),
+            view_preprocessing=settings.view_preprocessing,
+            fracture_threshold=settings.fracture_threshold,
+        )
+        for name, path in settings.models().items()
+    }
+    options = deployment_options or {}
+    gpus = _gpus_per_model(settings, len(specs))
+    models = {}
+    for name, spec in specs.items():
+        defaults = {
+            "name": name,
+            # one batch running while the next one fills; more would only wait in the replica
+            "max_ongoing_requests": max(2 * settings.max_batch_size, 4),
+            "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": gpus},
+        }
+        models[name] = ModelServer.options(**(defaults | options.get(name, {}))).bind(spec, settings)
+    key = os.environ.get(settings.api_key_env, "")
+    digest = hashlib.sha256(key.encode()).hexdigest() if key else None
+    return Gateway.options(**options.get("Gateway", {})).bind(settings, specs, digest, **models)
+
+
+def app(args: dict[str, str] | None = None) -> Application:
+    """Serve application builder: ``serve run deploy.app:app [config=FILE] [setting=value ...]``."""
+    return build_app(resolve_settings(args))

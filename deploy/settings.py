@@ -1,0 +1,196 @@
+"""What the service serves and how: one frozen dataclass, resolved as defaults < YAML < builder arguments.
+
+The YAML is ``$PEDX_SERVE_CONFIG`` or ``deploy/config.yaml``; either a plain mapping of these fields or
+a Serve config file, whose ``deploy.app:app`` application's ``args`` are used (so `serve deploy` and
+`serve run deploy.app:app` read the same settings). Builder arguments come from
+``serve run deploy.app:app key=value ...`` (strings, converted by field type) or from Python.
+
+Checkpoint fields take a directory (DESIGN.md contract 4) or a glob such as ``demo/runs/smoke-7c-*/best``,
+which picks the most recently modified match; relative paths are resolved against the working directory
+of the process that builds the app (on a cluster, use absolute paths on shared storage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+CONFIG_ENV = "PEDX_SERVE_CONFIG"
+IMPORT_PATH = "deploy.app:app"
+# Model deployments by name: the view models per granularity, then the downstream tasks.
+VIEW_MODELS = {"view_7": 7, "view_30": 30, "view_68": 68}
+TASK_MODELS = ("bone_age", "fracture")
+MODEL_FIELDS = (*VIEW_MODELS, *TASK_MODELS)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class SettingsError(ValueError):
+    """The serving configuration is invalid; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    # Checkpoints ("" = not served): view models from pretraining, downstream models from fine-tuning
+    view_7: str = ""
+    view_30: str = ""
+    view_68: str = ""
+    bone_age: str = ""
+    fracture: str = ""
+    # The view models' shard preprocessing (PreprocessParams fields) when their shard manifest is not
+    # readable where the app is built; by default it is read from the manifest named in config.json.
+    view_preprocessing: dict = field(default_factory=dict)
+    fracture_threshold: float = 0.5
+    # Inference
+    max_batch_size: int = 16  # 1 turns dynamic batching off
+    batch_wait_timeout_s: float = 0.005
+    device: str = "auto"  # auto: CUDA when the replica sees a GPU
+    num_gpus: float | str = "auto"  # per model replica; auto: share the GPUs the builder sees, else 0
+    num_cpus: float = 1.0  # per model replica
+    bf16: bool = True  # CUDA only: bfloat16 autocast
+    channels_last: bool = True  # CUDA only
+    # Input limits
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 40_000_000  # a 10,000 x 10,000 image is refused before it is decoded
+    # Access
+    api_key_env: str = "PEDX_API_KEY"  # the variable holding the key; unset or empty = no key
+    cors_origins: tuple[str, ...] = ()  # none = CORS off
+    upload_dir: str = ""  # "" = uploads are never written to disk
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        object.__setattr__(self, "view_preprocessing", dict(self.view_preprocessing or {}))
+        checks = [
+            (
+                any(getattr(self, name) for name in MODEL_FIELDS),
+                f"no model to serve: set at least one of {', '.join(MODEL_FIELDS)} to a checkpoint "
+                f"directory (e.g. `serve run {IMPORT_PATH} view_7=runs/NAME/best`)",
+            ),
+            (
+                0 < self.fracture_threshold < 1,
+                f"fracture_threshold must be in (0, 1), not {self.fracture_threshold}",
+            ),
+            (self.max_batch_size >= 1, f"max_batch_size must be at least 1, not {self.max_batch_size}"),
+            (
+                self.batch_wait_timeout_s >= 0,
+                f"batch_wait_timeout_s must be >= 0, not {self.batch_wait_timeout_s}",
+            ),
+            (self.device in DEVICES, f"device must be one of {DEVICES}, not {self.device!r}"),
+            (
+                self.num_gpus == "auto" or (isinstance(self.num_gpus, int | float) and self.num_gpus >= 0),
+                f"num_gpus must be 'auto' or a number >= 0, not {self.num_gpus!r}",
+            ),
+            (self.num_cpus > 0, f"num_cpus must be positive, not {self.num_cpus}"),
+            (
+                self.max_upload_bytes >= 1024,
+                f"max_upload_bytes must be at least 1024, not {self.max_upload_bytes}",
+            ),
+            (self.max_pixels >= 64 * 64, f"max_pixels must be at least 4096, not {self.max_pixels}"),
+            (bool(self.api_key_env), "api_key_env must name an environment variable"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
+
+    def models(self) -> dict[str, str]:
+        """Deployment name → checkpoint, for the models that are set."""
+        return {name: getattr(self, name) for name in MODEL_FIELDS if getattr(self, name)}
+
+    def replace(self, **changes: Any) -> ServeSettings:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"cors_origins": list(self.cors_origins)}
+
+
+def _convert(name: str, value: Any, default: Any) -> Any:
+    """A builder argument (a string from the serve CLI, or already typed) as the field's type."""
+    if not isinstance(value, str):
+        return value
+    if name == "num_gpus":
+        return value if value == "auto" else float(value)
+    if isinstance(default, str):
+        return value
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name} must be true or false, not {value!r}")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, tuple):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(default, dict):
+        return yaml.safe_load(value)
+    return value
+
+
+def read_settings_yaml(path: str | Path) -> dict[str, Any]:
+    """Settings fields from a YAML file: a plain mapping, or a Serve config file's application args."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise SettingsError(f"cannot read serving config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path} must hold a mapping, not {type(data).__name__}")
+    if "applications" in data:
+        apps = [a for a in data["applications"] or [] if a.get("import_path") == IMPORT_PATH]
+        if not apps:
+            raise SettingsError(f"{path} is a Serve config without an application importing {IMPORT_PATH}")
+        data = apps[0].get("args") or {}
+    return data
+
+
+def resolve_settings(args: dict[str, Any] | None = None) -> ServeSettings:
+    """Defaults < YAML (``args['config']``, else $PEDX_SERVE_CONFIG, else deploy/config.yaml) < args."""
+    args = dict(args or {})
+    config = args.pop("config", None) or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    layer = read_settings_yaml(config) if Path(config).exists() or config != DEFAULT_CONFIG else {}
+    fields = {f.name: f for f in dataclasses.fields(ServeSettings)}
+    values: dict[str, Any] = {}
+    for source, label in ((layer, str(config)), (args, "arguments")):
+        unknown = sorted(set(source) - set(fields))
+        if unknown:
+            raise SettingsError(f"{label}: unknown setting(s) {unknown}; known: {sorted(fields)}")
+        for name, value in source.items():
+            default = fields[name].default
+            if default is dataclasses.MISSING:
+                default = fields[name].default_factory()
+            try:
+                values[name] = _convert(name, value, default)
+            except ValueError as exc:
+                raise SettingsError(f"{label}: {name}={value!r} is not valid ({exc})") from exc
+    try:
+        return ServeSettings(**values)
+    except TypeError as exc:
+        raise SettingsError(f"invalid setting types: {exc}") from exc
+
+
+def resolve_checkpoint(value: str, name: str) -> Path:
+    """A checkpoint directory (absolute), a glob resolved to its most recently modified match."""
+    if glob.has_magic(value):
+        matches = [Path(p) for p in glob.glob(value) if Path(p).is_dir()]
+        if not matches:
+            raise SettingsError(
+                f"{name}: no checkpoint directory matches {value!r} (from {Path.cwd()}); train one first "
+                "(scripts/demo.sh writes demo/runs/smoke-7c-*/best) or give its path"
+            )
+        return max(matches, key=lambda p: p.stat().st_mtime).resolve()
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise SettingsError(
+            f"{name}: checkpoint directory {value!r} does not exist (resolved from {Path.cwd()})"
+        )
+    return path.resolve()
