@@ -1,0 +1,1 @@
+"""Ray Tune sweeps of PedXnet pretraining and fine-tuning (spaces, runner, report)."""
