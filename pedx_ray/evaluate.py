@@ -372,13 +372,15 @@ def bland_altman_plot(model: Predictions, row: dict) -> np.ndarray:
     return axes.image
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Temp file + rename: a reader never sees half a table."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
 
 
 def _jsonable(value):
@@ -416,8 +418,8 @@ def evaluate(
         for i, (model, row) in enumerate(zip(models, rows, strict=True)):
             write_png(bland_altman_plot(model, row), out / f"bland_altman_{i}.png")
     result = {"task": task, "split": config.split, "reference": rows[0]["label"], "models": rows}
-    _write_text(out / "metrics.json", json.dumps(_jsonable(result), indent=2, allow_nan=False))
-    _write_text(out / "table.md", table)
+    write_text_atomic(out / "metrics.json", json.dumps(_jsonable(result), indent=2, allow_nan=False))
+    write_text_atomic(out / "table.md", table)
     return result
 
 

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -54,8 +53,8 @@ from pedx_ray.initialize import (
     parse_init,
     set_train_mode,
 )
-from pedx_ray.models import CONFIG_FILE, METRICS_FILE, MODEL_FILE, CheckpointError, save_checkpoint, unwrap
-from pedx_ray.pretrain import TRAIN_STATE_FILE, _export_best, _storage_root
+from pedx_ray.models import CONFIG_FILE, METRICS_FILE, MODEL_FILE, CheckpointError, unwrap
+from pedx_ray.pretrain import TRAIN_STATE_FILE, _export_best, _storage_root, report_checkpoint
 from pedx_ray.schedule import lr_factor
 from pedx_ray.tasks import DEFAULT_HEAD, HEADS, TASKS, build_task_model
 
@@ -464,22 +463,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics |= {f"val_{k}": v for k, v in split_scores(config.task, val.target, prediction).items()}
         best_score = max(best_score, metrics[SCORE_METRIC])
         metrics["best_" + SCORE_METRIC] = best_score
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(tmp, eval_model, config, metrics)
-            torch.save(
-                {
-                    "epoch": epoch + 1,
-                    "best_score": best_score,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                },
-                Path(tmp) / TRAIN_STATE_FILE,
-            )
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}",
-            )
+        report_checkpoint(eval_model, config, metrics, epoch + 1, best_score, optimizer, scheduler)
         shown = (
             f"val MAE {metrics['val_mae']:.2f} months"
             if config.task == "bone_age"

@@ -113,6 +113,30 @@ def _load_train_state(checkpoint, net, optimizer, scheduler) -> tuple[int, float
     return state["epoch"], state["best_score"]
 
 
+def report_checkpoint(
+    model, config, metrics: dict, epoch: int, best_score: float, optimizer, scheduler
+) -> None:
+    """Rank 0's epoch end: the model as contract 4 plus the optimizer state for resuming, reported to Ray."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, model, config, metrics)
+        torch.save(
+            {
+                "epoch": epoch,
+                "best_score": best_score,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            },
+            Path(tmp) / TRAIN_STATE_FILE,
+        )
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+        )
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point: runs on every worker."""
     import ray.train
@@ -225,22 +249,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics["best_" + SCORE_METRIC] = best_score
 
         if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, eval_model, config, metrics)
-                torch.save(
-                    {
-                        "epoch": epoch + 1,
-                        "best_score": best_score,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                    },
-                    Path(tmp) / TRAIN_STATE_FILE,
-                )
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}",
-                )
+            report_checkpoint(eval_model, config, metrics, epoch + 1, best_score, optimizer, scheduler)
             print(
                 f"epoch {epoch + 1}/{config.epochs}: loss {metrics['train_loss']:.4f}, "
                 f"{metrics['train_images_per_s']:.1f} img/s, val F1 {metrics['val_f1']:.4f}, "

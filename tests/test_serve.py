@@ -616,14 +616,18 @@ def test_prometheus_metrics_count_requests_batches_and_load_time(base, ray_sessi
         lines = [line for line in text.splitlines() if line.startswith("ray_pedx_serve")]
         present = [w for w in wanted if any(line.startswith(w) for line in lines)]
         batches, singles = _fracture_batches(lines)
-        if len(present) == len(wanted) and batches > singles:
+        # Each replica exports on its own schedule: wait until the gateway's counters are in as well.
+        counted = [
+            any(f'endpoint="{endpoint}"' in line and f'status="{status}"' in line for line in lines)
+            for endpoint, status in (("/v1/fracture", 200), ("/v1/view", 415))
+        ]
+        if len(present) == len(wanted) and batches > singles and all(counted):
             break
         assert time.monotonic() < deadline, (
-            f"after 60 s only {present}; fracture batches {batches}, {singles} of 1"
+            f"after 60 s only {present}; fracture batches {batches}, {singles} of 1; "
+            f"fracture 200 / view 415 counted: {counted}"
         )
         time.sleep(2)
-    assert any('endpoint="/v1/fracture"' in line and 'status="200"' in line for line in lines)
-    assert any('endpoint="/v1/view"' in line and 'status="415"' in line for line in lines)
     loads = [line for line in lines if line.startswith("ray_pedx_serve_model_load_seconds_count{")]
     assert {
         m for m in ("view_7", "view_30", "bone_age", "fracture") if any(f'model="{m}"' in x for x in loads)

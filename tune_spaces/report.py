@@ -28,13 +28,13 @@ import json
 import math
 import os
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pedx_ray import stats
+from pedx_ray.evaluate import write_text_atomic
 from tune_spaces.run import SWEEP_FILE, TRIAL_FILE
 from tune_spaces.spaces import INITS, parse_train_size
 
@@ -455,16 +455,6 @@ def curves_plot(meta: dict, trials: list[dict], title: str) -> np.ndarray | None
 # ---------------------------------------------------------------- the report
 
 
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_report(
     results: str | os.PathLike | list, out_dir: str | os.PathLike, size: str | None = None
 ) -> dict:
@@ -483,7 +473,7 @@ def write_report(
 
     upstream = upstream_table(experiments)
     if not upstream.empty:
-        written["csv"].append(_write_text(out / "table1_upstream.csv", upstream.to_csv(index=False)))
+        written["csv"].append(write_text_atomic(out / "table1_upstream.csv", upstream.to_csv(index=False)))
         written["tables"]["upstream"] = upstream
         sections += ["## Table 1: upstream view classification (validation split, macro)", "",
                      upstream_markdown(upstream)]  # fmt: skip
@@ -494,7 +484,7 @@ def write_report(
             continue
         table = downstream_table(frame, task, size)
         name = f"table{number}_{task}.csv"
-        written["csv"].append(_write_text(out / name, table.to_csv(index=False)))
+        written["csv"].append(write_text_atomic(out / name, table.to_csv(index=False)))
         written["tables"][task] = table
         runs_note = "mean ± SD over seeds"
         sections += [
@@ -506,7 +496,7 @@ def write_report(
     if not frame.empty:
         ablations = [ablation_table(frame, task) for task in frame["task"].unique()]
         long = pd.concat(ablations, ignore_index=True)
-        written["csv"].append(_write_text(out / "ablation.csv", long.to_csv(index=False)))
+        written["csv"].append(write_text_atomic(out / "ablation.csv", long.to_csv(index=False)))
         written["tables"]["ablation"] = long
         for table in ablations:
             task = table["task"].iloc[0]
@@ -523,7 +513,7 @@ def write_report(
                 png = _write_png(image, out / f"{kind}_{path.name}.png")
                 written["png"].append(png)
                 sections += [f"![{kind} {path.name}]({png.name})", ""]
-    written["markdown"] = _write_text(out / "report.md", "\n".join(sections))
+    written["markdown"] = write_text_atomic(out / "report.md", "\n".join(sections))
     return written
 
 
