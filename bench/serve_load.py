@@ -155,7 +155,7 @@ def run_served(
         view_7=str(checkpoint),
         view_preprocessing=view_preprocessing,
         max_batch_size=batch,
-        batch_wait_timeout_s=args.batch_wait_ms / 1000,
+        batch_wait_timeout_s="auto" if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
         device=args.device,
         num_gpus=1 if args.device == "cuda" else 0,
         num_cpus=args.model_cpus,
@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per mode (upper bound)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests per client (batches, direct)")
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--batch-wait-ms", type=float, help="batch wait (default: the app's auto, 5 ms GPU / 50 ms CPU)"
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
         "--model-cpus", type=float, default=float(os.cpu_count() or 1), help="per model replica"

@@ -116,7 +116,8 @@ class ModelServer:
         self.metrics = ModelMetrics(spec.name)
         self.metrics.loaded(self.predictor.load_seconds)
         self.predict_batch.set_max_batch_size(settings.max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        wait = settings.batch_wait_timeout_s
+        self.predict_batch.set_batch_wait_timeout_s((0.005 if on_cuda else 0.05) if wait == "auto" else wait)
         self.max_batch_size = settings.max_batch_size
         log.info(
             "%s: loaded %s on %s in %.1f s", spec.name, spec.checkpoint, device, self.predictor.load_seconds

@@ -49,7 +49,9 @@ class ServeSettings:
     fracture_threshold: float = 0.5
     # Inference
     max_batch_size: int = 16  # 1 turns dynamic batching off
-    batch_wait_timeout_s: float = 0.005
+    # auto: 5 ms on CUDA (low latency), 50 ms on CPU, where a batch takes longer than requests take to
+    # arrive through the proxy and the gateway: at 5 ms the CPU batches stayed small (bench/serve_load.py)
+    batch_wait_timeout_s: float | str = "auto"
     device: str = "auto"  # auto: CUDA when the replica sees a GPU
     num_gpus: float | str = "auto"  # per model replica; auto: share the GPUs the builder sees, else 0
     num_cpus: float = 1.0  # per model replica
@@ -78,8 +80,9 @@ class ServeSettings:
             ),
             (self.max_batch_size >= 1, f"max_batch_size must be at least 1, not {self.max_batch_size}"),
             (
-                self.batch_wait_timeout_s >= 0,
-                f"batch_wait_timeout_s must be >= 0, not {self.batch_wait_timeout_s}",
+                self.batch_wait_timeout_s == "auto"
+                or (not isinstance(self.batch_wait_timeout_s, str) and self.batch_wait_timeout_s >= 0),
+                f"batch_wait_timeout_s must be 'auto' or >= 0, not {self.batch_wait_timeout_s!r}",
             ),
             (self.device in DEVICES, f"device must be one of {DEVICES}, not {self.device!r}"),
             (
@@ -113,7 +116,7 @@ def _convert(name: str, value: Any, default: Any) -> Any:
     """A builder argument (a string from the serve CLI, or already typed) as the field's type."""
     if not isinstance(value, str):
         return value
-    if name == "num_gpus":
+    if name in ("num_gpus", "batch_wait_timeout_s"):
         return value if value == "auto" else float(value)
     if isinstance(default, str):
         return value

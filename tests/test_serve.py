@@ -167,6 +167,10 @@ def test_settings_come_from_the_serve_config_and_arguments_override_them(tmp_pat
     )
     assert (settings.view_7, settings.max_batch_size) == ("a", 8)
     assert settings.cors_origins == ("http://a", "http://b")
+    assert settings.batch_wait_timeout_s == "auto"  # 5 ms on GPU, 50 ms on CPU
+    assert resolve_settings({"view_7": "a", "batch_wait_timeout_s": "0.02"}).batch_wait_timeout_s == 0.02
+    with pytest.raises(SettingsError, match="batch_wait_timeout_s must be 'auto' or >= 0"):
+        ServeSettings(view_7="a", batch_wait_timeout_s="soon")
     with pytest.raises(SettingsError, match="unknown setting.*batch"):
         resolve_settings({"config": str(path), "batch": "8"})
     with pytest.raises(SettingsError, match="no model to serve"):
