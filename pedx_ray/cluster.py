@@ -48,3 +48,28 @@ def connect_ray(
             f"{needed_gpus:g} GPUs; the Ray cluster has {resources.get('GPU', 0):g}"
         )
     return ray
+
+
+def train_job_configs(config, *, storage: str, score_metric: str, callbacks=()):
+    """(ScalingConfig, RunConfig) of a job config: workers and their resources, failure retries, and the
+    checkpoints kept (the best ``num_to_keep`` by ``score_metric``, higher is better)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    scaling = ScalingConfig(
+        num_workers=config.num_workers,
+        use_gpu=config.use_gpu,
+        resources_per_worker={"CPU": config.cpus_per_worker}
+        | ({"GPU": config.gpus_per_worker} if config.use_gpu else {}),
+    )
+    run = RunConfig(
+        name=config.name,
+        storage_path=storage,
+        failure_config=FailureConfig(max_failures=config.max_failures),
+        callbacks=list(callbacks),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=config.num_to_keep,
+            checkpoint_score_attribute=score_metric,
+            checkpoint_score_order="max",
+        ),
+    )
+    return scaling, run

@@ -24,6 +24,42 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message says how to fix it."""
 
 
+def training_checks(config) -> list[tuple[bool, str]]:
+    """The checks every Ray Train job config shares (pretraining and fine-tuning): optimizer, schedule,
+    batch split and workers, as (ok, how to fix) pairs."""
+    return [
+        (config.image_size >= 16, f"image_size must be at least 16, not {config.image_size}"),
+        (config.epochs >= 1, f"epochs must be at least 1, not {config.epochs}"),
+        (config.num_workers >= 1, f"num_workers must be at least 1, not {config.num_workers}"),
+        (
+            config.batch_size >= config.num_workers and config.batch_size % config.num_workers == 0,
+            f"batch_size {config.batch_size} is global and must divide evenly across "
+            f"{config.num_workers} workers; use a multiple of {config.num_workers}",
+        ),
+        (config.lr > 0, f"lr must be positive, not {config.lr}"),
+        (
+            len(config.betas) == 2 and all(0 <= b < 1 for b in config.betas),
+            f"betas must be two values in [0, 1), not {config.betas}",
+        ),
+        (config.weight_decay >= 0, f"weight_decay must be >= 0, not {config.weight_decay}"),
+        (
+            0 <= config.warmup_epochs < config.epochs,
+            f"warmup_epochs ({config.warmup_epochs}) must be >= 0 and below epochs ({config.epochs}): "
+            "the polynomial decay needs at least one epoch after warm-up; lower --warmup-epochs",
+        ),
+        (config.poly_power > 0, f"poly_power must be positive, not {config.poly_power}"),
+        (0 <= config.augment_p <= 1, f"augment_p is a probability in [0, 1], not {config.augment_p}"),
+        (0 <= config.dropout < 1, f"dropout must be in [0, 1), not {config.dropout}"),
+        (config.cpus_per_worker > 0, f"cpus_per_worker must be positive, not {config.cpus_per_worker}"),
+        (config.gpus_per_worker > 0, f"gpus_per_worker must be positive, not {config.gpus_per_worker}"),
+        (
+            config.max_failures >= -1,
+            f"max_failures must be -1 (retry forever) or more, not {config.max_failures}",
+        ),
+        (config.num_to_keep >= 1, f"num_to_keep must be at least 1, not {config.num_to_keep}"),
+    ]
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     # Data
@@ -81,40 +117,7 @@ class PretrainConfig:
                 f"image_size {self.image_size} is too small for InceptionV3; "
                 f"use at least {MIN_INCEPTION_SIZE}",
             ),
-            (self.image_size >= 16, f"image_size must be at least 16, not {self.image_size}"),
-            (self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}"),
-            (self.num_workers >= 1, f"num_workers must be at least 1, not {self.num_workers}"),
-            (
-                self.batch_size >= self.num_workers,
-                f"batch_size {self.batch_size} is global and must be at least "
-                f"num_workers ({self.num_workers})",
-            ),
-            (
-                self.batch_size % self.num_workers == 0,
-                f"batch_size {self.batch_size} must divide evenly across {self.num_workers} workers; "
-                f"use a multiple of {self.num_workers}",
-            ),
-            (self.lr > 0, f"lr must be positive, not {self.lr}"),
-            (
-                len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                f"betas must be two values in [0, 1), not {self.betas}",
-            ),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, not {self.weight_decay}"),
-            (
-                0 <= self.warmup_epochs < self.epochs,
-                f"warmup_epochs must be in [0, epochs={self.epochs}), not {self.warmup_epochs}: "
-                "the polynomial decay needs at least one epoch after warm-up",
-            ),
-            (self.poly_power > 0, f"poly_power must be positive, not {self.poly_power}"),
-            (0 <= self.augment_p <= 1, f"augment_p is a probability in [0, 1], not {self.augment_p}"),
-            (0 <= self.dropout < 1, f"dropout must be in [0, 1), not {self.dropout}"),
-            (self.cpus_per_worker > 0, f"cpus_per_worker must be positive, not {self.cpus_per_worker}"),
-            (self.gpus_per_worker > 0, f"gpus_per_worker must be positive, not {self.gpus_per_worker}"),
-            (
-                self.max_failures >= -1,
-                f"max_failures must be -1 (retry forever) or more, not {self.max_failures}",
-            ),
-            (self.num_to_keep >= 1, f"num_to_keep must be at least 1, not {self.num_to_keep}"),
+            *training_checks(self),
             (self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, not {self.shuffle_buffer}"),
             (
                 not self.classes or len(self.classes) == self.granularity,

@@ -33,8 +33,8 @@ import pandas as pd
 import torch
 
 from pedx_ray.augment import augment_images, build_augmentation
-from pedx_ray.cluster import connect_ray
-from pedx_ray.config import MIN_INCEPTION_SIZE, ConfigError, read_yaml
+from pedx_ray.cluster import connect_ray, train_job_configs
+from pedx_ray.config import MIN_INCEPTION_SIZE, ConfigError, read_yaml, training_checks
 from pedx_ray.data import to_model_input
 from pedx_ray.datasets import (
     BUILTIN_ENHANCE,
@@ -140,7 +140,6 @@ class FinetuneConfig:
                 f"image_size {self.image_size} is too small for InceptionV3; "
                 f"use at least {MIN_INCEPTION_SIZE}",
             ),
-            (self.image_size >= 16, f"image_size must be at least 16, not {self.image_size}"),
             (
                 0 < self.train_fraction <= 1,
                 f"train_fraction must be in (0, 1], not {self.train_fraction}",
@@ -156,36 +155,9 @@ class FinetuneConfig:
                 f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} must leave "
                 "a training share (each in [0, 1), sum below 1)",
             ),
-            (self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}"),
-            (self.num_workers >= 1, f"num_workers must be at least 1, not {self.num_workers}"),
-            (
-                self.batch_size % self.num_workers == 0 and self.batch_size >= self.num_workers,
-                f"batch_size {self.batch_size} is global and must divide evenly across "
-                f"{self.num_workers} workers; use a multiple of {self.num_workers}",
-            ),
-            (self.lr > 0, f"lr must be positive, not {self.lr}"),
-            (
-                len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                f"betas must be two values in [0, 1), not {self.betas}",
-            ),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, not {self.weight_decay}"),
-            (
-                0 <= self.warmup_epochs < self.epochs,
-                f"warmup_epochs ({self.warmup_epochs}) must be >= 0 and below epochs ({self.epochs}) so "
-                "that the polynomial decay has epochs to run; lower --warmup-epochs",
-            ),
-            (self.poly_power > 0, f"poly_power must be positive, not {self.poly_power}"),
-            (0 <= self.augment_p <= 1, f"augment_p is a probability in [0, 1], not {self.augment_p}"),
-            (0 <= self.dropout < 1, f"dropout must be in [0, 1), not {self.dropout}"),
+            *training_checks(self),
             (self.hidden >= 1, f"hidden must be at least 1, not {self.hidden}"),
             (self.target_std > 0, f"target_std must be positive, not {self.target_std}"),
-            (self.cpus_per_worker > 0, f"cpus_per_worker must be positive, not {self.cpus_per_worker}"),
-            (self.gpus_per_worker > 0, f"gpus_per_worker must be positive, not {self.gpus_per_worker}"),
-            (
-                self.max_failures >= -1,
-                f"max_failures must be -1 (retry forever) or more, not {self.max_failures}",
-            ),
-            (self.num_to_keep >= 1, f"num_to_keep must be at least 1, not {self.num_to_keep}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -561,7 +533,9 @@ def run_finetuning(
         use_gpu=config.use_gpu,
         error=FinetuneError,
     )
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    scaling_config, run_config = train_job_configs(
+        config, storage=str(storage), score_metric=SCORE_METRIC, callbacks=callbacks
+    )
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
@@ -570,23 +544,8 @@ def run_finetuning(
             "config": config.to_dict(),
             "splits": {s: _records(table[table["split"] == s]) for s in ("train", "val")},
         },
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker}
-            | ({"GPU": config.gpus_per_worker} if config.use_gpu else {}),
-        ),
-        run_config=RunConfig(
-            name=config.name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            callbacks=list(callbacks),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=config.num_to_keep,
-                checkpoint_score_attribute=SCORE_METRIC,
-                checkpoint_score_order="max",
-            ),
-        ),
+        scaling_config=scaling_config,
+        run_config=run_config,
     )
     try:
         result = trainer.fit()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from pedx_ray.cluster import connect_ray
+from pedx_ray.cluster import connect_ray, train_job_configs
 from pedx_ray.config import (
     GRANULARITIES,
     ConfigError,
@@ -335,29 +335,16 @@ def run_pretraining(
         extra_what="data loading",
         error=PretrainError,
     )
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    scaling_config, run_config = train_job_configs(
+        config, storage=str(storage), score_metric=SCORE_METRIC, callbacks=callbacks
+    )
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "run_dir": str(run_dir)},
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker}
-            | ({"GPU": config.gpus_per_worker} if config.use_gpu else {}),
-        ),
-        run_config=RunConfig(
-            name=config.name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            callbacks=list(callbacks),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=config.num_to_keep,
-                checkpoint_score_attribute=SCORE_METRIC,
-                checkpoint_score_order="max",
-            ),
-        ),
+        scaling_config=scaling_config,
+        run_config=run_config,
         datasets=build_datasets(
             manifest, config.shards, config.classes, config.granularity, config.image_size, config.seed
         ),
