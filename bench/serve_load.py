@@ -9,6 +9,8 @@ batches of ``--max-batch-size`` (preprocessing a batch, then one forward pass); 
 ``unbatched`` send it over HTTP from ``--clients`` concurrent clients (each sends its next request when
 the previous one is answered), bounded by ``--requests`` and ``--duration``, with the model deployment's
 ``max_batch_size`` at ``--max-batch-size`` or 1. A mode's latency is per request (per batch for direct).
+``healthz`` sends ``GET /healthz`` the same way: the serving stack's fixed cost per request (proxy and
+gateway, no upload, no model), which bounds how close a cheap model can come to the ceiling.
 
 ``--synthetic inception_v3:512`` benchmarks an untrained checkpoint of that architecture and input size
 (what the paper serves) instead of ``--checkpoint``; on a GPU add ``--device cuda``.
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("direct", "batched", "unbatched")
+MODES = ("direct", "batched", "unbatched", "healthz")
 
 
 def synthetic_dicom(size: int) -> bytes:
@@ -113,8 +115,10 @@ def run_direct(args, checkpoint: Path, view_preprocessing: dict, payload: bytes)
     return summarise("direct", latencies, done, time.perf_counter() - started, {"ok": done})
 
 
-async def closed_loop(url: str, payload: bytes, clients: int, total: int, duration: float) -> tuple:
-    """``clients`` concurrent senders; each sends its next request when the last is answered."""
+async def closed_loop(url: str, payload: bytes | None, clients: int, total: int, duration: float) -> tuple:
+    """``clients`` concurrent senders; each sends its next request when the last is answered.
+
+    ``payload`` is POSTed as a DICOM; None sends GETs."""
     import aiohttp
 
     latencies: list[float] = []
@@ -128,7 +132,8 @@ async def closed_loop(url: str, payload: bytes, clients: int, total: int, durati
         while sent < total and time.perf_counter() - started < duration:
             sent += 1
             t0 = time.perf_counter()
-            async with session.post(url, data=payload, headers=headers) as response:
+            send = session.get(url) if payload is None else session.post(url, data=payload, headers=headers)
+            async with send as response:
                 await response.read()
                 statuses[str(response.status)] = statuses.get(str(response.status), 0) + 1
                 if response.status == 200:
@@ -150,7 +155,7 @@ def run_served(
     from deploy.app import build_app
     from deploy.settings import ServeSettings
 
-    batch = args.max_batch_size if mode == "batched" else 1
+    batch = 1 if mode == "unbatched" else args.max_batch_size
     settings = ServeSettings(
         view_7=str(checkpoint),
         view_preprocessing=view_preprocessing,
@@ -171,7 +176,8 @@ def run_served(
         "view_7": {"max_ongoing_requests": max(2 * batch, args.clients), "max_queued_requests": -1},
     }
     serve.run(build_app(settings, options), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1/view"
+    url = f"http://127.0.0.1:{port}/" + ("healthz" if mode == "healthz" else "v1/view")
+    payload = None if mode == "healthz" else payload
     asyncio.run(closed_loop(url, payload, args.clients, args.warmup * args.clients, 600))
     latencies, statuses, elapsed = asyncio.run(
         closed_loop(url, payload, args.clients, args.requests, args.duration)

@@ -100,6 +100,17 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def auto_batch_wait(single_forward_s: float) -> float:
+    """The batch wait for ``batch_wait_timeout_s: auto``: twice a warm single-image forward, 5–250 ms.
+
+    Waiting costs a lone request at most about two forwards' time, while a fuller batch costs far less
+    per image than that many single forwards. A fixed short wait left CPU batches at 1–3 images: a
+    forward there takes longer than requests take to arrive, the replica's threads then crowd out the
+    proxy and gateway, and the batches stay small (bench/serve_load.py, README "Benchmarks").
+    """
+    return min(0.25, max(0.005, 2 * single_forward_s))
+
+
 @serve.deployment(max_ongoing_requests=32, max_queued_requests=64, health_check_period_s=10)
 class ModelServer:
     """One checkpoint; ``predict`` calls from all gateway replicas are batched dynamically."""
@@ -117,10 +128,18 @@ class ModelServer:
         self.metrics.loaded(self.predictor.load_seconds)
         self.predict_batch.set_max_batch_size(settings.max_batch_size)
         wait = settings.batch_wait_timeout_s
-        self.predict_batch.set_batch_wait_timeout_s((0.005 if on_cuda else 0.05) if wait == "auto" else wait)
-        self.max_batch_size = settings.max_batch_size
+        if wait == "auto":
+            wait = auto_batch_wait(self.predictor.time_single_forward())
+        self.predict_batch.set_batch_wait_timeout_s(wait)
+        self.max_batch_size, self.batch_wait_timeout_s = settings.max_batch_size, wait
         log.info(
-            "%s: loaded %s on %s in %.1f s", spec.name, spec.checkpoint, device, self.predictor.load_seconds
+            "%s: loaded %s on %s in %.1f s; batches of up to %d, waiting up to %.0f ms",
+            spec.name,
+            spec.checkpoint,
+            device,
+            self.predictor.load_seconds,
+            settings.max_batch_size,
+            1000 * wait,
         )
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -141,7 +160,10 @@ class ModelServer:
         return result, encode_overlay(bgr)
 
     def info(self) -> dict:
-        return self.predictor.info() | {"max_batch_size": self.max_batch_size}
+        return self.predictor.info() | {
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_timeout_s": self.batch_wait_timeout_s,
+        }
 
 
 @serve.deployment(max_ongoing_requests=64, max_queued_requests=128)

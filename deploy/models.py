@@ -278,6 +278,16 @@ class Predictor:
             heat = gradcam(self._explain_model, tensor, target_class=target, forward=score)[0]
         return result, overlay(image, heat)
 
+    def time_single_forward(self) -> float:
+        """Seconds one warm single-image forward pass takes (the first call also warms the model up)."""
+        blank = np.zeros((1, self.spec.input_size, self.spec.input_size), np.uint8)
+        self.predict(blank)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        self.predict(blank)  # ends with .cpu(), so CUDA work is included
+        return time.perf_counter() - started
+
     def info(self) -> dict:
         return self.spec.summary() | {
             "device": str(self._device),

@@ -49,8 +49,7 @@ class ServeSettings:
     fracture_threshold: float = 0.5
     # Inference
     max_batch_size: int = 16  # 1 turns dynamic batching off
-    # auto: 5 ms on CUDA (low latency), 50 ms on CPU, where a batch takes longer than requests take to
-    # arrive through the proxy and the gateway: at 5 ms the CPU batches stayed small (bench/serve_load.py)
+    # auto: twice a warm single-image forward, 5–250 ms (deploy.app.auto_batch_wait)
     batch_wait_timeout_s: float | str = "auto"
     device: str = "auto"  # auto: CUDA when the replica sees a GPU
     num_gpus: float | str = "auto"  # per model replica; auto: share the GPUs the builder sees, else 0

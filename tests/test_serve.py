@@ -27,6 +27,7 @@ import requests
 import torch
 import yaml
 
+from deploy.app import auto_batch_wait
 from deploy.inputs import InputError, Limits, Upload, decode, is_colour, parse_body, parse_multipart, prepare
 from deploy.models import Predictor, inspect_checkpoint
 from deploy.settings import ServeSettings, SettingsError, resolve_checkpoint, resolve_settings
@@ -167,7 +168,7 @@ def test_settings_come_from_the_serve_config_and_arguments_override_them(tmp_pat
     )
     assert (settings.view_7, settings.max_batch_size) == ("a", 8)
     assert settings.cors_origins == ("http://a", "http://b")
-    assert settings.batch_wait_timeout_s == "auto"  # 5 ms on GPU, 50 ms on CPU
+    assert settings.batch_wait_timeout_s == "auto"
     assert resolve_settings({"view_7": "a", "batch_wait_timeout_s": "0.02"}).batch_wait_timeout_s == 0.02
     with pytest.raises(SettingsError, match="batch_wait_timeout_s must be 'auto' or >= 0"):
         ServeSettings(view_7="a", batch_wait_timeout_s="soon")
@@ -280,6 +281,13 @@ def test_cuda_path_bf16_channels_last_runs_on_cpu_and_agrees_with_float32(checkp
     )
 
 
+def test_auto_batch_wait_follows_the_measured_forward_time(checkpoints):
+    # a GPU-fast model waits 5 ms, a CPU model twice its forward, a very slow one at most 250 ms
+    assert [auto_batch_wait(s) for s in (0.0005, 0.04, 3.0)] == [0.005, 0.08, 0.25]
+    single = Predictor(inspect_checkpoint("view_7", checkpoints["view_7"])).time_single_forward()
+    assert 0 < single < 5
+
+
 def test_multipart_parsing_and_colour_detection():
     body = (
         b'--XyZ\r\nContent-Disposition: form-data; name="sex"\r\n\r\nF\r\n'
@@ -313,6 +321,7 @@ def test_health_openapi_and_models(base, checkpoints):
         assert info["config"] == json.loads((checkpoints[name] / "config.json").read_text())
         assert info["metrics"] == json.loads((checkpoints[name] / "metrics.json").read_text())
         assert info["device"] == "cpu" and info["load_seconds"] > 0
+        assert info["batch_wait_timeout_s"] == TINY["batch_wait_timeout_s"]
     assert models["view_30"]["granularity"] == 30 and models["view_7"]["classes"] == list(VIEW_CLASSES)
     assert models["bone_age"]["recipe"]["preprocessing"]["clahe"] is True
     assert models["view_7"]["recipe"]["preprocessing"]["size"] == 64
