@@ -30,6 +30,8 @@ from typing import Any, Self
 
 from tqdm import tqdm
 
+from ingest.files import write_json_atomic
+
 ORTHANC_BINARY = "Orthanc"
 INSTALL_HINT = "install it with: apt-get install -y orthanc (or run scripts/setup.sh)"
 LOOPBACK = "127.0.0.1"
@@ -273,7 +275,7 @@ class OrthancServer:
             (work_dir / sub).mkdir(parents=True, exist_ok=True)
         auto_dicom, auto_http = _two_free_ports()
         self._ports = (self.config.dicom_port or auto_dicom, self.config.http_port or auto_http)
-        _write_json_atomic(self.config_path, self._orthanc_config())
+        write_json_atomic(self.config_path, self._orthanc_config())
         with self.log_path.open("wb") as log:
             # Own session: a terminal's Ctrl-C reaches only our process, which then stops Orthanc in order.
             self._process = subprocess.Popen(
@@ -525,9 +527,3 @@ class OrthancServer:
 
     def modalities(self) -> dict[str, Modality]:
         return dict(self._modalities)
-
-
-def _write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(document, indent=2))
-    os.replace(temporary, path)

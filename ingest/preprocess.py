@@ -57,7 +57,6 @@ import argparse
 import logging
 import os
 import sys
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,6 +66,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as decode_pixels
+
+from ingest.files import replacing
 
 log = logging.getLogger("ingest.preprocess")
 
@@ -526,15 +527,11 @@ def write_png(img: np.ndarray, out: str | os.PathLike) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     data = encode_png(img)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with replacing(out) as tmp:
         tmp.write_bytes(data)
         check = cv2.imdecode(np.frombuffer(tmp.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
         if check is None or not np.array_equal(check, img):
             raise OSError(f"{tmp} did not read back as the image just written")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import tarfile
-import uuid
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -36,6 +35,7 @@ from ingest.balance import (
 )
 from ingest.catalog import read_catalog
 from ingest.dask_runner import add_scheduler_argument, run_tasks
+from ingest.files import replacing, write_atomic, write_json_atomic
 from ingest.preprocess import PreprocessError, PreprocessParams, encode_png, preprocess_file
 from ingest.taxonomy import Taxonomy, load_taxonomy
 
@@ -146,15 +146,6 @@ def verified_index(out_dir: Path, plan: ShardPlan) -> dict | None:
     return index
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: same input, same bytes
@@ -169,8 +160,7 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
         return index | {"skipped": True}
     counts: dict[str, int] = {}
     quarantined = []
-    tmp = out / f".{plan.name}.{uuid.uuid4().hex[:8]}.partial"
-    try:
+    with replacing(out / plan.name) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for row in plan.rows:
                 try:
@@ -200,9 +190,6 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         digest = file_sha256(tmp)
-        os.replace(tmp, out / plan.name)
-    finally:
-        tmp.unlink(missing_ok=True)
     index = {
         "name": plan.name,
         "split": plan.split,
@@ -212,7 +199,7 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
         "plan_hash": plan.plan_hash,
         "quarantined": quarantined,
     }
-    _atomic_write_bytes(_index_path(out, plan.name), json.dumps(index, sort_keys=True).encode())
+    write_atomic(_index_path(out, plan.name), json.dumps(index, sort_keys=True), durable=True)
     return index | {"skipped": False}
 
 
@@ -307,8 +294,8 @@ def write_shards(
         writer = csv.DictWriter(buf, fieldnames=["sop_instance_uid", "path", "reason"])
         writer.writeheader()
         writer.writerows(quarantined)
-        _atomic_write_bytes(out / "quarantine.csv", buf.getvalue().encode())
-    _atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        write_atomic(out / "quarantine.csv", buf.getvalue(), durable=True)
+    write_json_atomic(manifest_path, manifest, durable=True)
     return manifest | {"skipped_shards": sum(1 for i in indexes.values() if i["skipped"])}
 
 

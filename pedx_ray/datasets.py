@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ingest.files import replacing
 from ingest.preprocess import PreprocessParams, preprocess_array, preprocess_file
 
 DATA_KINDS = ("phantom", "rsna", "grazpedwri", "dicom")
@@ -337,13 +337,9 @@ def _cached(path: str, params: PreprocessParams, enhance: str, cache_dir: Path, 
     if out.is_file():
         return str(out)
     image = _preprocess(path, params, enhance)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial.png")
-    try:
+    with replacing(out, suffix=".png") as tmp:
         if not cv2.imwrite(str(tmp), image) or cv2.imread(str(tmp), cv2.IMREAD_GRAYSCALE) is None:
             raise DatasetError(f"could not write a readable cache file {tmp}; check the disk")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return str(out)
 
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from ingest.files import write_atomic
 from ingest.preprocess import write_png
 from pedx_ray import stats
 
@@ -372,17 +372,6 @@ def bland_altman_plot(model: Predictions, row: dict) -> np.ndarray:
     return axes.image
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Temp file + rename: a reader never sees half a table."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _jsonable(value):
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
@@ -418,8 +407,8 @@ def evaluate(
         for i, (model, row) in enumerate(zip(models, rows, strict=True)):
             write_png(bland_altman_plot(model, row), out / f"bland_altman_{i}.png")
     result = {"task": task, "split": config.split, "reference": rows[0]["label"], "models": rows}
-    write_text_atomic(out / "metrics.json", json.dumps(_jsonable(result), indent=2, allow_nan=False))
-    write_text_atomic(out / "table.md", table)
+    write_atomic(out / "metrics.json", json.dumps(_jsonable(result), indent=2, allow_nan=False))
+    write_atomic(out / "table.md", table)
     return result
 
 

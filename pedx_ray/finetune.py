@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ingest.files import write_atomic, write_json_atomic
 from pedx_ray.augment import augment_images, build_augmentation
 from pedx_ray.cluster import connect_ray, train_job_configs
 from pedx_ray.config import MIN_INCEPTION_SIZE, ConfigError, read_yaml, training_checks
@@ -279,13 +279,8 @@ def predict(model, images: np.ndarray, sex: np.ndarray, batch_size: int, device:
 
 def write_predictions(path: Path, frame: pd.DataFrame, sidecar: dict) -> Path:
     """The predictions CSV and its ``.json`` sidecar, each written atomically."""
-    for target, text in (
-        (path, frame[list(PREDICTION_COLUMNS)].to_csv(index=False)),
-        (path.with_name(path.name + ".json"), json.dumps(sidecar, indent=2, sort_keys=True)),
-    ):
-        tmp = target.with_name(f".{target.name}.partial")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+    write_atomic(path, frame[list(PREDICTION_COLUMNS)].to_csv(index=False))
+    write_json_atomic(path.with_name(path.name + ".json"), sidecar)
     return path
 
 
@@ -520,9 +515,7 @@ def run_finetuning(
     if report is not None:
         print(report.summary())
         (run_dir / INIT_REPORT).write_text(json.dumps(report.to_dict(), indent=2))
-    tmp = run_dir / f".{CONFIG_FILE}.partial"
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    os.replace(tmp, run_dir / CONFIG_FILE)
+    write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
     counts = {split: int((table["split"] == split).sum()) for split in ("train", "val", "test")}
     print("data: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " images")
 

@@ -8,15 +8,13 @@ the training code's arguments.
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models.inception import BasicConv2d, Inception3
 
+from ingest.files import replacing, write_json_atomic
 from pedx_ray.config import PretrainConfig, load_config_json
 
 MODEL_FILE = "model.pt"
@@ -136,25 +134,15 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(directory: str | Path, model: nn.Module, config: PretrainConfig, metrics: dict) -> Path:
     """Write a contract-4 checkpoint directory (files written atomically); returns the directory."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    _atomic_write(out / MODEL_FILE, lambda p: torch.save(state, p))
-    _atomic_write(
-        out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    )
-    _atomic_write(out / METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=2, sort_keys=True)))
+    with replacing(out / MODEL_FILE) as tmp:
+        torch.save(state, tmp)
+    write_json_atomic(out / CONFIG_FILE, config.to_dict())
+    write_json_atomic(out / METRICS_FILE, metrics)
     return out
 
 

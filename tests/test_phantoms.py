@@ -28,8 +28,8 @@ from ingest.phantoms.dicom import (
     age_string,
     build_dataset,
     encode,
+    save_dataset_atomic,
     stored_pixels,
-    write_atomic,
 )
 from ingest.phantoms.headers import Header
 from ingest.phantoms.maturity import maturity
@@ -147,7 +147,7 @@ def test_pixels_decode_losslessly_for_every_transfer_syntax(tmp_path, transfer_s
         pixels, enc, who, header, laterality="L", manufacturer="X", institution="Y", pixel_spacing_mm=0.15
     )
     encode(ds, pixels, str(transfer_syntax))
-    write_atomic(ds, tmp_path / "x.dcm")
+    save_dataset_atomic(ds, tmp_path / "x.dcm")
     back = dcmread(tmp_path / "x.dcm")
     assert back.file_meta.TransferSyntaxUID == transfer_syntax
     assert np.array_equal(back.pixel_array, pixels)

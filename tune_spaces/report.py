@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ingest.files import write_atomic
 from pedx_ray import stats
-from pedx_ray.evaluate import write_text_atomic
 from tune_spaces.run import SWEEP_FILE, TRIAL_FILE
 from tune_spaces.spaces import INITS, parse_train_size
 
@@ -473,7 +473,7 @@ def write_report(
 
     upstream = upstream_table(experiments)
     if not upstream.empty:
-        written["csv"].append(write_text_atomic(out / "table1_upstream.csv", upstream.to_csv(index=False)))
+        written["csv"].append(write_atomic(out / "table1_upstream.csv", upstream.to_csv(index=False)))
         written["tables"]["upstream"] = upstream
         sections += ["## Table 1: upstream view classification (validation split, macro)", "",
                      upstream_markdown(upstream)]  # fmt: skip
@@ -484,7 +484,7 @@ def write_report(
             continue
         table = downstream_table(frame, task, size)
         name = f"table{number}_{task}.csv"
-        written["csv"].append(write_text_atomic(out / name, table.to_csv(index=False)))
+        written["csv"].append(write_atomic(out / name, table.to_csv(index=False)))
         written["tables"][task] = table
         runs_note = "mean ± SD over seeds"
         sections += [
@@ -496,7 +496,7 @@ def write_report(
     if not frame.empty:
         ablations = [ablation_table(frame, task) for task in frame["task"].unique()]
         long = pd.concat(ablations, ignore_index=True)
-        written["csv"].append(write_text_atomic(out / "ablation.csv", long.to_csv(index=False)))
+        written["csv"].append(write_atomic(out / "ablation.csv", long.to_csv(index=False)))
         written["tables"]["ablation"] = long
         for table in ablations:
             task = table["task"].iloc[0]
@@ -513,7 +513,7 @@ def write_report(
                 png = _write_png(image, out / f"{kind}_{path.name}.png")
                 written["png"].append(png)
                 sections += [f"![{kind} {path.name}]({png.name})", ""]
-    written["markdown"] = write_text_atomic(out / "report.md", "\n".join(sections))
+    written["markdown"] = write_atomic(out / "report.md", "\n".join(sections))
     return written
 
 

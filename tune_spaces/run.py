@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
+from ingest.files import write_json_atomic
 from pedx_ray.config import ConfigError, PretrainConfig, read_yaml, resolve_config
 from pedx_ray.finetune import FinetuneConfig, resolve_finetune_config
 from tune_spaces.spaces import (
@@ -205,12 +206,6 @@ def trial_label(config: dict[str, Any], axes: tuple[str, ...]) -> str:
 # ---------------------------------------------------------------- the trial (a Tune function)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
 def score_test_split(task: str, predictions_csv: Path) -> dict[str, float]:
     """The best checkpoint's scores on the test split (NaN where a split cannot give one)."""
     import numpy as np
@@ -286,7 +281,7 @@ def run_trial(params: dict[str, Any], job: dict) -> None:
     # metric) under "best_epoch" instead of "epoch", so the scheduler does not take it for an epoch.
     best = {k: v for k, v in result.best_metrics.items() if isinstance(v, int | float) and k != "epoch"}
     final = best | {"best_epoch": result.best_metrics["epoch"]} | final
-    _write_json(done, summary | {"config": config.to_dict(), "final": final})
+    write_json_atomic(done, summary | {"config": config.to_dict(), "final": final})
     ray.tune.report(final)
 
 
@@ -411,7 +406,7 @@ def run_experiment(
             "scheduler": scheduler,
             "sweep": sweep.to_dict(),
         }
-        _write_json(path / SWEEP_FILE, meta)
+        write_json_atomic(path / SWEEP_FILE, meta)
         epochs = configs[0].epochs
         chosen = (
             CellASHA(

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..files import write_atomic
 from ..taxonomy import load_taxonomy
-from .dicom import Encoding, Identity, build_dataset, encode, stored_pixels, uid, write_atomic
+from .dicom import Encoding, Identity, build_dataset, encode, save_dataset_atomic, stored_pixels, uid
 from .headers import header_for, protocol_code
 from .plan import StudyPlan, plan_studies
 from .render import FRACTURE_VIEWS, render_view
@@ -114,7 +115,7 @@ def study_rows(plan: StudyPlan, seed: int, out_dir: Path) -> list[dict]:
         encode(ds, pixels, inst.transfer_syntax)
         rel = f"{study_dir}/SE{number:02d}/{sop_uid}.dcm"
         path = out_dir / rel
-        write_atomic(ds, path)
+        save_dataset_atomic(ds, path)
         rows.append(
             {
                 "path": rel,
@@ -171,12 +172,6 @@ def _reusable(plan: StudyPlan, seed: int, out_dir: Path, previous: dict[str, dic
     return rows
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _run(
     out_dir: str | os.PathLike, task: str, studies: int, seed: int, progress: bool, workers: int | None
 ) -> pd.DataFrame:
@@ -212,11 +207,11 @@ def _run(
     table = _typed(table)
     buffer = io.StringIO()
     table.to_csv(buffer, index=False)
-    _write_text_atomic(out / GROUND_TRUTH, buffer.getvalue())
+    write_atomic(out / GROUND_TRUTH, buffer.getvalue())
     codes = "code,label_68\n" + "".join(
         f"{protocol_code(v.label_68)},{v.label_68}\n" for v in load_taxonomy().views
     )
-    _write_text_atomic(out / SITE_CODES, codes)
+    write_atomic(out / SITE_CODES, codes)
     return table
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
+
+from ..files import replacing
 
 CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 DX_PRESENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.1")
@@ -201,15 +202,11 @@ def encode(ds: Dataset, pixels: np.ndarray, transfer_syntax: str) -> None:
         ds.file_meta.TransferSyntaxUID = ts
 
 
-def write_atomic(ds: Dataset, path: Path) -> None:
+def save_dataset_atomic(ds: Dataset, path: Path) -> None:
     """Save to a temporary file beside ``path``, read it back, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(path) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
         check = dcmread(tmp, stop_before_pixels=True)
         if check.SOPInstanceUID != ds.SOPInstanceUID:
             raise OSError(f"read-back of {tmp} does not match the instance written")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
