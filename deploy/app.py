@@ -60,6 +60,7 @@ from deploy.inputs import (
 from deploy.metrics import GatewayMetrics, ModelMetrics
 from deploy.models import ModelSpec, Predictor, encode_overlay, inspect_checkpoint
 from deploy.settings import VIEW_MODELS, ServeSettings, resolve_checkpoint, resolve_settings
+from ingest.files import write_atomic
 
 log = logging.getLogger("ray.serve")
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -201,10 +202,7 @@ class Gateway:
         """Write the upload under a random name (never anything from the request or the header)."""
         folder = Path(self.settings.upload_dir) / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
-        name = uuid.uuid4().hex
-        tmp = folder / f".{name}.partial"
-        tmp.write_bytes(upload.data)
-        os.replace(tmp, folder / f"{name}{SUFFIX[upload.kind]}")
+        write_atomic(folder / f"{uuid.uuid4().hex}{SUFFIX[upload.kind]}", upload.data)
 
     async def model_input(self, upload: Upload, name: str) -> np.ndarray:
         decoded = await asyncio.to_thread(decode, upload, self.limits)
