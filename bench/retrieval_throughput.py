@@ -10,6 +10,10 @@ and pulls it the same way several times, each into a fresh, empty directory:
 * ingest C-MOVE (``ingest.scu.retrieve`` into ``ingest.scp.StorageSCP``) with 1, 2, 4, 8 associations,
   of ``plan_retrieval``'s plan: whole studies, a StudyInstanceUID list per request (up to 50);
 * ingest C-GET with 1 and 4 associations, same plan;
+* ingest C-GET and C-MOVE spread over several processes (``retrieve(..., processes=P, workers=W)``,
+  ``--processes P --workers W``): P x W associations, each process receiving on its own core; for
+  C-MOVE every process listens on the same port (SO_REUSEPORT). The rows include starting the
+  processes (spawn: ~0.7 s of CPU each to import pydicom/pynetdicom);
 * the same C-MOVE with one study per request (``max_studies_per_request=1``, what a PACS without
   UID lists gets), and with the older plan of one IMAGE-level request per series
   (``whole_studies=False``), to show what Orthanc's cost per C-MOVE request amounts to;
@@ -22,6 +26,8 @@ and pulls it the same way several times, each into a fresh, empty directory:
 Seconds run from the first retrieve request to the last file on disk; the ingest plan (C-FIND per
 series and instance) is made once beforehand and timed separately. Files and bytes are counted in
 each output directory, and a row whose count differs from what Orthanc holds is flagged.
+``--repeat N`` runs every row N times, round by round (so a burst of load elsewhere hits all rows
+alike), and reports the median and the range of images/s.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import os
 import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -178,12 +185,21 @@ def run_bounded(function: Callable[[], object], timeout: float) -> object:
 
 
 def ingest_cli(
-    cfg: PacsConfig, spool: Path, method: str, workers: int, scp_port: int, studies_per_request: int = 50
+    cfg: PacsConfig,
+    spool: Path,
+    method: str,
+    workers: int,
+    scp_port: int,
+    studies_per_request: int = 50,
+    processes: int = 1,
+    fsync: bool = True,
 ) -> str:
     """The CLI pull that retrieves the same way (it also runs the C-FIND and the plan)."""
     return (
         f"python -m ingest.scu --pacs {cfg.called_aet}@{cfg.host}:{cfg.port} pull --spool {spool} "
         f"--method {method} --workers {workers}"
+        + (f" --processes {processes}" if processes != 1 else "")
+        + ("" if fsync else " --no-fsync")
         + (f" --studies-per-request {studies_per_request}" if studies_per_request != 50 else "")
         + (f" --scp-host {LOOPBACK} --scp-port {scp_port}" if method == "move" else "")
     )
@@ -201,19 +217,28 @@ def measure_ingest(
     timeout: float,
     command: str,
     studies_per_request: int = 50,
+    processes: int = 1,
+    fsync: bool = True,
 ) -> Row:
     note = ""
-    options = {"workers": workers, "progress": False, "max_studies_per_request": studies_per_request}
+    options = {
+        "workers": workers,
+        "processes": processes,
+        "progress": False,
+        "max_studies_per_request": studies_per_request,
+    }
     started = time.monotonic()
     try:
         if method == "move":
-            with StorageSCP(spool, INGEST_AET, scp_port, [PACS_AET]) as scp:
+            with StorageSCP(
+                spool, INGEST_AET, scp_port, [PACS_AET], share_port=processes > 1, fsync=fsync
+            ) as scp:
                 summary = run_bounded(
                     lambda: retrieve(cfg, items, method="move", scp=scp, **options), timeout
                 )
         else:
             summary = run_bounded(
-                lambda: retrieve(cfg, items, method="get", spool_dir=spool, **options), timeout
+                lambda: retrieve(cfg, items, method="get", spool_dir=spool, fsync=fsync, **options), timeout
             )
         if summary.failures:
             note = f"{len(summary.failures)} item(s) failed: {summary.failures[0].reason}"
@@ -221,7 +246,8 @@ def measure_ingest(
         note = f"timed out after {timeout:g} s"
     seconds = time.monotonic() - started
     files, nbytes = output_files(spool)
-    return Row(label, str(workers), files, expected, nbytes, seconds, command, note)
+    associations = str(workers) if processes == 1 else f"{processes} x {workers}"
+    return Row(label, associations, files, expected, nbytes, seconds, command, note)
 
 
 def measure_command(
@@ -342,19 +368,151 @@ def report_progress(row: Row) -> None:
     print(f"  {row.method} x{row.associations}: {row.instances} files in {row.seconds:.2f} s", flush=True)
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
+def markdown_table(runs: Sequence[Sequence[Row]]) -> str:
+    """One line per row of the first round: the median over rounds, and the images/s range."""
     lines = [
-        "| method | associations | instances | MB | seconds | images/s | MB/s | command |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | associations | instances | MB | seconds (median) | images/s (median) | images/s range "
+        "| MB/s (median) | command |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        count = f"{row.instances}" if row.complete else f"{row.instances}/{row.expected} INCOMPLETE"
-        lines.append(
-            f"| {row.method} | {row.associations} | {count} | {row.nbytes / 1e6:.1f} | {row.seconds:.2f} | "
-            f"{row.instances / row.seconds:.1f} | {row.nbytes / 1e6 / row.seconds:.1f} | `{row.command}` |"
+    notes = []
+    for index, row in enumerate(runs[0]):
+        measured = [rows[index] for rows in runs]
+        seconds = statistics.median(r.seconds for r in measured)
+        rates = [r.instances / r.seconds for r in measured]
+        incomplete = [r for r in measured if not r.complete]
+        count = (
+            f"{row.instances}" if not incomplete else f"{incomplete[0].instances}/{row.expected} INCOMPLETE"
         )
-    notes = [f"- {row.method} ({row.associations}): {row.note}" for row in rows if row.note]
+        spread = f"{min(rates):.1f}–{max(rates):.1f}" if len(measured) > 1 else "–"
+        lines.append(
+            f"| {row.method} | {row.associations} | {count} | {row.nbytes / 1e6:.1f} | {seconds:.2f} | "
+            f"{statistics.median(rates):.1f} | {spread} | "
+            f"{statistics.median(r.nbytes / 1e6 / r.seconds for r in measured):.1f} | `{row.command}` |"
+        )
+        notes += [f"- {r.method} ({r.associations}): {r.note}" for r in measured if r.note]
+    notes = list(dict.fromkeys(notes))  # the same note from every round once
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def measure_all(
+    args: argparse.Namespace,
+    work: Path,
+    round_number: int,
+    orthanc: OrthancServer,
+    cfg: PacsConfig,
+    items: list[RetrieveItem],
+    series_items: list[RetrieveItem],
+    study_uids: list[str],
+    expected: int,
+    ingest_port: int,
+    dcmtk_port: int,
+) -> list[Row]:
+    """Every row once, each into a fresh directory under ``work/round-<n>``."""
+    work = work / f"round-{round_number}"
+    work.mkdir()
+    rows: list[Row] = []
+    runs = [("move", workers, 1, True) for workers in args.move_workers]
+    runs += [("get", workers, 1, True) for workers in args.get_workers]
+    for method in ("get", "move"):
+        runs += [(method, workers, processes, True) for processes, workers in args.multi_process]
+    # What the two fsyncs per instance cost: the same pulls answering before the data is on disk.
+    runs += [("get", max(args.get_workers), 1, False), ("move", 2, 1, False)]
+    for method, workers, processes, fsync in runs:
+        spool = work / f"ingest-{method}-{processes}x{workers}-{'fsync' if fsync else 'nofsync'}"
+        command = ingest_cli(cfg, spool, method, workers, ingest_port, processes=processes, fsync=fsync)
+        label = f"ingest C-{method.upper()}" + (f", {processes} processes" if processes > 1 else "")
+        label += "" if fsync else ", --no-fsync"
+        row = measure_ingest(
+            label,
+            cfg,
+            items,
+            method,
+            workers,
+            spool,
+            ingest_port,
+            expected,
+            args.timeout,
+            command,
+            processes=processes,
+            fsync=fsync,
+        )
+        report_progress(row)
+        rows.append(row)
+    # What UID lists save: one C-MOVE per study, and one per series (the plan before them).
+    baselines = [
+        ("one study per request", items, 1, "--studies-per-request 1"),
+        ("one request per series", series_items, 50, "plan_retrieval(..., whole_studies=False)"),
+    ]
+    for name, baseline_items, per_request, how in baselines:
+        for workers in args.baseline_workers:
+            spool = work / f"ingest-move-{per_request}-{len(baseline_items)}-{workers}"
+            command = ingest_cli(cfg, spool, "move", workers, ingest_port, per_request)
+            if per_request != 1:
+                command = f"{command}  # with {how}"
+            row = measure_ingest(
+                f"ingest C-MOVE, {name}",
+                cfg,
+                baseline_items,
+                "move",
+                workers,
+                spool,
+                ingest_port,
+                expected,
+                args.timeout,
+                command,
+                per_request,
+            )
+            report_progress(row)
+            rows.append(row)
+
+    dcmtk_runs = [
+        ("dcmtk movescu+storescp", "1", [movescu_command(orthanc.dicom_port, study_uids)]),
+        (
+            "dcmtk movescu+storescp",
+            f"{len(study_uids)} sequential",
+            [movescu_command(orthanc.dicom_port, [uid]) for uid in study_uids],
+        ),
+    ]
+    for index, (method, associations, commands) in enumerate(dcmtk_runs):
+        out_dir = work / f"dcmtk-move-{index}"
+        out_dir.mkdir()
+        # A fresh storescp per run so each writes into its own empty directory.
+        with Storescp(dcmtk_port, out_dir, work / "storescp.log") as storescp:
+            row = measure_command(
+                method, associations, commands, out_dir, expected, args.timeout, receiver_lags=True
+            )
+        row = Row(**{**row.__dict__, "command": f"{shell_command(storescp.command)} & {row.command}"})
+        report_progress(row)
+        rows.append(row)
+
+    get_dir = work / "dcmtk-get"
+    get_dir.mkdir()
+    row = measure_command(
+        "dcmtk getscu",
+        f"{len(study_uids)} sequential",
+        [getscu_command(orthanc.dicom_port, uid, get_dir) for uid in study_uids],
+        get_dir,
+        expected,
+        args.timeout,
+        receiver_lags=False,
+    )
+    report_progress(row)
+    rows.append(row)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def process_layout(text: str) -> tuple[int, int]:
+    """``PxW`` -> (processes, associations per process)."""
+    try:
+        processes, workers = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write PROCESSESxASSOCIATIONS, e.g. 2x2") from None
+    if processes < 2 or workers < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 2 or more processes and 1 or more associations")
+    return processes, workers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,15 +535,25 @@ def main(argv: list[str] | None = None) -> int:
         default=[4],
         help="associations for the one-study-per-request and per-series C-MOVE rows",
     )
+    parser.add_argument(
+        "--multi-process",
+        type=process_layout,
+        nargs="*",
+        default=[(2, 1), (2, 2)],
+        metavar="PxW",
+        help="C-GET and C-MOVE rows with P processes of W associations each (default 2x1 2x2)",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every row (median and range)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds allowed per measurement")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (Orthanc, outputs)")
     args = parser.parse_args(argv)
-    if args.studies < 1 or args.timeout <= 0:
-        parser.error("--studies must be >= 1 and --timeout > 0")
+    if args.studies < 1 or args.timeout <= 0 or args.repeat < 1:
+        parser.error("--studies and --repeat must be >= 1 and --timeout > 0")
     for tool in ("movescu", "getscu", "storescp"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} not found: install dcmtk (apt-get install -y dcmtk or scripts/setup.sh)")
 
+    load_before = f"{os.getloadavg()[0]:.1f}"
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     data_name, files = load_data(args.data, args.cache_dir, args.studies, args.seed)
     work = Path(tempfile.mkdtemp(prefix="retrieval-bench-"))
@@ -393,8 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     while dcmtk_port == ingest_port:
         dcmtk_port = free_port()
     # Orthanc serves at most DicomThreadsCount associations at once (4 by default): allow the widest run.
-    threads = max([*args.move_workers, *args.get_workers, *args.baseline_workers, 4])
-    rows: list[Row] = []
+    widest_multi = [processes * workers for processes, workers in args.multi_process]
+    threads = max([*args.move_workers, *args.get_workers, *args.baseline_workers, *widest_multi, 4])
+    runs: list[list[Row]] = []
     try:
         with OrthancServer(
             work / "orthanc",
@@ -420,86 +589,23 @@ def main(argv: list[str] | None = None) -> int:
             plan_seconds = time.monotonic() - started
             print(f"ingest plan: {len(items)} items by C-FIND in {plan_seconds:.2f} s (not in the rows)")
             series_items = plan_retrieval(cfg, work / "empty-spool", study_uids, whole_studies=False)
-
-            for method, worker_counts in (("move", args.move_workers), ("get", args.get_workers)):
-                for workers in worker_counts:
-                    spool = work / f"ingest-{method}-{workers}"
-                    command = ingest_cli(cfg, spool, method, workers, ingest_port)
-                    label = f"ingest C-{method.upper()}"
-                    row = measure_ingest(
-                        label,
+            for round_number in range(args.repeat):
+                print(f"round {round_number + 1} of {args.repeat}", flush=True)
+                runs.append(
+                    measure_all(
+                        args,
+                        work,
+                        round_number,
+                        orthanc,
                         cfg,
                         items,
-                        method,
-                        workers,
-                        spool,
-                        ingest_port,
+                        series_items,
+                        study_uids,
                         expected,
-                        args.timeout,
-                        command,
-                    )
-                    report_progress(row)
-                    rows.append(row)
-            # What UID lists save: one C-MOVE per study, and one per series (the plan before them).
-            baselines = [
-                ("one study per request", items, 1, "--studies-per-request 1"),
-                ("one request per series", series_items, 50, "plan_retrieval(..., whole_studies=False)"),
-            ]
-            for name, baseline_items, per_request, how in baselines:
-                for workers in args.baseline_workers:
-                    spool = work / f"ingest-move-{per_request}-{len(baseline_items)}-{workers}"
-                    command = ingest_cli(cfg, spool, "move", workers, ingest_port, per_request)
-                    if per_request != 1:
-                        command = f"{command}  # with {how}"
-                    row = measure_ingest(
-                        f"ingest C-MOVE, {name}",
-                        cfg,
-                        baseline_items,
-                        "move",
-                        workers,
-                        spool,
                         ingest_port,
-                        expected,
-                        args.timeout,
-                        command,
-                        per_request,
+                        dcmtk_port,
                     )
-                    report_progress(row)
-                    rows.append(row)
-
-            dcmtk_runs = [
-                ("dcmtk movescu+storescp", "1", [movescu_command(orthanc.dicom_port, study_uids)]),
-                (
-                    "dcmtk movescu+storescp",
-                    f"{len(study_uids)} sequential",
-                    [movescu_command(orthanc.dicom_port, [uid]) for uid in study_uids],
-                ),
-            ]
-            for index, (method, associations, commands) in enumerate(dcmtk_runs):
-                out_dir = work / f"dcmtk-move-{index}"
-                out_dir.mkdir()
-                # A fresh storescp per run so each writes into its own empty directory.
-                with Storescp(dcmtk_port, out_dir, work / "storescp.log") as storescp:
-                    row = measure_command(
-                        method, associations, commands, out_dir, expected, args.timeout, receiver_lags=True
-                    )
-                row = Row(**{**row.__dict__, "command": f"{shell_command(storescp.command)} & {row.command}"})
-                report_progress(row)
-                rows.append(row)
-
-            get_dir = work / "dcmtk-get"
-            get_dir.mkdir()
-            row = measure_command(
-                "dcmtk getscu",
-                f"{len(study_uids)} sequential",
-                [getscu_command(orthanc.dicom_port, uid, get_dir) for uid in study_uids],
-                get_dir,
-                expected,
-                args.timeout,
-                receiver_lags=False,
-            )
-            report_progress(row)
-            rows.append(row)
+                )
     finally:
         if args.keep:
             print(f"work directory kept: {work}")
@@ -509,10 +615,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"Retrieval from Orthanc 1.10 on loopback, {expected} instances / {len(study_uids)} studies "
-        f"({data_name}, {source_mb:.1f} MB), {os.cpu_count()} CPUs, python {sys.version.split()[0]}"
+        f"({data_name}, {source_mb:.1f} MB), {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
+        f"{args.repeat} round(s), load average before/after {load_before} / {os.getloadavg()[0]:.1f}"
     )
     print()
-    print(markdown_table(rows))
+    print(markdown_table(runs))
+    rows = [row for rows in runs for row in rows]
     return 0 if all(row.complete for row in rows if row.method.startswith("ingest")) else 1
 
 

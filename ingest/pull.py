@@ -3,9 +3,11 @@
 ``python -m ingest pull --pacs HOST:PORT --called-aet AET --work DIR`` C-FINDs the studies, plans
 what the spool still lacks, retrieves it (C-MOVE into our own Storage SCP, or C-GET), scans the
 spool into ``DIR/catalog``, then balances and writes the shards of each ``--granularity`` into
-``DIR/shards-<g>``. Every step is resumable: a second run retrieves only what is missing, re-reads
-only changed files and rewrites only shards whose content changed. Failed retrievals are reported
-and counted, the rest of the run goes on, and nothing already stored is lost.
+``DIR/shards-<g>``. ``--processes P --workers N`` retrieves over P x N associations in P processes
+(one core each); ``--no-fsync`` answers each C-STORE before the instance is on disk (faster, not
+crash-safe: see ``ingest.scp``). Every step is resumable: a second run retrieves only what is
+missing, re-reads only changed files and rewrites only shards whose content changed. Failed
+retrievals are reported and counted, the rest of the run goes on, and nothing already stored is lost.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 from ingest.balance import BalanceConfig
 from ingest.catalog import CatalogError, id_salt_from_env, read_catalog, scan
 from ingest.dask_runner import add_scheduler_argument, dask_client
+from ingest.files import write_json_atomic
 from ingest.metrics import IngestMetrics
 from ingest.preprocess import PreprocessParams
 from ingest.scp import StorageSCP
@@ -54,7 +56,9 @@ class PullConfig:
     modalities: tuple[str, ...] = ("CR", "DX")
     page_limit: int | None = None
     workers: int = 4
+    processes: int = 1
     studies_per_request: int = 50
+    fsync: bool = True
     write_shards: bool = True
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     preprocessing: PreprocessParams = field(default_factory=PreprocessParams)
@@ -71,6 +75,10 @@ class PullConfig:
             )
         if self.workers < 1:
             raise ValueError(f"workers={self.workers}: use 1 or more parallel associations")
+        if self.processes < 1:
+            raise ValueError(
+                f"processes={self.processes}: use 1 (retrieve in this process) or more, up to the cores"
+            )
         if self.shard_size < 1:
             raise ValueError(f"shard_size={self.shard_size}: use 1 or more samples per shard")
         if not 0 <= self.scp_port < 65536:
@@ -124,7 +132,7 @@ def pull(
     metrics = metrics or IngestMetrics()
     result = PullResult()
     cfg.spool_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(cfg.work_dir / "pull-config.json", cfg.to_dict())
+    write_json_atomic(cfg.work_dir / "pull-config.json", cfg.to_dict())
 
     metrics.set_stage("find")
     echo(cfg.pacs)
@@ -192,13 +200,24 @@ def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) ->
             method="get",
             spool_dir=cfg.spool_dir,
             workers=cfg.workers,
+            processes=cfg.processes,
             max_studies_per_request=cfg.studies_per_request,
             progress=progress,
             observer=metrics,
+            fsync=cfg.fsync,
         )
     destination = cfg.pacs.move_destination or cfg.pacs.calling_aet
-    # Only the PACS we query may push to us: anything else is refused and logged by the SCP.
-    scp = StorageSCP(cfg.spool_dir, destination, cfg.scp_port, [cfg.pacs.called_aet], cfg.scp_host)
+    # Only the PACS we query may push to us: anything else is refused and logged by the SCP. With
+    # several processes each listens on the same port, and the kernel spreads the PACS's associations.
+    scp = StorageSCP(
+        cfg.spool_dir,
+        destination,
+        cfg.scp_port,
+        [cfg.pacs.called_aet],
+        cfg.scp_host,
+        share_port=cfg.processes > 1,
+        fsync=cfg.fsync,
+    )
     with scp:
         return retrieve(
             cfg.pacs,
@@ -206,17 +225,11 @@ def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) ->
             method="move",
             scp=scp,
             workers=cfg.workers,
+            processes=cfg.processes,
             max_studies_per_request=cfg.studies_per_request,
             progress=progress,
             observer=metrics,
         )
-
-
-def _write_json(path: Path, document: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,12 +251,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="address our Storage SCP binds (0.0.0.0 to accept a PACS on another machine)",
     )
     net.add_argument("--scp-port", type=int, default=11112, help="port the PACS knows for our AE title")
-    net.add_argument("--workers", type=int, default=4, help="parallel associations (default 4)")
+    net.add_argument(
+        "--workers", type=int, default=4, help="parallel associations per retrieving process (default 4)"
+    )
+    net.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="retrieving processes, each with --workers associations (default 1; receiving is "
+        "CPU-bound in Python, so up to one per core helps; C-MOVE needs Linux SO_REUSEPORT)",
+    )
     net.add_argument(
         "--studies-per-request",
         type=int,
         default=50,
         help="whole studies asked for in one C-MOVE/C-GET as a UID list (default 50; 1 = one per request)",
+    )
+    net.add_argument(
+        "--no-fsync",
+        dest="fsync",
+        action="store_false",
+        help="answer each C-STORE once the instance is written, not once it is on disk: faster "
+        "(no two fsyncs per instance), still safe if the pull is killed, but after an OS crash or power "
+        "loss recent instances may be empty or cut short (the catalog marks them unreadable)",
     )
     net.add_argument("--timeout", type=float, default=120, help="seconds to wait for each DIMSE reply")
     net.add_argument("--retries", type=int, default=3, help="retries with back-off per request")
@@ -294,7 +324,9 @@ def config_from_args(args: argparse.Namespace) -> PullConfig:
         modalities=tuple(args.modality),
         page_limit=args.page_limit,
         workers=args.workers,
+        processes=args.processes,
         studies_per_request=args.studies_per_request,
+        fsync=args.fsync,
         write_shards=not args.no_shards,
         balance=balance_config_from_args(args),
         preprocessing=PreprocessParams(size=args.image_size),

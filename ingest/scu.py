@@ -6,7 +6,9 @@
 * ``retrieve`` runs N worker threads; each holds one association and reuses it for many C-MOVE or
   C-GET requests, reconnecting after an abort. Each item is retried with exponential back-off; what
   was stored before a failure stays in the spool (the spool de-duplicates), and the summary names
-  every item that still failed and why.
+  every item that still failed and why. ``processes=P`` runs P child processes of N associations
+  each, taking requests from the parent as they free up: receiving is CPU-bound Python (pynetdicom
+  decodes every PDU under the GIL), so one process uses one core however many associations it has.
 * ``plan_retrieval`` asks the PACS which instances a study has and leaves out those already spooled,
   so a resumed pull transfers only what is missing. Studies not yet spooled at all are retrieved
   whole, many per request (a StudyInstanceUID list): per request Orthanc opens a C-STORE
@@ -20,6 +22,8 @@ import dataclasses
 import datetime as dt
 import itertools
 import logging
+import multiprocessing
+import multiprocessing.connection
 import queue
 import re
 import threading
@@ -50,10 +54,10 @@ from ingest.scp import (
     ACCEPTED_TRANSFER_SYNTAXES,
     StorageSCP,
     StoreCounts,
-    disable_nagle,
     handle_store,
     spool_path,
     spooled_uids,
+    tune_connection,
 )
 
 LOGGER = logging.getLogger("ingest.scu")
@@ -239,7 +243,7 @@ def _install_parking_checkpoint(event: Event) -> None:
 def _associate(cfg: PacsConfig, ae: AE, **kwargs) -> Association:
     handlers = [
         *kwargs.pop("evt_handlers", ()),
-        (evt.EVT_CONN_OPEN, disable_nagle),
+        (evt.EVT_CONN_OPEN, tune_connection),
         (evt.EVT_CONN_OPEN, _install_parking_checkpoint),
     ]
     assoc = ae.associate(
@@ -809,12 +813,12 @@ class _Retriever:
         self._lists_refused = False
         self.request_warnings = 0  # from UID-list requests: the PACS counts them per request, not study
 
-    def work(self, requests: queue.Queue[list[RetrieveItem]]) -> None:
+    def work(self, next_batch: Callable[[], list[RetrieveItem] | None]) -> None:
+        """Retrieve batches from ``next_batch()`` over one association until it returns None."""
         with _Connection(self.cfg, self.ae, **self.associate_kwargs) as conn:
             while True:
-                try:
-                    batch = requests.get_nowait()
-                except queue.Empty:
+                batch = next_batch()
+                if batch is None:
                     return
                 remaining = self._retrieve_study_list(conn, batch) if len(batch) > 1 else batch
                 for item in remaining:
@@ -994,26 +998,42 @@ def retrieve(
     scp: StorageSCP | None = None,
     spool_dir: str | Path | None = None,
     workers: int = 4,
+    processes: int = 1,
     progress: bool = True,
     observer: RetrieveObserver | None = None,
     max_studies_per_request: int = 50,
+    fsync: bool = True,
 ) -> RetrieveSummary:
     """Retrieve ``items`` by C-MOVE (into the running ``scp``) or C-GET (into ``spool_dir``).
 
+    ``fsync=False`` (C-GET; for C-MOVE it is the ``scp``'s setting) trades crash safety for speed,
+    see ``ingest.scp.write_spool_file``.
+
     ``workers`` threads each hold one association and reuse it for many requests. Instances listed
     in an item that are already in the spool are skipped and counted as ``already_present``.
+
+    ``processes > 1`` runs ``workers`` associations in each of that many child processes, which take
+    requests from one shared queue: pynetdicom decodes PDUs in Python, so one process tops out at
+    one core whatever its number of associations. For C-MOVE each child listens on the ``scp``'s
+    port too (the ``scp`` must be started with ``share_port=True``), and the kernel spreads the
+    PACS's C-STORE associations over them. The spool is shared: a duplicate is still stored once,
+    and a child that dies leaves its instances missing, to be fetched by the next run. Children come
+    from a fork server (POSIX); where there is none they are spawned, and the calling script needs
+    the usual ``if __name__ == "__main__":`` guard.
 
     Whole-study items with their instances listed (what ``plan_retrieval`` makes) go up to
     ``max_studies_per_request`` to one request as a StudyInstanceUID list: Orthanc, for one, opens a
     C-STORE association to us per C-MOVE, which costs more than a small study's transfer. Studies a
     list request leaves incomplete are retried one per request; a PACS that sends nothing for a
-    list gets one study per request for the rest of the run. ``max_studies_per_request=1`` never
-    sends a list.
+    list gets one study per request for the rest of the run (of that process). ``max_studies_per_request=1``
+    never sends a list.
     """
     if method not in ("move", "get"):
         raise ValueError(f"method={method!r}: use 'move' (PACS pushes to our Storage SCP) or 'get'")
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: use 1 or more parallel associations")
+    if not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes={processes!r}: use 1 (this process) or more retrieving processes")
     if (
         not isinstance(max_studies_per_request, int)
         or not 1 <= max_studies_per_request <= _MAX_LISTED_STUDIES
@@ -1022,16 +1042,18 @@ def retrieve(
             f"max_studies_per_request={max_studies_per_request!r}: use 1 (no UID lists) to "
             f"{_MAX_LISTED_STUDIES} (what fits one identifier element)"
         )
-    ae = _make_ae(cfg)
-    associate_kwargs: dict = {}
     items = list(items)
     if method == "move":
         if scp is None or not scp.running:
             raise ValueError("method='move' needs a started StorageSCP (scp=...) for the PACS to send to")
+        if processes > 1 and not scp.share_port:
+            raise ValueError(
+                "processes > 1 with method='move' needs StorageSCP(share_port=True): every process "
+                "listens on the port the PACS knows for our AE title"
+            )
         destination = cfg.move_destination or scp.ae_title
         spool = scp.spool_dir
         counts = scp.counts
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     else:
         if spool_dir is None and scp is None:
             raise ValueError("method='get' needs spool_dir= (where received instances are written)")
@@ -1039,14 +1061,7 @@ def retrieve(
         spool = Path(spool_dir) if spool_dir is not None else scp.spool_dir
         spool.mkdir(parents=True, exist_ok=True)
         counts = StoreCounts()
-        known_classes = [uid for item in items for uid in item.sop_class_uids]
-        needs_defaults = any(not item.sop_class_uids for item in items)
-        classes = [*known_classes, *(RADIOGRAPHY_SOP_CLASSES if needs_defaults or not known_classes else ())]
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-        for sop_class, syntax in storage_contexts_for_get(classes):
-            ae.add_requested_context(sop_class, syntax)
-        associate_kwargs["ext_neg"] = [build_role(c, scp_role=True) for c in dict.fromkeys(classes)]
-        associate_kwargs["evt_handlers"] = [(evt.EVT_C_STORE, handle_store, [spool, counts])]
+    sop_classes = _get_sop_classes(items) if method == "get" else ()
 
     summary = RetrieveSummary()
     started = time.monotonic()
@@ -1061,56 +1076,287 @@ def retrieve(
                 continue
             item = dataclasses.replace(item, sop_instance_uids=missing)
         wanted.append(item)
-    requests = _requests(wanted, workers, max_studies_per_request)
-    work: queue.Queue[list[RetrieveItem]] = queue.Queue()
-    for batch in requests:
-        work.put(batch)
+    requests = _requests(wanted, workers * processes, max_studies_per_request)
+    processes = min(processes, len(requests)) or 1
+    n_workers = min(workers, len(requests)) if processes == 1 else workers
 
     bytes_before = counts.snapshot()["bytes"]
     if observer is not None:
         counts.subscribe(observer.on_stored)
-    n_workers = min(workers, len(requests))
     LOGGER.info(
-        "retrieving %d item(s) in %d request(s) by C-%s from %s with %d association(s)%s",
+        "retrieving %d item(s) in %d request(s) by C-%s from %s with %d association(s)%s%s",
         len(wanted),
         len(requests),
         method.upper(),
         cfg.describe(),
-        n_workers,
+        n_workers * processes,
+        f" in {processes} processes" if processes > 1 else "",
         f" into {destination}" if destination else "",
     )
     try:
         with tqdm(total=len(wanted), unit="item", desc=f"C-{method.upper()}", disable=not progress) as bar:
-            retriever = _Retriever(
-                cfg, method, destination, spool, counts, ae, associate_kwargs, observer, bar
-            )
-            threads = [
-                threading.Thread(target=retriever.work, args=(work,), name=f"retrieve-{n}", daemon=True)
-                for n in range(n_workers)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            if processes == 1:
+                ae, associate_kwargs = _client(cfg, method, sop_classes, spool, counts, fsync)
+                retriever = _Retriever(
+                    cfg, method, destination, spool, counts, ae, associate_kwargs, observer, bar
+                )
+                work: queue.Queue[list[RetrieveItem]] = queue.Queue()
+                for batch in requests:
+                    work.put(batch)
+                _run_threads(retriever, n_workers, lambda: _next_or_none(work))
+                outcomes, request_warnings, child_bytes = retriever.outcomes, retriever.request_warnings, 0
+            else:
+                scp_settings = scp.settings() if method == "move" else None
+                outcomes, request_warnings, child_bytes = _retrieve_in_processes(
+                    cfg,
+                    method,
+                    destination,
+                    spool,
+                    scp_settings,
+                    sop_classes,
+                    requests,
+                    processes,
+                    workers,
+                    fsync,
+                    observer,
+                    bar,
+                )
     finally:
         if observer is not None:
             counts.unsubscribe(observer.on_stored)
 
-    for outcome in retriever.outcomes:
+    for outcome in outcomes:
         summary.requested += outcome.requested
         summary.completed += outcome.completed
         summary.failed += outcome.failed
         summary.warning += outcome.warning
         if outcome.error is not None:
             summary.failures.append(RetrieveFailure(outcome.item, outcome.error))
-    summary.warning += retriever.request_warnings
-    summary.bytes = counts.snapshot()["bytes"] - bytes_before
+    summary.warning += request_warnings
+    summary.bytes = counts.snapshot()["bytes"] - bytes_before + child_bytes
     summary.seconds = time.monotonic() - started
     log = LOGGER.warning if summary.failures else LOGGER.info
     log("C-%s from %s: %s", method.upper(), cfg.describe(), summary)
     for failure in summary.failures:
         LOGGER.warning("failed: %s: %s", failure.item.describe(), failure.reason)
     return summary
+
+
+def _get_sop_classes(items: Sequence[RetrieveItem]) -> tuple[str, ...]:
+    """Storage classes a C-GET association offers: those the items hold, plus the radiography ones
+    where an item does not say."""
+    known_classes = [uid for item in items for uid in item.sop_class_uids]
+    needs_defaults = any(not item.sop_class_uids for item in items)
+    defaults = RADIOGRAPHY_SOP_CLASSES if needs_defaults or not known_classes else ()
+    return tuple(dict.fromkeys([*known_classes, *defaults]))
+
+
+def _client(
+    cfg: PacsConfig,
+    method: str,
+    sop_classes: Sequence[str],
+    spool: Path,
+    counts: StoreCounts,
+    fsync: bool = True,
+) -> tuple[AE, dict]:
+    """The AE and ``associate`` keywords of a retrieving association (C-GET: it also stores)."""
+    ae = _make_ae(cfg)
+    if method == "move":
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        return ae, {}
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for sop_class, syntax in storage_contexts_for_get(sop_classes):
+        ae.add_requested_context(sop_class, syntax)
+    return ae, {
+        "ext_neg": [build_role(c, scp_role=True) for c in sop_classes],
+        "evt_handlers": [(evt.EVT_C_STORE, handle_store, [spool, counts, fsync])],
+    }
+
+
+def _next_or_none(work: queue.Queue) -> list[RetrieveItem] | None:
+    try:
+        return work.get_nowait()
+    except queue.Empty:
+        return None
+
+
+def _run_threads(retriever: _Retriever, n_workers: int, next_batch: Callable[[], list | None]) -> None:
+    threads = [
+        threading.Thread(target=retriever.work, args=(next_batch,), name=f"retrieve-{n}", daemon=True)
+        for n in range(n_workers)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+class _ParentLink:
+    """A child process's end of its own pipe to the parent: events out, requests handed in.
+
+    One pipe per child, no queue shared between children: a child killed mid-write can corrupt
+    only its own pipe (the parent sees it end), never block its siblings on a shared lock.
+    """
+
+    def __init__(self, connection) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+
+    def _send(self, message: tuple) -> None:
+        with self._lock:
+            self._connection.send(message)
+
+    def next_batch(self) -> list[RetrieveItem] | None:
+        with self._lock:
+            self._connection.send(("next",))
+            return self._connection.recv()
+
+    def wait_for_stop(self) -> None:
+        self._connection.recv()
+
+    # RetrieveObserver and progress-bar methods, forwarded to the parent.
+    def on_found(self, n: int) -> None:
+        pass
+
+    def on_stored(self, nbytes: int) -> None:
+        self._send(("stored", nbytes))
+
+    def on_failed(self, reason: str) -> None:
+        self._send(("failed", reason))
+
+    def update(self, n: int = 1) -> None:
+        self._send(("item", n))
+
+    def done(self, outcomes: list[_ItemOutcome], request_warnings: int) -> None:
+        self._send(("done", outcomes, request_warnings))
+
+
+def _retrieve_process(
+    cfg, method, destination, spool, scp_settings, sop_classes, workers, fsync, connection
+) -> None:
+    """Body of one retrieving child process: ``workers`` associations asking the parent for requests
+    until it answers None. For C-MOVE it keeps its Storage SCP on the shared port until the parent
+    says stop: a sibling's C-MOVE may still be storing through it."""
+    link = _ParentLink(connection)
+    scp = StorageSCP(**scp_settings).start() if method == "move" else None
+    counts = scp.counts if scp is not None else StoreCounts()
+    counts.subscribe(link.on_stored)
+    try:
+        ae, associate_kwargs = _client(cfg, method, sop_classes, spool, counts, fsync)
+        retriever = _Retriever(cfg, method, destination, spool, counts, ae, associate_kwargs, link, link)
+        _run_threads(retriever, workers, link.next_batch)
+        link.done(retriever.outcomes, retriever.request_warnings)
+        if scp is not None:
+            link.wait_for_stop()
+    finally:
+        if scp is not None:
+            scp.stop()
+
+
+def _process_context() -> multiprocessing.context.BaseContext:
+    """Where child processes come from: a fork server that has imported this module, where there is one.
+
+    Not plain fork: this process has threads (an SCP, tqdm), and a lock one of them holds would stay
+    locked in the child. Not spawn either, where avoidable: each spawned child imports pydicom and
+    pynetdicom again (~0.7 s of CPU); the fork server imports them once and forks ready children.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _retrieve_in_processes(
+    cfg,
+    method,
+    destination,
+    spool,
+    scp_settings,
+    sop_classes,
+    requests,
+    processes,
+    workers,
+    fsync,
+    observer,
+    bar,
+) -> tuple[list[_ItemOutcome], int, int]:
+    """Run ``requests`` in ``processes`` child processes, handing each request to whichever asks
+    first; returns (outcomes, request warnings, bytes the children stored). Items of a child that
+    died are judged by the spool: what is there is complete, the rest failed."""
+    context = _process_context()
+    pending = list(reversed(requests))
+    links: dict = {}
+    for n in range(processes):
+        parent_end, child_end = context.Pipe()
+        child = context.Process(
+            target=_retrieve_process,
+            args=(cfg, method, destination, spool, scp_settings, sop_classes, workers, fsync, child_end),
+            name=f"retrieve-process-{n}",
+            daemon=True,
+        )
+        child.start()
+        child_end.close()
+        links[parent_end] = child
+    outcomes: list[_ItemOutcome] = []
+    request_warnings = child_bytes = 0
+    done: set = set()
+    live = set(links)
+    try:
+        while live - done:
+            for connection in multiprocessing.connection.wait(list(live), timeout=1.0):
+                try:
+                    kind, *payload = connection.recv()
+                except (EOFError, OSError):  # the child ended (or was killed)
+                    live.discard(connection)
+                    continue
+                if kind == "next":
+                    batch = pending.pop() if pending else None
+                    try:
+                        connection.send(batch)
+                    except OSError:  # it died after asking: the batch goes to the next that asks
+                        if batch is not None:
+                            pending.append(batch)
+                        live.discard(connection)
+                elif kind == "stored":
+                    child_bytes += payload[0]
+                    if observer is not None:
+                        observer.on_stored(payload[0])
+                elif kind == "item":
+                    bar.update(payload[0])
+                elif kind == "failed":
+                    if observer is not None:
+                        observer.on_failed(payload[0])
+                elif kind == "done":
+                    outcomes.extend(payload[0])
+                    request_warnings += payload[1]
+                    done.add(connection)
+    finally:
+        for connection, child in links.items():
+            try:
+                connection.send("stop")
+            except OSError:
+                pass
+            child.join(timeout=30)
+            if child.is_alive():
+                child.terminate()
+                child.join()
+            connection.close()
+    reported = {outcome.item for outcome in outcomes}
+    lost = [item for batch in requests for item in batch if item not in reported]
+    if lost:
+        codes = ", ".join(f"{child.name} exit code {child.exitcode}" for child in links.values())
+        for item in lost:
+            outcome = _ItemOutcome(item, requested=len(item.sop_instance_uids))
+            missing = tuple(uid for uid in item.sop_instance_uids if not spool_path(spool, uid).exists())
+            outcome.completed = outcome.requested - len(missing)
+            outcome.failed = len(missing)
+            if missing or not item.sop_instance_uids:
+                outcome.error = f"the retrieving process died before this item was done ({codes})"
+                if observer is not None:
+                    observer.on_failed(outcome.error)
+            outcomes.append(outcome)
+    return outcomes, request_warnings, child_bytes
 
 
 def _sop_classes(instances: Iterable[dict]) -> tuple[str, ...]:
@@ -1202,7 +1448,16 @@ def main(argv: list[str] | None = None) -> int:
     pull = commands.choices["pull"]
     pull.add_argument("--spool", required=True, type=Path, help="spool directory")
     pull.add_argument("--method", choices=("move", "get"), default="move")
-    pull.add_argument("--workers", type=int, default=4, help="parallel associations")
+    pull.add_argument("--workers", type=int, default=4, help="parallel associations per process")
+    pull.add_argument(
+        "--processes", type=int, default=1, help="retrieving processes, each with --workers associations"
+    )
+    pull.add_argument(
+        "--no-fsync",
+        dest="fsync",
+        action="store_false",
+        help="answer C-STOREs before the instance is on disk (unsafe on an OS crash; see ingest pull -h)",
+    )
     pull.add_argument(
         "--studies-per-request",
         type=int,
@@ -1236,11 +1491,21 @@ def main(argv: list[str] | None = None) -> int:
                 method="get",
                 spool_dir=args.spool,
                 workers=args.workers,
+                processes=args.processes,
                 max_studies_per_request=args.studies_per_request,
+                fsync=args.fsync,
             )
         else:
             destination = cfg.move_destination or cfg.calling_aet
-            scp = StorageSCP(args.spool, destination, args.scp_port, [cfg.called_aet], args.scp_host)
+            scp = StorageSCP(
+                args.spool,
+                destination,
+                args.scp_port,
+                [cfg.called_aet],
+                args.scp_host,
+                share_port=args.processes > 1,
+                fsync=args.fsync,
+            )
             with scp:
                 summary = retrieve(
                     cfg,
@@ -1248,6 +1513,7 @@ def main(argv: list[str] | None = None) -> int:
                     method="move",
                     scp=scp,
                     workers=args.workers,
+                    processes=args.processes,
                     max_studies_per_request=args.studies_per_request,
                 )
     except (PacsError, ValueError) as exc:

@@ -59,7 +59,7 @@ def pacs(orthanc_binary, tmp_path_factory):
         yield server, scp_port, uids
 
 
-def config(pacs, work: Path, method: str) -> PullConfig:
+def config(pacs, work: Path, method: str, processes: int = 1) -> PullConfig:
     server, scp_port, _ = pacs
     return PullConfig(
         pacs=PacsConfig("127.0.0.1", server.dicom_port, "TESTPACS", retries=1, backoff_s=0.1),
@@ -67,6 +67,7 @@ def config(pacs, work: Path, method: str) -> PullConfig:
         method=method,
         scp_port=scp_port,
         workers=2,
+        processes=processes,
         balance=BalanceConfig(
             granularity=7, per_class=4, finetune_fraction=0.25, reference_date=date(2018, 7, 1)
         ),
@@ -79,10 +80,12 @@ def metric(metrics: IngestMetrics, name: str, **labels) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-@pytest.mark.parametrize("method", ["move", "get"])
-def test_pull_retrieves_everything_once_and_resumes(pacs, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "processes"), [("move", 1), ("get", 1), ("move", 2)])
+def test_pull_retrieves_everything_once_and_resumes(
+    pacs, tmp_path: Path, method: str, processes: int
+) -> None:
     _, _, uids = pacs
-    cfg = config(pacs, tmp_path / "work", method)
+    cfg = config(pacs, tmp_path / "work", method, processes)
     metrics = IngestMetrics()
     result = pull(cfg, id_salt="s", metrics=metrics, scheduler="sync", progress=False)
     assert result.ok and result.studies == len(uids)
@@ -102,7 +105,8 @@ def test_pull_retrieves_everything_once_and_resumes(pacs, tmp_path: Path, method
     for _, _, _, region in EXAMS:
         assert manifest["counts"]["train"][region] == 3 and manifest["counts"]["finetune"][region] == 1
         assert manifest["counts"]["val"][region] == 1
-    assert json.loads((cfg.work_dir / "pull-config.json").read_text())["method"] == method
+    saved = json.loads((cfg.work_dir / "pull-config.json").read_text())
+    assert (saved["method"], saved["processes"]) == (method, processes)
 
     # Interrupted runs resume: delete part of the spool, and only that part is fetched again.
     lost = sorted(cfg.spool_dir.rglob("*.dcm"))[:5]

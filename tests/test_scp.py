@@ -209,6 +209,25 @@ def test_bad_data_gets_a_failure_status_and_the_association_survives(scp, tmp_pa
     assert leftover_temp_files(scp.spool_dir) == []
 
 
+def test_a_garbled_number_gets_cannot_understand_though_text_values_are_not_decoded(
+    scp, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    source = pydicom.dcmread(instance(tmp_path, 5))
+    encoded = explicit_le_bytes(source)
+    rows = b"\x28\x00\x10\x00US\x02\x00" + source.Rows.to_bytes(2, "little")
+    assert encoded.count(rows) == 1
+    garbled = raw_part10(
+        tmp_path / "rows.dcm", source.SOPInstanceUID, encoded.replace(rows, b"\x28\x00\x10\x00US\x03\x00abc")
+    )
+    assoc = associate(scp)
+    try:
+        assert assoc.send_c_store(garbled).Status == STATUS_CANNOT_UNDERSTAND
+    finally:
+        assoc.release()
+    assert spooled_uids(scp.spool_dir) == set()
+
+
 def test_full_disk_answers_out_of_resources_and_writes_nothing(scp, tmp_path, monkeypatch):
     def disk_full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -220,6 +239,32 @@ def test_full_disk_answers_out_of_resources_and_writes_nothing(scp, tmp_path, mo
     finally:
         assoc.release()
     assert [path for path in scp.spool_dir.rglob("*") if path.is_file()] == []
+
+
+@pytest.mark.parametrize(("fsync", "fsyncs_per_instance"), [(True, 2), (False, 0)])
+def test_an_instance_is_on_disk_before_success_unless_fsync_is_off(
+    tmp_path, monkeypatch, fsync, fsyncs_per_instance
+):
+    synced: list[int] = []
+    real_fsync = scp_module.os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(scp_module.os, "fsync", recording_fsync)
+    source = instance(tmp_path, 1)
+    with StorageSCP(tmp_path / "spool", "PEDXRAY", 0, [ALLOWED], fsync=fsync) as server:
+        assoc = associate(server)
+        try:
+            assert assoc.send_c_store(pydicom.dcmread(source)).Status == STATUS_SUCCESS
+            # The handler has returned Success by now: the file and its directory entry were synced.
+            assert len(synced) == fsyncs_per_instance
+        finally:
+            assoc.release()
+        stored = pydicom.dcmread(spool_path(server.spool_dir, f"{STUDY}.1.1"))
+    assert stored.PixelData == pydicom.dcmread(source).PixelData
+    assert leftover_temp_files(tmp_path / "spool") == []
 
 
 def test_write_spool_file_never_replaces_a_complete_file(tmp_path):

@@ -6,6 +6,9 @@ the whole module; each retrieval test pulls into its own spool.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -264,6 +267,88 @@ def test_c_move_into_the_storage_scp_pulls_every_instance_and_resumes(
         pull_and_resume(cfg, pacs, originals, scp.spool_dir, monkeypatch, method="move", scp=scp)
 
 
+def pull_in_processes(cfg, pacs, spool, observer=None, **retrieve_kwargs):
+    plan = plan_retrieval(cfg, spool, pacs.study_uids())
+    summary = retrieve(
+        cfg, plan, workers=1, processes=2, progress=False, observer=observer, **retrieve_kwargs
+    )
+    return plan, summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["move", "get"])
+def test_pull_in_two_processes_stores_each_instance_once_and_resumes(cfg, pacs, originals, tmp_path, method):
+    spool = tmp_path / "spool"
+    with StorageSCP(spool, OUR_AET, 0, [pacs.aet], share_port=True) as scp:
+        pacs.add_modality("pedxray", OUR_AET, "127.0.0.1", scp.port)
+        kwargs = {"method": method, "scp": scp} if method == "move" else {"method": "get", "spool_dir": spool}
+        observer = CountingObserver()
+        _, summary = pull_in_processes(cfg, pacs, spool, observer, **kwargs)
+        assert summary.ok, summary.failures
+        assert (summary.requested, summary.completed, summary.failed) == (len(originals),) * 2 + (0,)
+        # Stores made in the children reach the parent's observer (the Prometheus metrics).
+        assert observer.stored == len(originals) and summary.bytes == observer.stored_bytes > 0
+        assert_spool_matches_pacs(spool, originals)
+
+        deleted = sorted(originals)[::5]
+        for uid in deleted:
+            spool_path(spool, uid).unlink()
+        plan, resumed = pull_in_processes(cfg, pacs, spool, **kwargs)
+        assert sorted(uid for item in plan for uid in item.sop_instance_uids) == deleted
+        assert (resumed.completed, resumed.failed) == (len(deleted), 0)
+        assert_spool_matches_pacs(spool, originals)
+
+
+class CrashOnFirstStore(CountingObserver):
+    """SIGKILLs every retrieving child process when the first instance arrives: a pull cut short."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.killed: list[int] = []
+
+    def on_stored(self, nbytes: int) -> None:
+        super().on_stored(nbytes)
+        if not self.killed:
+            for child in multiprocessing.active_children():
+                if child.name.startswith("retrieve-process"):
+                    os.kill(child.pid, signal.SIGKILL)
+                    self.killed.append(child.pid)
+
+
+@pytest.mark.slow
+def test_a_pull_whose_processes_die_reports_what_is_missing_and_the_rerun_fetches_only_that(
+    cfg, pacs, originals, tmp_path
+):
+    spool = tmp_path / "spool"
+    observer = CrashOnFirstStore()
+    plan = plan_retrieval(cfg, spool, pacs.study_uids())
+    summary = retrieve(
+        cfg,
+        plan,
+        method="get",
+        spool_dir=spool,
+        workers=1,
+        processes=2,
+        max_studies_per_request=1,
+        progress=False,
+        observer=observer,
+    )
+    assert len(observer.killed) == 2
+    missing = set(originals) - spooled_uids(spool)
+    assert missing, "killed at the first instance, the pull cannot have finished"
+    # The summary accounts for every instance: what is missing is what it says failed.
+    assert (summary.completed, summary.failed) == (len(originals) - len(missing), len(missing))
+    assert not summary.ok and all("retrieving process died" in f.reason for f in summary.failures)
+    for uid in spooled_uids(spool):  # whatever was stored is complete
+        assert pydicom.dcmread(spool_path(spool, uid)).PixelData == originals[uid].PixelData
+
+    rerun_plan = plan_retrieval(cfg, spool, pacs.study_uids())
+    assert {uid for item in rerun_plan for uid in item.sop_instance_uids} == missing
+    rerun = retrieve(cfg, rerun_plan, method="get", spool_dir=spool, workers=1, processes=2, progress=False)
+    assert rerun.ok and rerun.completed == len(missing)
+    assert spooled_uids(spool) == set(originals)
+
+
 def test_c_move_of_a_whole_study_counts_the_pacs_sub_operations(cfg, pacs, tmp_path):
     study = "1.2.826.0.1.3680043.10.999.1"
     with StorageSCP(tmp_path / "spool", OUR_AET, 0, [pacs.aet]) as scp:
@@ -309,6 +394,13 @@ def test_retrieve_arguments_are_checked(cfg, tmp_path):
         retrieve(cfg, [], method="get", spool_dir=tmp_path, workers=0)
     with pytest.raises(ValueError, match=r"max_studies_per_request=0: use 1 \(no UID lists\)"):
         retrieve(cfg, [], method="get", spool_dir=tmp_path, max_studies_per_request=0)
+    with pytest.raises(ValueError, match="use 1 \\(this process\\) or more"):
+        retrieve(cfg, [], method="get", spool_dir=tmp_path, processes=0)
+    with (
+        StorageSCP(tmp_path / "spool", OUR_AET, 0) as unshared,
+        pytest.raises(ValueError, match="share_port=True"),
+    ):
+        retrieve(cfg, [], method="move", scp=unshared, processes=2)
 
 
 # -- a PACS that drops the association in the middle of a C-GET -------------------------------------
