@@ -225,7 +225,9 @@ def pull_and_resume(cfg, pacs, originals, spool, monkeypatch, **retrieve_kwargs)
     summary = retrieve(cfg, plan, workers=3, progress=False, observer=observer, **retrieve_kwargs)
     assert summary.ok, summary.failures
     assert (summary.requested, summary.completed, summary.failed) == (len(originals),) * 2 + (0,)
-    assert len(plan) > 3 and len(opened) == 3 and len(set(opened)) == 3, "3 reused parallel associations"
+    # At most one association per worker, each reused (a worker that starts after the others have
+    # taken every request opens none).
+    assert len(plan) > 3 and 1 <= len(opened) <= 3 and len(set(opened)) == len(opened), opened
     # One StudyInstanceUID list per association instead of one request per series.
     assert len(sent) == 3 and sorted(uid for ds in sent for uid in ds.StudyInstanceUID) == sorted(
         item.study_uid for item in plan
