@@ -125,6 +125,7 @@ def build_datasets(
     granularity: int,
     image_size: int,
     seed: int,
+    splits: tuple[str, ...] = SPLITS,
 ) -> dict:
     """One Ray Data dataset per split; training shards are read in a seeded random file order."""
     import ray.data
@@ -135,7 +136,7 @@ def build_datasets(
 
     decoder = SampleDecoder(classes, granularity, image_size)
     datasets = {}
-    for split in SPLITS:
+    for split in splits:
         datasets[split] = ray.data.read_webdataset(
             shard_paths(manifest, shards_dir, split),
             decoder=decoder,
@@ -179,6 +180,22 @@ class BatchCollator(NumpyBatchCollateFn):
             images = augment_images(self.transform, images, batch["key"], seed=self.seed, epoch=self.epoch)
         x = torch.from_numpy(np.array(images, dtype=np.uint8)).unsqueeze(1)  # a writable copy
         return x, torch.from_numpy(np.array(batch["label"], dtype=np.int64))
+
+
+def train_batches(data, config, epoch: int, *, pin_memory: bool):
+    """One epoch of the train split as pretraining feeds it: (images, labels) batches of the per-worker
+    size, augmented for ``epoch``, locally shuffled. ``data`` is a Ray Dataset or a worker's DataIterator."""
+    collate = BatchCollator(
+        augment_p=config.augment_p if config.augment else None, seed=config.seed, epoch=epoch
+    )
+    return data.iter_torch_batches(
+        batch_size=config.per_worker_batch_size,
+        collate_fn=collate,
+        prefetch_batches=config.prefetch_batches,
+        local_shuffle_buffer_size=config.shuffle_buffer or None,
+        local_shuffle_seed=config.seed + epoch,
+        pin_memory=pin_memory,
+    )
 
 
 def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

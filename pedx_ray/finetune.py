@@ -54,7 +54,7 @@ from pedx_ray.initialize import (
     set_train_mode,
 )
 from pedx_ray.models import CONFIG_FILE, METRICS_FILE, MODEL_FILE, CheckpointError, unwrap
-from pedx_ray.pretrain import TRAIN_STATE_FILE, _export_best, _storage_root, report_checkpoint
+from pedx_ray.pretrain import TRAIN_STATE_FILE, _storage_root, fit_and_export_best, report_checkpoint
 from pedx_ray.schedule import lr_factor
 from pedx_ray.tasks import DEFAULT_HEAD, HEADS, TASKS, build_task_model
 
@@ -519,7 +519,7 @@ def run_finetuning(
     counts = {split: int((table["split"] == split).sum()) for split in ("train", "val", "test")}
     print("data: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " images")
 
-    ray = connect_ray(
+    connect_ray(
         num_workers=config.num_workers,
         cpus_per_worker=config.cpus_per_worker,
         gpus_per_worker=config.gpus_per_worker,
@@ -540,18 +540,7 @@ def run_finetuning(
         scaling_config=scaling_config,
         run_config=run_config,
     )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise FinetuneError(
-            f"training failed after {config.max_failures} automatic restarts: {exc}; continue with "
-            f"--resume --name {config.name}"
-        ) from exc
-    best = result.get_best_checkpoint(metric=SCORE_METRIC, mode="max")
-    if best is None:
-        raise FinetuneError(f"run {run_dir} finished without a checkpoint")
-    best_dir = run_dir / BEST_DIR
-    _export_best(best, best_dir)
+    _, best_dir = fit_and_export_best(trainer, config, run_dir, SCORE_METRIC, FinetuneError)
     predictions = predict_splits(best_dir, table, run_dir)
     return FinetuneResult(
         run_dir=run_dir,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ingest.files import write_json_atomic
 from pedx_ray.cluster import connect_ray, train_job_configs
 from pedx_ray.config import (
     GRANULARITIES,
@@ -48,6 +49,7 @@ from pedx_ray.data import (
     check_manifest,
     read_manifest,
     to_model_input,
+    train_batches,
     verify_shards,
 )
 from pedx_ray.metrics import classification_metrics, confusion_matrix
@@ -186,21 +188,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(start_epoch, config.epochs):
         lr = optimizer.param_groups[0]["lr"]
         train_model.train()
-        collate = BatchCollator(
-            augment_p=config.augment_p if config.augment else None, seed=config.seed, epoch=epoch
-        )
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, samples
         wait_s, started = 0.0, time.perf_counter()
-        batches = iter(
-            train_data.iter_torch_batches(
-                batch_size=config.per_worker_batch_size,
-                collate_fn=collate,
-                prefetch_batches=config.prefetch_batches,
-                local_shuffle_buffer_size=config.shuffle_buffer or None,
-                local_shuffle_seed=config.seed + epoch,
-                pin_memory=on_cuda,
-            )
-        )
+        batches = iter(train_batches(train_data, config, epoch, pin_memory=on_cuda))
         while True:
             fetch = time.perf_counter()
             batch = next(batches, None)
@@ -280,6 +270,28 @@ def _storage_root(config: PretrainConfig) -> Path:
     return Path(config.storage).expanduser().resolve()
 
 
+def fit_and_export_best(trainer, config, run_dir: Path, score_metric: str, error: type[Exception]):
+    """Run ``trainer``, export its best checkpoint (by ``score_metric``, higher is better) to
+    ``run_dir/best``; returns (the Ray result, the best directory). Failures raise ``error``.
+
+    ``config`` is the job's PretrainConfig or FinetuneConfig (its ``name`` and ``max_failures``)."""
+    import ray.train
+
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise error(
+            f"training failed after {config.max_failures} automatic restarts: {exc}; worker logs are in "
+            f"the Ray session logs; continue with --resume --name {config.name}"
+        ) from exc
+    best = result.get_best_checkpoint(metric=score_metric, mode="max")
+    if best is None:
+        raise error(f"run {run_dir} finished without a checkpoint")
+    best_dir = run_dir / BEST_DIR
+    _export_best(best, best_dir)
+    return result, best_dir
+
+
 def _export_best(best_checkpoint, best_dir: Path) -> None:
     """Copy the best checkpoint's contract-4 files to ``best_dir``, replacing it atomically."""
     staging = best_dir.with_name(f".{best_dir.name}.{uuid.uuid4().hex[:8]}")
@@ -322,11 +334,9 @@ def run_pretraining(
     if resume and not (run_dir / CONFIG_FILE).exists():
         raise PretrainError(f"nothing to resume: {run_dir} holds no run (no {CONFIG_FILE})")
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{CONFIG_FILE}.partial"
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    os.replace(tmp, run_dir / CONFIG_FILE)
+    write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
 
-    ray = connect_ray(
+    connect_ray(
         num_workers=config.num_workers,
         cpus_per_worker=config.cpus_per_worker,
         gpus_per_worker=config.gpus_per_worker,
@@ -350,18 +360,7 @@ def run_pretraining(
         ),
         dataset_config=PretrainDataConfig(),
     )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise PretrainError(
-            f"training failed after {config.max_failures} automatic restarts: {exc}; worker logs "
-            f"are in the Ray session logs; continue with --resume --name {config.name}"
-        ) from exc
-    best = result.get_best_checkpoint(metric=SCORE_METRIC, mode="max")
-    if best is None:
-        raise PretrainError(f"run {run_dir} finished without a checkpoint")
-    best_dir = run_dir / BEST_DIR
-    _export_best(best, best_dir)
+    result, best_dir = fit_and_export_best(trainer, config, run_dir, SCORE_METRIC, PretrainError)
     return PretrainResult(
         run_dir=run_dir,
         best_dir=best_dir,
