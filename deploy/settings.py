@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from pedx_ray.config import ConfigError, read_yaml
+
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 CONFIG_ENV = "PEDX_SERVE_CONFIG"
 IMPORT_PATH = "deploy.app:app"
@@ -140,13 +142,9 @@ def read_settings_yaml(path: str | Path) -> dict[str, Any]:
     """Settings fields from a YAML file: a plain mapping, or a Serve config file's application args."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise SettingsError(f"cannot read serving config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SettingsError(f"{path} must hold a mapping, not {type(data).__name__}")
+        data = read_yaml(path)
+    except ConfigError as exc:
+        raise SettingsError(f"serving config: {exc}") from exc
     if "applications" in data:
         apps = [a for a in data["applications"] or [] if a.get("import_path") == IMPORT_PATH]
         if not apps:

@@ -141,11 +141,16 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> PretrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return from_known_fields(cls, data, source)
+
+
+def from_known_fields(cls, data: dict[str, Any], source: str):
+    """``cls(**data)`` for a config dataclass, refusing fields it does not have (a typo in a YAML file)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**data)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import torch
 from ingest.files import write_atomic, write_json_atomic
 from pedx_ray.augment import augment_images, build_augmentation
 from pedx_ray.cluster import connect_ray, train_job_configs
-from pedx_ray.config import MIN_INCEPTION_SIZE, ConfigError, read_yaml, training_checks
+from pedx_ray.config import MIN_INCEPTION_SIZE, ConfigError, from_known_fields, read_yaml, training_checks
 from pedx_ray.data import to_model_input
 from pedx_ray.datasets import (
     BUILTIN_ENHANCE,
@@ -187,11 +187,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> FinetuneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return from_known_fields(cls, data, source)
 
 
 def _known_backbones() -> tuple[str, ...]:

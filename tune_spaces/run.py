@@ -41,7 +41,7 @@ import yaml
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
 from ingest.files import write_json_atomic
-from pedx_ray.config import ConfigError, PretrainConfig, read_yaml, resolve_config
+from pedx_ray.config import ConfigError, PretrainConfig, from_known_fields, read_yaml, resolve_config
 from pedx_ray.finetune import FinetuneConfig, resolve_finetune_config
 from tune_spaces.spaces import (
     DEFAULT_SPACE,
@@ -133,11 +133,7 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "sweep config") -> SweepConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return from_known_fields(cls, data, source)
 
 
 # ---------------------------------------------------------------- trial configs
