@@ -9,23 +9,26 @@ crash. ``fsync=False`` (``ingest pull --no-fsync``) drops the two fsyncs: still 
 crash of this process, but after an OS crash or power loss an instance acknowledged in the last
 seconds may be empty or cut short in the spool; see ``write_spool_file``.
 
-The store handler is a plain function bound to ``evt.EVT_C_STORE``; the C-GET client in
-``ingest.scu`` binds the same handler to its own associations. ``tune_connection`` (EVT_CONN_OPEN)
-trims pynetdicom's per-PDU cost on both. ``StorageSCP(share_port=True)`` lets several processes
-listen on one port (SO_REUSEPORT), so the PACS's C-STORE associations spread over them.
+``store_instance`` checks and spools one instance, whichever way it arrived: ``StorageSCP`` (the
+C-MOVE destination) receives on ``ingest.acceptor``'s associations, and the C-GET client in
+``ingest.scu`` binds ``handle_store`` to ``evt.EVT_C_STORE`` of its pynetdicom associations, where
+``tune_connection`` (EVT_CONN_OPEN) trims pynetdicom's per-PDU cost. ``StorageSCP(share_port=True)``
+lets several processes listen on one port (SO_REUSEPORT), so the PACS's C-STORE associations spread
+over them.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import errno
 import functools
 import hashlib
+import io
 import logging
 import os
 import re
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -35,12 +38,22 @@ from pathlib import Path
 from pydicom import uid as dicom_uid
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.dsutils import encode_file_meta
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
+from pynetdicom import AllStoragePresentationContexts
+from pynetdicom.dsutils import decode
 from pynetdicom.events import Event
-from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES, PresentationContext
+from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket
+
+from ingest.acceptor import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    ReceivedInstance,
+    StorageAcceptor,
+)
 
 LOGGER = logging.getLogger("ingest.scp")
 
@@ -73,6 +86,9 @@ _OUT_OF_RESOURCES_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFI
 # A DICOM UID: dot-separated digits, at most 64 characters. Checked before it becomes a file name.
 _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+# Sequence Delimitation Item, little endian: closes an encapsulated Pixel Data value.
+_PIXEL_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"UN"})
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 # VRs whose value pydicom refuses to convert when garbled (a sequence that does not parse, a number
 # whose length is not a multiple of its size). Text VRs only warn, so converting them is skipped.
 _STRICT_VRS = frozenset({"SQ", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AT", "OF", "OD", "OL", "OV"})
@@ -234,14 +250,95 @@ def check_convertible(dataset: Dataset) -> None:
             dataset[element.tag]
 
 
-def handle_store(event: Event, spool_dir: Path, counts: StoreCounts, fsync: bool = True) -> int:
-    """EVT_C_STORE handler: spool the instance, answer with a C-STORE status, never raise.
+def decode_for_checks(data: bytes, syntax: UID) -> Dataset:
+    """The data set's elements before Pixel Data, once the Pixel Data value is known to be complete.
+
+    Parsing the Pixel Data value took about as long as everything else the receiver does per
+    instance, and pydicom keeps no trace of an encapsulated value cut short (it warns and drops the
+    element), so its bounds are checked here instead: a defined length against the bytes received,
+    an encapsulated value by walking its items to the sequence delimiter. Where elements follow it
+    (or the syntax is deflated or big endian) the whole data set is decoded.
+    """
+    if syntax.is_deflated or not syntax.is_little_endian:
+        return decode(io.BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    stream = io.BytesIO(data)
+    header = read_dataset(stream, syntax.is_implicit_VR, True, stop_when=_at_pixel_data)
+    start = stream.tell()
+    if start == len(data):
+        return header  # no pixel data
+    explicit_vr = data[start + 4 : start + 6]
+    if len(data) < start + 12 or not (syntax.is_implicit_VR or explicit_vr in _PIXEL_VRS):
+        return decode(io.BytesIO(data), syntax.is_implicit_VR, True)
+    group, element = struct.unpack_from("<HH", data, start)
+    tag = f"({group:04X},{element:04X})"
+    if syntax.is_implicit_VR:
+        (length,), value_start = struct.unpack_from("<L", data, start + 4), start + 8
+    else:
+        (length,), value_start = struct.unpack_from("<L", data, start + 8), start + 12
+    if length == _UNDEFINED_LENGTH:
+        end = _encapsulated_end(data, value_start, tag)
+    else:
+        end = value_start + length
+        if end > len(data):
+            available = max(len(data) - value_start, 0)
+            raise ValueError(f"data set is truncated at element {tag} ({available} of {length} bytes)")
+    if end == len(data):
+        return header
+    return decode(io.BytesIO(data), syntax.is_implicit_VR, True)
+
+
+def _encapsulated_end(data: bytes, offset: int, tag: str) -> int:
+    """Where the encapsulated value starting at ``offset`` ends: just after its sequence delimiter."""
+    while offset + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHL", data, offset)
+        offset += 8
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return offset
+        if (group, element) != (0xFFFE, 0xE000) or length == _UNDEFINED_LENGTH:
+            raise ValueError(f"element {tag}: ({group:04X},{element:04X}) where a fragment item belongs")
+        offset += length
+    raise ValueError(f"data set is truncated at element {tag} (no delimiter after its last fragment)")
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag >> 16 == 0x7FE0
+
+
+def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes = b"\x00") -> bytes:
+    if len(value) % 2:
+        value += pad
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_aet: str) -> bytes:
+    """Preamble, "DICM" and the File Meta Information (PS3.10 7.1) for a received data set.
+
+    Encoded here: pydicom's dataset and writer validated every value again, ~0.5 ms per instance.
+    """
+    elements = (
+        _meta_element(0x0001, b"OB", b"\x00\x01")
+        + _meta_element(0x0002, b"UI", sop_class_uid.encode())
+        + _meta_element(0x0003, b"UI", sop_instance_uid.encode())
+        + _meta_element(0x0010, b"UI", transfer_syntax.encode())
+        + _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode())
+        + _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode(), b" ")
+    )
+    if source_aet:
+        elements += _meta_element(0x0016, b"AE", source_aet.encode("ascii", "replace"), b" ")
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<L", len(elements)))
+    return b"\x00" * 128 + b"DICM" + group_length + elements
+
+
+def store_instance(
+    spool_dir: Path, counts: StoreCounts, instance: ReceivedInstance, fsync: bool = True
+) -> int:
+    """Check one received instance and spool it; the C-STORE status to answer. Never raises.
 
     Success is answered only once the instance is in the spool, and with ``fsync`` on disk.
     """
-    request = event.request
-    uid = str(request.AffectedSOPInstanceUID or "")
-    peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+    uid, peer = instance.sop_instance_uid, instance.peer
     try:
         final_path = spool_path(spool_dir, uid)
     except ValueError as exc:
@@ -253,7 +350,7 @@ def handle_store(event: Event, spool_dir: Path, counts: StoreCounts, fsync: bool
         return STATUS_SUCCESS
 
     try:
-        dataset = event.dataset
+        dataset = decode_for_checks(instance.dataset, instance.transfer_syntax)
         truncated = first_truncated_element(dataset)
         if truncated is not None:
             raise ValueError(f"data set is truncated at element {truncated}")
@@ -271,21 +368,22 @@ def handle_store(event: Event, spool_dir: Path, counts: StoreCounts, fsync: bool
             "C-STORE from %s: SOPInstanceUID %r in data set != %r in request", peer, dataset_uid, uid
         )
         return STATUS_CANNOT_UNDERSTAND
-    if dataset_class != str(request.AffectedSOPClassUID):
+    if dataset_class != instance.sop_class_uid:
         counts.add_failed()
         LOGGER.error(
             "C-STORE %s from %s: SOPClassUID %r in data set != %r in request",
             uid,
             peer,
             dataset_class,
-            str(request.AffectedSOPClassUID),
+            instance.sop_class_uid,
         )
         return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
 
-    # The data set as received, behind the file meta pynetdicom builds (encoded_dataset() would join
-    # the two into one more copy of the whole instance).
-    data_set = event.encoded_dataset(include_meta=False)
-    data = (b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta), data_set)
+    # The data set as received, behind file meta naming this receiver.
+    data = (
+        part10_header(instance.sop_class_uid, uid, instance.transfer_syntax, instance.source_aet),
+        instance.dataset,
+    )
     try:
         stored = write_spool_file(final_path, data, fsync=fsync)
     except OSError as exc:
@@ -299,6 +397,21 @@ def handle_store(event: Event, spool_dir: Path, counts: StoreCounts, fsync: bool
     else:
         counts.add_duplicate()
     return STATUS_SUCCESS
+
+
+def handle_store(event: Event, spool_dir: Path, counts: StoreCounts, fsync: bool = True) -> int:
+    """EVT_C_STORE handler for pynetdicom associations (the C-GET client's): ``store_instance``."""
+    # On a C-GET association the PACS, which sends the C-STOREs, is the acceptor.
+    request, sender = event.request, event.assoc.acceptor
+    instance = ReceivedInstance(
+        sop_class_uid=str(request.AffectedSOPClassUID or ""),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+        transfer_syntax=event.context.transfer_syntax,
+        dataset=request.DataSet.getvalue(),
+        source_aet=(sender.ae_title or "").strip(),
+        peer=f"{sender.ae_title}@{sender.address}",
+    )
+    return store_instance(spool_dir, counts, instance, fsync)
 
 
 def _recv_whole(connection: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -331,75 +444,24 @@ def tune_connection(event: Event) -> None:
         connection.recv = functools.partial(_recv_whole, connection)
 
 
-def handle_rejected(event: Event, allowed_calling_aets: frozenset[str]) -> None:
-    """EVT_REJECTED handler: say who was turned away and why (pynetdicom only logs 'Rejecting')."""
-    requestor = event.assoc.requestor
-    calling_aet = (requestor.ae_title or "").strip()
-    if allowed_calling_aets and calling_aet not in allowed_calling_aets:
-        reason = f"calling AE title not in the allowed list {sorted(allowed_calling_aets)}"
-    else:
-        reason = "too many concurrent associations"
-    LOGGER.warning(
-        "rejected association from %r at %s:%s: %s",
-        calling_aet,
-        requestor.address,
-        requestor.port,
-        reason,
-    )
-
-
-class SharedUIDContext(PresentationContext):
-    """A supported presentation context that deep-copies without re-validating its UIDs.
-
-    pynetdicom deep-copies every supported context for each incoming association. Deep-copying a
-    pydicom ``UID`` re-runs its validation, so ~150 storage classes x 13 transfer syntaxes cost ~27 ms
-    of GIL-bound CPU per association: most of the set-up time of each C-MOVE sub-association a PACS
-    opens to us. UIDs are immutable strings, so sharing them keeps the copies independent.
-    """
-
-    def __deepcopy__(self, memo: dict) -> SharedUIDContext:
-        clone = copy.copy(self)
-        clone._transfer_syntax = list(self._transfer_syntax)
-        return clone
-
-
-def shared_uid_context(abstract_syntax: str, transfer_syntaxes: Iterable[str]) -> SharedUIDContext:
-    """A ``SharedUIDContext`` (default SCU/SCP roles) for one abstract syntax."""
-    context = SharedUIDContext()
-    context.abstract_syntax = abstract_syntax
-    context.transfer_syntax = list(transfer_syntaxes)
-    return context
-
-
-def storage_contexts() -> list[SharedUIDContext]:
-    """Acceptor contexts: every storage SOP class with every accepted transfer syntax."""
-    return [
-        shared_uid_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
-        for context in AllStoragePresentationContexts
-    ]
-
-
-class _SharedPortServer(ThreadedAssociationServer):
-    """An association server whose port other processes of this user may bind too (SO_REUSEPORT).
-
-    Linux hands each incoming connection to one of the listening sockets, so the C-STORE
-    associations a PACS opens for C-MOVE requests spread over the processes of one pull.
-    """
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+def storage_syntaxes() -> dict[str, tuple[str, ...]]:
+    """What the SCP serves: every storage SOP class in every accepted transfer syntax, and C-ECHO."""
+    syntaxes = {str(cx.abstract_syntax): ACCEPTED_TRANSFER_SYNTAXES for cx in AllStoragePresentationContexts}
+    syntaxes[Verification] = tuple(DEFAULT_TRANSFER_SYNTAXES)
+    return syntaxes
 
 
 class StorageSCP:
-    """A Storage SCP (C-STORE + C-ECHO) on a background thread, spooling into ``spool_dir``.
+    """A Storage SCP (C-STORE + C-ECHO) on background threads, spooling into ``spool_dir``.
 
     Use as a context manager, or call ``start()`` / ``stop()``. ``port=0`` binds a free port, read it
-    back from ``.port``. ``allowed_calling_aets=None`` accepts any peer (logged as a warning).
-    ``fsync=False`` answers Success before the instance is on disk (see ``write_spool_file``).
-    ``share_port=True`` lets other processes of the same user listen on the same port (Linux
-    SO_REUSEPORT), each taking a share of the incoming associations: how ``ingest.scu.retrieve``
-    spreads a C-MOVE pull over several processes.
+    back from ``.port``. ``allowed_calling_aets=None`` accepts any peer (logged as a warning); others
+    are rejected, and the rejection logged. ``network_timeout`` aborts an association that sends
+    nothing for that long. ``max_pdu`` is the largest PDU we accept (0 = unlimited). ``fsync=False``
+    answers Success before the instance is on disk (see ``write_spool_file``). ``share_port=True``
+    lets other processes of the same user listen on the same port (Linux SO_REUSEPORT), each taking a
+    share of the incoming associations: how ``ingest.scu.retrieve`` spreads a C-MOVE pull over
+    several processes. The associations themselves run in ``ingest.acceptor``.
     """
 
     def __init__(
@@ -412,7 +474,6 @@ class StorageSCP:
         *,
         maximum_associations: int = 16,
         network_timeout: float = 60,
-        dimse_timeout: float = 120,
         max_pdu: int = 0,
         share_port: bool = False,
         fsync: bool = True,
@@ -437,11 +498,10 @@ class StorageSCP:
         self._requested_port = port
         self._maximum_associations = maximum_associations
         self._network_timeout = network_timeout
-        self._dimse_timeout = dimse_timeout
         self._max_pdu = max_pdu
         self.share_port = share_port
         self.fsync = fsync
-        self._server = None
+        self._server: StorageAcceptor | None = None
 
     @property
     def port(self) -> int:
@@ -453,37 +513,33 @@ class StorageSCP:
     def running(self) -> bool:
         return self._server is not None
 
+    def _admit(self, calling_aet: str) -> str | None:
+        if self.allowed_calling_aets is None or calling_aet in self.allowed_calling_aets:
+            return None
+        return f"calling AE title not in the allowed list {sorted(self.allowed_calling_aets)}"
+
+    def _store(self, instance: ReceivedInstance) -> int:
+        return store_instance(self.spool_dir, self.counts, instance, self.fsync)
+
     def start(self) -> StorageSCP:
         if self._server is not None:
             return self
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        ae = AE(ae_title=self.ae_title)
-        ae.maximum_associations = self._maximum_associations
-        ae.network_timeout = self._network_timeout
-        ae.dimse_timeout = self._dimse_timeout
-        ae.maximum_pdu_size = self._max_pdu
         if self.allowed_calling_aets is None:
             LOGGER.warning("Storage SCP %s accepts associations from ANY calling AE title", self.ae_title)
-        else:
-            ae.require_calling_aet = sorted(self.allowed_calling_aets)
-        handlers = [
-            (evt.EVT_C_STORE, handle_store, [self.spool_dir, self.counts, self.fsync]),
-            (evt.EVT_REJECTED, handle_rejected, [self.allowed_calling_aets or frozenset()]),
-            (evt.EVT_CONN_OPEN, tune_connection),
-        ]
-        # Handed to the server as is: AE.supported_contexts would rebuild them as plain contexts.
-        contexts = [*storage_contexts(), shared_uid_context(Verification, DEFAULT_TRANSFER_SYNTAXES)]
-        address = (self.host, self._requested_port)
-        if self.share_port:
-            self._server = ae.make_server(
-                address, contexts=contexts, evt_handlers=handlers, server_class=_SharedPortServer
-            )
-            ae._servers.append(self._server)  # what start_server does: shutdown() takes it out again
-            threading.Thread(
-                target=self._server.serve_forever, name=f"SharedPortSCP@{self.port}", daemon=True
-            ).start()
-        else:
-            self._server = ae.start_server(address, block=False, contexts=contexts, evt_handlers=handlers)
+        self._server = StorageAcceptor(
+            (self.host, self._requested_port),
+            on_store=self._store,
+            admit=self._admit,
+            syntaxes=storage_syntaxes(),
+            maximum_associations=self._maximum_associations,
+            network_timeout=self._network_timeout,
+            max_pdu=self._max_pdu,
+            share_port=self.share_port,
+        )
+        threading.Thread(
+            target=self._server.serve_forever, name=f"StorageSCP@{self.port}", daemon=True
+        ).start()
         LOGGER.info(
             "Storage SCP %s listening on %s:%d, spooling into %s",
             self.ae_title,
@@ -497,6 +553,8 @@ class StorageSCP:
         if self._server is None:
             return
         self._server.shutdown()
+        self._server.close_connections()
+        self._server.server_close()
         self._server = None
         LOGGER.info("Storage SCP %s stopped: %s", self.ae_title, self.counts.snapshot())
 
@@ -519,7 +577,6 @@ class StorageSCP:
             "host": self.host,
             "maximum_associations": self._maximum_associations,
             "network_timeout": self._network_timeout,
-            "dimse_timeout": self._dimse_timeout,
             "max_pdu": self._max_pdu,
             "share_port": True,
             "fsync": self.fsync,
