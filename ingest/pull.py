@@ -26,7 +26,7 @@ from ingest.dask_runner import add_scheduler_argument, dask_client
 from ingest.files import write_json_atomic
 from ingest.metrics import IngestMetrics
 from ingest.preprocess import PreprocessParams
-from ingest.scp import StorageSCP
+from ingest.scp import StorageSCP, setup_cli_logging
 from ingest.scu import PacsConfig, PacsError, RetrieveSummary, echo, find_studies, plan_retrieval, retrieve
 from ingest.shards import (
     ShardError,
@@ -337,7 +337,7 @@ def config_from_args(args: argparse.Namespace) -> PullConfig:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     try:
         cfg = config_from_args(args)
         taxonomy = load_taxonomy(code_table=args.code_table)

@@ -55,6 +55,7 @@ from ingest.scp import (
     StorageSCP,
     StoreCounts,
     handle_store,
+    setup_cli_logging,
     spool_path,
     spooled_uids,
     tune_connection,
@@ -1467,7 +1468,7 @@ def main(argv: list[str] | None = None) -> int:
     pull.add_argument("--scp-host", default="0.0.0.0", help="address our Storage SCP binds for C-MOVE")
     pull.add_argument("--scp-port", type=int, default=11112, help="port the PACS knows for our AE title")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     try:
         cfg = _config_from_args(args)
         if args.command == "echo":

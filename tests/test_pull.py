@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
 from datetime import date
 from pathlib import Path
@@ -122,7 +123,16 @@ def test_pull_retrieves_everything_once_and_resumes(
     assert done.manifest["skipped_shards"] == len(manifest["shards"])
 
 
-def test_cli_runs_with_metrics_and_fails_clearly_without_a_pacs(pacs, tmp_path: Path, capsys) -> None:
+@pytest.fixture
+def pynetdicom_log_level():
+    yield
+    logging.getLogger("pynetdicom").setLevel(logging.NOTSET)
+
+
+def test_cli_runs_with_metrics_and_fails_clearly_without_a_pacs(
+    pacs, tmp_path: Path, capsys, caplog, pynetdicom_log_level
+) -> None:
+    caplog.set_level(logging.INFO)
     server, scp_port, uids = pacs
     args = [
         "--pacs",
@@ -147,6 +157,10 @@ def test_cli_runs_with_metrics_and_fails_clearly_without_a_pacs(pacs, tmp_path: 
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"{len(uids)} studies" in out and "metrics: http://127.0.0.1:" in out and "shards in" in out
+    # pynetdicom at INFO writes every C-FIND match element by element: kept out of the console.
+    chatter = [r for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno < logging.WARNING]
+    assert chatter == []
+    assert any(r.name.startswith("ingest") and r.levelno == logging.INFO for r in caplog.records)
     dead = [
         "--pacs",
         f"127.0.0.1:{free_port()}",

@@ -13,8 +13,9 @@ from conftest import make_instance
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom._handlers import standard_dimse_recv_handler
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -30,6 +31,7 @@ from ingest.scp import (
     StorageSCP,
     spool_path,
     spooled_uids,
+    tune_connection,
     write_spool_file,
 )
 
@@ -81,6 +83,26 @@ def test_instances_are_accepted_in_the_syntax_the_pacs_stored_them(scp):
         DigitalXRayImageStorageForPresentation: [JPEGBaseline8Bit],
         Verification: [ImplicitVRLittleEndian],
     }
+
+
+@pytest.mark.parametrize("pynetdicom_level", [logging.WARNING, logging.INFO])
+def test_pynetdicom_describes_messages_only_when_its_log_is_kept(scp, pynetdicom_level):
+    logger = logging.getLogger("pynetdicom")
+    logger.setLevel(pynetdicom_level)
+    try:
+        ae = AE(ae_title=ALLOWED)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(
+            "127.0.0.1", scp.port, ae_title=scp.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)]
+        )
+        try:
+            assert assoc.send_c_echo().Status == STATUS_SUCCESS
+            bound = [handler for handler, _ in assoc.get_handlers(evt.EVT_DIMSE_RECV)]
+        finally:
+            assoc.release()
+    finally:
+        logger.setLevel(logging.NOTSET)
+    assert (standard_dimse_recv_handler in bound) == (pynetdicom_level == logging.INFO)
 
 
 def test_stored_instance_lands_at_its_spool_path_byte_for_byte_dataset(scp, tmp_path):
