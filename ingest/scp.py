@@ -87,6 +87,8 @@ _OUT_OF_RESOURCES_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFI
 # A DICOM UID: dot-separated digits, at most 64 characters. Checked before it becomes a file name.
 _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+# A spool temp file this old belongs to no live write (a 1 GB instance arrives in well under a minute).
+STALE_PART_AGE_S = 3600
 # Sequence Delimitation Item, little endian: closes an encapsulated Pixel Data value.
 _PIXEL_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"UN"})
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
@@ -110,6 +112,26 @@ def spooled_uids(spool_dir: str | os.PathLike) -> set[str]:
     if not root.is_dir():
         return set()
     return {path.name.removesuffix(".dcm") for path in root.glob("??/[0-9]*.dcm")}
+
+
+def remove_stale_parts(spool_dir: str | os.PathLike, older_than_s: float = STALE_PART_AGE_S) -> int:
+    """Delete the temp files (``.*.part``) a killed process left in the spool; how many went.
+
+    Only those older than ``older_than_s``: a younger one may be a write another live process
+    (a parallel pull into the same spool) has in progress.
+    """
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for path in Path(spool_dir).glob("??/.*.part"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass  # its writer finished or another cleaner was first
+    if removed:
+        LOGGER.info("removed %d unfinished temp file(s) left by a killed process in %s", removed, spool_dir)
+    return removed
 
 
 class StoreCounts:
@@ -538,6 +560,7 @@ class StorageSCP:
         if self._server is not None:
             return self
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_parts(self.spool_dir)
         if self.allowed_calling_aets is None:
             LOGGER.warning("Storage SCP %s accepts associations from ANY calling AE title", self.ae_title)
         self._server = StorageAcceptor(

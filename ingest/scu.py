@@ -55,6 +55,7 @@ from ingest.scp import (
     StorageSCP,
     StoreCounts,
     handle_store,
+    remove_stale_parts,
     setup_cli_logging,
     spool_path,
     spooled_uids,
@@ -1061,6 +1062,7 @@ def retrieve(
         destination = None
         spool = Path(spool_dir) if spool_dir is not None else scp.spool_dir
         spool.mkdir(parents=True, exist_ok=True)
+        remove_stale_parts(spool)  # StorageSCP.start() does it for C-MOVE
         counts = StoreCounts()
     sop_classes = _get_sop_classes(items) if method == "get" else ()
 

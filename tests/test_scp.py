@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -280,6 +282,22 @@ def test_write_spool_file_never_replaces_a_complete_file(tmp_path):
     assert write_spool_file(target, b"second") is False
     assert target.read_bytes() == b"first"
     assert leftover_temp_files(tmp_path) == []
+
+
+def test_temp_files_a_killed_process_left_are_removed_when_the_scp_starts(tmp_path):
+    spool = tmp_path / "spool"
+    write_spool_file(spool_path(spool, "1.2.3.4"), b"done")
+    stale, fresh = spool_path(spool, "1.2.3.4").parent / ".dead.part", spool / "ab" / ".live.part"
+    fresh.parent.mkdir(parents=True, exist_ok=True)
+    for path in (stale, fresh):
+        path.write_bytes(b"half")
+    an_hour_and_more = time.time() - scp_module.STALE_PART_AGE_S - 60
+    os.utime(stale, (an_hour_and_more, an_hour_and_more))
+    with StorageSCP(spool, "PEDXRAY", 0, [ALLOWED]):
+        pass
+    assert not stale.exists()
+    assert fresh.exists()  # may be a live write of another process sharing the spool
+    assert spooled_uids(spool) == {"1.2.3.4"}
 
 
 def test_spooled_uids_ignores_unfinished_temp_files(tmp_path):
