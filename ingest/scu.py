@@ -7,8 +7,9 @@
   C-GET requests, reconnecting after an abort. Each item is retried with exponential back-off; what
   was stored before a failure stays in the spool (the spool de-duplicates), and the summary names
   every item that still failed and why. ``processes=P`` runs P child processes of N associations
-  each, taking requests from the parent as they free up: receiving is CPU-bound Python (pynetdicom
-  decodes every PDU under the GIL), so one process uses one core however many associations it has.
+  each, taking requests from the parent as they free up: receiving is CPU-bound Python under the GIL
+  (pynetdicom's for C-GET and the C-MOVE requests, ``ingest.acceptor`` for the C-MOVE C-STOREs), so
+  one process uses one core however many associations it has.
 * ``plan_retrieval`` asks the PACS which instances a study has and leaves out those already spooled,
   so a resumed pull transfers only what is missing. Studies not yet spooled at all are retrieved
   whole, many per request (a StudyInstanceUID list): per request Orthanc opens a C-STORE
@@ -1015,8 +1016,8 @@ def retrieve(
     in an item that are already in the spool are skipped and counted as ``already_present``.
 
     ``processes > 1`` runs ``workers`` associations in each of that many child processes, which take
-    requests from one shared queue: pynetdicom decodes PDUs in Python, so one process tops out at
-    one core whatever its number of associations. For C-MOVE each child listens on the ``scp``'s
+    requests from one shared queue: PDUs are decoded in Python, so one process tops out at one core
+    whatever its number of associations. For C-MOVE each child listens on the ``scp``'s
     port too (the ``scp`` must be started with ``share_port=True``), and the kernel spreads the
     PACS's C-STORE associations over them. The spool is shared: a duplicate is still stored once,
     and a child that dies leaves its instances missing, to be fetched by the next run. Children come
