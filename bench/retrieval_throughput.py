@@ -27,13 +27,16 @@ Seconds run from the first retrieve request to the last file on disk; the ingest
 series and instance) is made once beforehand and timed separately. Files and bytes are counted in
 each output directory, and a row whose count differs from what Orthanc holds is flagged.
 ``--repeat N`` runs every row N times, round by round (so a burst of load elsewhere hits all rows
-alike), and reports the median and the range of images/s.
+alike), and reports the median and the range of images/s. The in-process ingest rows also give the
+CPU time this process spent per instance (receiving and requesting; Orthanc and child processes
+are not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shlex
 import shutil
 import socket
@@ -74,6 +77,8 @@ class Row:
     seconds: float
     command: str
     note: str = ""
+    # CPU time of this (benchmark) process, for the in-process ingest rows; None where it cannot tell.
+    cpu_seconds: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -227,7 +232,7 @@ def measure_ingest(
         "progress": False,
         "max_studies_per_request": studies_per_request,
     }
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), process_cpu_seconds()
     try:
         if method == "move":
             with StorageSCP(
@@ -245,9 +250,16 @@ def measure_ingest(
     except FutureTimeout:
         note = f"timed out after {timeout:g} s"
     seconds = time.monotonic() - started
+    # Child processes' CPU is not counted, so the multi-process rows get none.
+    cpu_seconds = process_cpu_seconds() - cpu_started if processes == 1 else None
     files, nbytes = output_files(spool)
     associations = str(workers) if processes == 1 else f"{processes} x {workers}"
-    return Row(label, associations, files, expected, nbytes, seconds, command, note)
+    return Row(label, associations, files, expected, nbytes, seconds, command, note, cpu_seconds)
+
+
+def process_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def measure_command(
@@ -372,8 +384,8 @@ def markdown_table(runs: Sequence[Sequence[Row]]) -> str:
     """One line per row of the first round: the median over rounds, and the images/s range."""
     lines = [
         "| method | associations | instances | MB | seconds (median) | images/s (median) | images/s range "
-        "| MB/s (median) | command |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| MB/s (median) | our CPU ms/instance (median) | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for index, row in enumerate(runs[0]):
@@ -385,10 +397,13 @@ def markdown_table(runs: Sequence[Sequence[Row]]) -> str:
             f"{row.instances}" if not incomplete else f"{incomplete[0].instances}/{row.expected} INCOMPLETE"
         )
         spread = f"{min(rates):.1f}–{max(rates):.1f}" if len(measured) > 1 else "–"
+        cpu = [1000 * r.cpu_seconds / r.instances for r in measured if r.cpu_seconds and r.instances]
+        cpu_text = f"{statistics.median(cpu):.1f}" if cpu else "–"
         lines.append(
             f"| {row.method} | {row.associations} | {count} | {row.nbytes / 1e6:.1f} | {seconds:.2f} | "
             f"{statistics.median(rates):.1f} | {spread} | "
-            f"{statistics.median(r.nbytes / 1e6 / r.seconds for r in measured):.1f} | `{row.command}` |"
+            f"{statistics.median(r.nbytes / 1e6 / r.seconds for r in measured):.1f} | {cpu_text} | "
+            f"`{row.command}` |"
         )
         notes += [f"- {r.method} ({r.associations}): {r.note}" for r in measured if r.note]
     notes = list(dict.fromkeys(notes))  # the same note from every round once
