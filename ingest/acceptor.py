@@ -49,6 +49,9 @@ _PDV_HEADER = struct.Struct(">LBB")
 _COMMAND_BIT, _LAST_BIT = 0x01, 0x02
 # A-ASSOCIATE-RQ is read before the peer is admitted: a bound on what an unknown peer may make us allocate.
 _MAX_ASSOCIATE_RQ = 1 << 20
+# With no maximum announced (max_pdu=0) a PDU's declared length is still bounded: a garbled length
+# field must not make us allocate gigabytes. PACS send PDUs of 16 KiB to a few MiB.
+_MAX_UNLIMITED_PDU = 256 << 20
 
 C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
 _NO_DATA_SET = 0x0101
@@ -175,7 +178,7 @@ def encode_response(request: Command, status: int) -> bytes:
 
 def p_data_tf(context_id: int, data: bytes, max_pdu: int, *, command: bool) -> bytes:
     """``data`` as P-DATA-TF PDUs no longer than the peer's ``max_pdu`` (0 = unlimited)."""
-    chunk = len(data) if max_pdu == 0 else max_pdu - _PDV_HEADER.size
+    chunk = max(len(data) if max_pdu == 0 else max_pdu - _PDV_HEADER.size, 1)
     pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)] or [b""]
     out = bytearray()
     for i, piece in enumerate(pieces):
@@ -323,7 +326,7 @@ class _Association:
                 raise ConnectionError("the peer closed the connection in the middle of a PDU")
             received += count
 
-    def _read_pdu(self, limit: int = 0) -> tuple[int, memoryview]:
+    def _read_pdu(self, limit: int) -> tuple[int, memoryview]:
         """The next PDU's type and body; the body is valid until the next call."""
         header = bytearray(_PDU_HEADER.size)
         received = self.sock.recv_into(header)
@@ -332,7 +335,7 @@ class _Association:
         if received < len(header):
             self._recv_into(memoryview(header)[received:])
         pdu_type, _, length = _PDU_HEADER.unpack(header)
-        if limit and length > limit:
+        if length > limit:
             raise ProtocolError(f"PDU type 0x{pdu_type:02X} of {length} bytes is over the limit of {limit}")
         if length > len(self._buffer):
             self._buffer = bytearray(length)
@@ -370,7 +373,7 @@ class _Association:
         command_context = 0
         fragments: list[bytes] = []
         while True:
-            pdu_type, body = self._read_pdu()
+            pdu_type, body = self._read_pdu(limit=self.server.max_pdu or _MAX_UNLIMITED_PDU)
             if pdu_type == _RELEASE_RQ:
                 if command is not None or fragments:
                     LOGGER.warning("%r released the association in the middle of a message", self.calling_aet)

@@ -235,6 +235,18 @@ def test_a_pdv_on_a_context_that_was_not_accepted_aborts_and_the_scp_serves_on(s
     assert pynetdicom_echo(scp.port) == STATUS_SUCCESS
 
 
+def test_a_pdu_claiming_more_than_the_limit_is_refused_before_anything_is_allocated(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="ingest.acceptor")
+    with StorageSCP(tmp_path / "spool", "PEDXRAY", 0, [ALLOWED], max_pdu=65536) as server:
+        peer = RawPeer(server.port, [context(1, Verification, [ImplicitVRLittleEndian])])
+        try:
+            peer.sock.sendall(struct.pack(">BBL", 0x04, 0, 65537))  # P-DATA-TF header, no body
+            assert peer.read_pdu()[0] == 0x07  # A-ABORT
+        finally:
+            peer.close()
+    assert "of 65537 bytes is over the limit of 65536" in caplog.text
+
+
 def test_a_peer_that_drops_or_releases_mid_instance_leaves_nothing_behind(scp, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="ingest.acceptor")
     dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # 39 kB: ten 4 KiB PDUs
