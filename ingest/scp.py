@@ -492,11 +492,12 @@ class StorageSCP:
     Use as a context manager, or call ``start()`` / ``stop()``. ``port=0`` binds a free port, read it
     back from ``.port``. ``allowed_calling_aets=None`` accepts any peer (logged as a warning); others
     are rejected, and the rejection logged. ``network_timeout`` aborts an association that sends
-    nothing for that long. ``max_pdu`` is the largest PDU we accept (0 = unlimited). ``fsync=False``
-    answers Success before the instance is on disk (see ``write_spool_file``). ``share_port=True``
-    lets other processes of the same user listen on the same port (Linux SO_REUSEPORT), each taking a
-    share of the incoming associations: how ``ingest.scu.retrieve`` spreads a C-MOVE pull over
-    several processes. The associations themselves run in ``ingest.acceptor``.
+    nothing for that long. ``max_pdu`` is the largest PDU we accept (0 announces no maximum; a PDU
+    over 256 MiB is refused all the same). ``fsync=False`` answers Success before the instance is on
+    disk (see ``write_spool_file``). ``share_port=True`` lets other processes of the same user listen
+    on the same port (Linux SO_REUSEPORT), each taking a share of the incoming associations: how
+    ``ingest.scu.retrieve`` spreads a C-MOVE pull over several processes. The associations
+    themselves run in ``ingest.acceptor``.
     """
 
     def __init__(
