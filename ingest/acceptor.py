@@ -311,6 +311,9 @@ class _Association:
             self._send_quietly(_ABORT_PDU)
         except OSError as exc:
             LOGGER.warning("association from %r at %s lost: %s", self.calling_aet, self.where, exc)
+        except Exception:  # a bug here must end this association, logged, not the server
+            LOGGER.exception("association from %r at %s failed", self.calling_aet, self.where)
+            self._send_quietly(_ABORT_PDU)
 
     def _send_quietly(self, data: bytes) -> None:
         try:

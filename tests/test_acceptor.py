@@ -247,6 +247,22 @@ def test_a_pdu_claiming_more_than_the_limit_is_refused_before_anything_is_alloca
     assert "of 65537 bytes is over the limit of 65536" in caplog.text
 
 
+def test_an_unexpected_error_ends_only_its_association_and_is_logged(scp, monkeypatch, caplog):
+    def broken(message: bytes):
+        raise RuntimeError("a bug in the command decoder")
+
+    monkeypatch.setattr(acceptor, "decode_command", broken)
+    peer = RawPeer(scp.port, [context(1, Verification, [ImplicitVRLittleEndian])])
+    try:
+        peer.send_message(echo_rq(), 1)
+        assert peer.read_pdu()[0] == 0x07  # A-ABORT
+    finally:
+        peer.close()
+    assert "failed" in caplog.text and "a bug in the command decoder" in caplog.text
+    monkeypatch.undo()
+    assert pynetdicom_echo(scp.port) == STATUS_SUCCESS
+
+
 def test_a_peer_that_drops_or_releases_mid_instance_leaves_nothing_behind(scp, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="ingest.acceptor")
     dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # 39 kB: ten 4 KiB PDUs
