@@ -42,6 +42,8 @@ _ITEM_HEADER = struct.Struct(">BxH")
 _APPLICATION_CONTEXT_ITEM, _CONTEXT_RQ_ITEM, _CONTEXT_AC_ITEM = 0x10, 0x20, 0x21
 _ABSTRACT_SYNTAX_ITEM, _TRANSFER_SYNTAX_ITEM, _USER_INFORMATION_ITEM = 0x30, 0x40, 0x50
 _MAXIMUM_LENGTH_ITEM, _IMPLEMENTATION_UID_ITEM, _IMPLEMENTATION_VERSION_ITEM = 0x51, 0x52, 0x55
+# Implicit VR little endian, explicit VR little endian, explicit VR big endian.
+_UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 # Presentation context results (PS3.8 9.3.3.2).
 _ACCEPTED, _ABSTRACT_SYNTAX_NOT_SUPPORTED, _TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x00, 0x03, 0x04
 _PDU_HEADER = struct.Struct(">BBL")
@@ -235,15 +237,23 @@ def parse_associate_rq(body: bytes) -> AssociateRequest:
 
 
 def negotiate(request: AssociateRequest, syntaxes: Mapping[str, Sequence[str]]) -> dict[int, tuple[int, str]]:
-    """Context ID -> (result, transfer syntax): the first of our transfer syntaxes (in our order of
-    preference) that the peer proposed for an abstract syntax we serve."""
+    """Context ID -> (result, transfer syntax) for each proposed context.
+
+    Of the transfer syntaxes we accept, the one the peer listed first wins: a sender lists the
+    syntax it holds first, so an instance arrives as stored, neither decompressed nor recompressed
+    on the way (and a sender that cannot transcode, like dcmtk's storescu, can send at all). The
+    uncompressed syntaxes only differ in how elements are encoded, so where the sender's choice is
+    one of them, our order among those it proposed decides (explicit VR little endian first).
+    """
     results = {}
     for context_id, (abstract, proposed) in request.contexts.items():
         ours = syntaxes.get(abstract)
         if ours is None:
             results[context_id] = (_ABSTRACT_SYNTAX_NOT_SUPPORTED, proposed[0] if proposed else "")
             continue
-        chosen = next((syntax for syntax in ours if syntax in proposed), None)
+        chosen = next((syntax for syntax in proposed if syntax in ours), None)
+        if chosen in _UNCOMPRESSED:
+            chosen = next(syntax for syntax in ours if syntax in proposed and syntax in _UNCOMPRESSED)
         if chosen is None:
             results[context_id] = (_TRANSFER_SYNTAXES_NOT_SUPPORTED, proposed[0] if proposed else "")
         else:
@@ -456,7 +466,7 @@ class _RequestHandler(socketserver.BaseRequestHandler):
 class StorageAcceptor(socketserver.ThreadingTCPServer):
     """Accepts associations on ``address`` and hands each received instance to ``on_store``.
 
-    ``syntaxes`` maps each abstract syntax served to its transfer syntaxes in order of preference.
+    ``syntaxes`` maps each abstract syntax served to the transfer syntaxes accepted for it.
     ``admit(calling_aet)`` returns a reason to refuse a peer (or None). At most
     ``maximum_associations`` run at once; more are rejected as transient. ``max_pdu`` is the largest
     PDU we accept (0 = unlimited). ``share_port`` sets SO_REUSEPORT so several processes can listen

@@ -58,8 +58,9 @@ from ingest.acceptor import (
 
 LOGGER = logging.getLogger("ingest.scp")
 
-# Uncompressed first, then the lossless codecs, then lossy ones: a PACS sends each instance in the
-# syntax it was stored in (no transcoding, no second lossy generation) as long as we accept it.
+# Every syntax the catalog and preprocessing can decode. Uncompressed first, then the lossless codecs,
+# then lossy ones: the order a C-GET proposes them in. As the acceptor we take the sender's order
+# (see ingest.acceptor.negotiate), so each instance arrives in the syntax it was stored in.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     dicom_uid.ExplicitVRLittleEndian,
     dicom_uid.ImplicitVRLittleEndian,

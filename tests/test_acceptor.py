@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 import socket
 import struct
+import subprocess
 import time
 
 import pydicom
@@ -159,11 +161,12 @@ def scp(tmp_path):
         yield server
 
 
-def test_negotiation_takes_our_preferred_syntax_and_says_why_a_context_is_refused():
+def test_negotiation_takes_the_senders_first_syntax_and_says_why_a_context_is_refused():
     request = acceptor.parse_associate_rq(
         associate_rq(
             [
                 context(1, CTImageStorage, [JPEG2000Lossless, ExplicitVRLittleEndian]),
+                context(7, CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian]),
                 context(3, StudyRootQueryRetrieveInformationModelFind, [ImplicitVRLittleEndian]),
                 context(5, ComputedRadiographyImageStorage, ["1.2.826.0.1.3680043.10.998.5"]),
             ]
@@ -178,7 +181,8 @@ def test_negotiation_takes_our_preferred_syntax_and_says_why_a_context_is_refuse
     pdu.decode(encoded)
     decoded = pdu.to_primitive()
     by_id = {cx.context_id: cx for cx in decoded.presentation_context_definition_results_list}
-    assert by_id[1].result == 0x00 and by_id[1].transfer_syntax == [ExplicitVRLittleEndian]
+    assert by_id[1].result == 0x00 and by_id[1].transfer_syntax == [JPEG2000Lossless]  # as stored
+    assert by_id[7].result == 0x00 and by_id[7].transfer_syntax == [ExplicitVRLittleEndian]
     assert by_id[3].result == 0x03  # abstract syntax not supported
     assert by_id[5].result == 0x04  # none of the transfer syntaxes is supported
     assert decoded.calling_ae_title == ALLOWED
@@ -314,6 +318,27 @@ def test_associations_over_the_limit_are_rejected_as_transient(tmp_path, caplog)
             first.close()
             second.close()
     assert "too many concurrent associations" in caplog.text
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk's storescu is not installed")
+def test_dcmtk_stores_compressed_and_fragmented_instances_as_they_were_sent(scp):
+    # dcmtk is a second, independent implementation of the requesting side.
+    sends = [
+        ("JPEG2000.dcm", ["-R", "-xw"]),  # proposes JPEG 2000 only for this class: no transcoding
+        ("SC_rgb_rle.dcm", ["-R", "-xr"]),
+        ("CT_small.dcm", ["-pdu", "4096"]),  # ten P-DATA-TF PDUs
+    ]
+    peer = ["-aet", ALLOWED, "-aec", "PEDXRAY", "127.0.0.1", str(scp.port)]
+    assert subprocess.run(["echoscu", *peer], capture_output=True).returncode == 0
+    for name, options in sends:
+        result = subprocess.run(["storescu", *options, *peer, get_testdata_file(name)], capture_output=True)
+        assert result.returncode == 0, result.stderr.decode()
+        source = pydicom.dcmread(get_testdata_file(name))
+        stored = pydicom.dcmread(spool_path(scp.spool_dir, source.SOPInstanceUID))
+        assert stored.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
+        assert stored.PixelData == source.PixelData
+    stranger = ["-aet", "STRANGER", *peer[2:]]
+    assert subprocess.run(["echoscu", *stranger], capture_output=True).returncode != 0
 
 
 def test_p_data_tf_splits_a_message_to_the_peers_maximum_pdu():
