@@ -20,6 +20,8 @@ and pulls it the same way several times, each into a fresh, empty directory:
 * dcmtk ``movescu`` into a background ``storescp``: one association moving every study (a
   backslash-separated StudyInstanceUID list; repeated ``-k`` keys keep only the last value), and
   one ``movescu`` process per study;
+* that single ``movescu`` again, received by ingest's ``StorageSCP`` instead of ``storescp``: the same
+  client, so the difference is the receiver's;
 * dcmtk ``getscu``, one process per study (Orthanc 1.10 ends a C-GET at the first instance it cannot
   send, and ``getscu`` offers one transfer syntax per storage class).
 
@@ -500,6 +502,25 @@ def measure_all(
         row = Row(**{**row.__dict__, "command": f"{shell_command(storescp.command)} & {row.command}"})
         report_progress(row)
         rows.append(row)
+
+    # The same single movescu, received by ingest's StorageSCP instead of storescp: the receiver's share.
+    out_dir = work / "dcmtk-move-ingest-scp"
+    with StorageSCP(out_dir, DCMTK_AET, dcmtk_port, [PACS_AET]):
+        row = measure_command(
+            "dcmtk movescu+ingest StorageSCP",
+            "1",
+            [movescu_command(orthanc.dicom_port, study_uids)],
+            out_dir,
+            expected,
+            args.timeout,
+            receiver_lags=False,  # it answers each C-STORE once the file is in place
+        )
+    scp_command = (
+        f"python -m ingest.scp --spool {out_dir} --aet {DCMTK_AET} --port {dcmtk_port} --allow {PACS_AET}"
+    )
+    row = Row(**{**row.__dict__, "command": f"{scp_command} & {row.command}"})
+    report_progress(row)
+    rows.append(row)
 
     get_dir = work / "dcmtk-get"
     get_dir.mkdir()
