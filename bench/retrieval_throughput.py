@@ -222,11 +222,16 @@ def measure_ingest(
     scp_port: int,
     expected: int,
     timeout: float,
-    command: str,
     studies_per_request: int = 50,
     processes: int = 1,
     fsync: bool = True,
+    plan: str = "",
 ) -> Row:
+    """One pull timed in this process; the row shows the CLI pull that retrieves the same way
+    (``plan`` says how the items were planned, where the CLI would plan them otherwise)."""
+    command = ingest_cli(cfg, spool, method, workers, scp_port, studies_per_request, processes, fsync)
+    if plan:
+        command = f"{command}  # with {plan}"
     note = ""
     options = {
         "workers": workers,
@@ -437,7 +442,6 @@ def measure_all(
     runs += [("get", max(args.get_workers), 1, False), ("move", 2, 1, False)]
     for method, workers, processes, fsync in runs:
         spool = work / f"ingest-{method}-{processes}x{workers}-{'fsync' if fsync else 'nofsync'}"
-        command = ingest_cli(cfg, spool, method, workers, ingest_port, processes=processes, fsync=fsync)
         label = f"ingest C-{method.upper()}" + (f", {processes} processes" if processes > 1 else "")
         label += "" if fsync else ", --no-fsync"
         row = measure_ingest(
@@ -450,7 +454,6 @@ def measure_all(
             ingest_port,
             expected,
             args.timeout,
-            command,
             processes=processes,
             fsync=fsync,
         )
@@ -458,15 +461,12 @@ def measure_all(
         rows.append(row)
     # What UID lists save: one C-MOVE per study, and one per series (the plan before them).
     baselines = [
-        ("one study per request", items, 1, "--studies-per-request 1"),
+        ("one study per request", items, 1, ""),
         ("one request per series", series_items, 50, "plan_retrieval(..., whole_studies=False)"),
     ]
-    for name, baseline_items, per_request, how in baselines:
+    for name, baseline_items, per_request, plan in baselines:
         for workers in args.baseline_workers:
             spool = work / f"ingest-move-{per_request}-{len(baseline_items)}-{workers}"
-            command = ingest_cli(cfg, spool, "move", workers, ingest_port, per_request)
-            if per_request != 1:
-                command = f"{command}  # with {how}"
             row = measure_ingest(
                 f"ingest C-MOVE, {name}",
                 cfg,
@@ -477,8 +477,8 @@ def measure_all(
                 ingest_port,
                 expected,
                 args.timeout,
-                command,
                 per_request,
+                plan=plan,
             )
             report_progress(row)
             rows.append(row)
