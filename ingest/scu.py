@@ -1110,20 +1110,18 @@ def retrieve(
                 _run_threads(retriever, n_workers, lambda: _next_or_none(work))
                 outcomes, request_warnings, child_bytes = retriever.outcomes, retriever.request_warnings, 0
             else:
-                scp_settings = scp.settings() if method == "move" else None
+                job = _ChildJob(
+                    cfg=cfg,
+                    method=method,
+                    destination=destination,
+                    spool=spool,
+                    scp_settings=scp.settings() if method == "move" else None,
+                    sop_classes=tuple(sop_classes),
+                    workers=workers,
+                    fsync=fsync,
+                )
                 outcomes, request_warnings, child_bytes = _retrieve_in_processes(
-                    cfg,
-                    method,
-                    destination,
-                    spool,
-                    scp_settings,
-                    sop_classes,
-                    requests,
-                    processes,
-                    workers,
-                    fsync,
-                    observer,
-                    bar,
+                    job, requests, processes, observer, bar
                 )
     finally:
         if observer is not None:
@@ -1235,20 +1233,34 @@ class _ParentLink:
         self._send(("done", outcomes, request_warnings))
 
 
-def _retrieve_process(
-    cfg, method, destination, spool, scp_settings, sop_classes, workers, fsync, connection
-) -> None:
-    """Body of one retrieving child process: ``workers`` associations asking the parent for requests
-    until it answers None. For C-MOVE it keeps its Storage SCP on the shared port until the parent
-    says stop: a sibling's C-MOVE may still be storing through it."""
+@dataclass(frozen=True)
+class _ChildJob:
+    """What every retrieving child process is given (picklable, for spawned children too)."""
+
+    cfg: PacsConfig
+    method: str
+    destination: str | None
+    spool: Path
+    scp_settings: dict | None  # C-MOVE: a StorageSCP like the parent's, on its shared port
+    sop_classes: tuple[str, ...]
+    workers: int
+    fsync: bool
+
+
+def _retrieve_process(job: _ChildJob, connection) -> None:
+    """Body of one retrieving child process: ``job.workers`` associations asking the parent for
+    requests until it answers None. For C-MOVE it keeps its Storage SCP on the shared port until
+    the parent says stop: a sibling's C-MOVE may still be storing through it."""
     link = _ParentLink(connection)
-    scp = StorageSCP(**scp_settings).start() if method == "move" else None
+    scp = StorageSCP(**job.scp_settings).start() if job.method == "move" else None
     counts = scp.counts if scp is not None else StoreCounts()
     counts.subscribe(link.on_stored)
     try:
-        ae, associate_kwargs = _client(cfg, method, sop_classes, spool, counts, fsync)
-        retriever = _Retriever(cfg, method, destination, spool, counts, ae, associate_kwargs, link, link)
-        _run_threads(retriever, workers, link.next_batch)
+        ae, associate_kwargs = _client(job.cfg, job.method, job.sop_classes, job.spool, counts, job.fsync)
+        retriever = _Retriever(
+            job.cfg, job.method, job.destination, job.spool, counts, ae, associate_kwargs, link, link
+        )
+        _run_threads(retriever, job.workers, link.next_batch)
         link.done(retriever.outcomes, retriever.request_warnings)
         if scp is not None:
             link.wait_for_stop()
@@ -1272,18 +1284,7 @@ def _process_context() -> multiprocessing.context.BaseContext:
 
 
 def _retrieve_in_processes(
-    cfg,
-    method,
-    destination,
-    spool,
-    scp_settings,
-    sop_classes,
-    requests,
-    processes,
-    workers,
-    fsync,
-    observer,
-    bar,
+    job: _ChildJob, requests: list[list[RetrieveItem]], processes: int, observer, bar
 ) -> tuple[list[_ItemOutcome], int, int]:
     """Run ``requests`` in ``processes`` child processes, handing each request to whichever asks
     first; returns (outcomes, request warnings, bytes the children stored). Items of a child that
@@ -1295,7 +1296,7 @@ def _retrieve_in_processes(
         parent_end, child_end = context.Pipe()
         child = context.Process(
             target=_retrieve_process,
-            args=(cfg, method, destination, spool, scp_settings, sop_classes, workers, fsync, child_end),
+            args=(job, child_end),
             name=f"retrieve-process-{n}",
             daemon=True,
         )
@@ -1352,7 +1353,7 @@ def _retrieve_in_processes(
         codes = ", ".join(f"{child.name} exit code {child.exitcode}" for child in links.values())
         for item in lost:
             outcome = _ItemOutcome(item, requested=len(item.sop_instance_uids))
-            missing = tuple(uid for uid in item.sop_instance_uids if not spool_path(spool, uid).exists())
+            missing = tuple(uid for uid in item.sop_instance_uids if not spool_path(job.spool, uid).exists())
             outcome.completed = outcome.requested - len(missing)
             outcome.failed = len(missing)
             if missing or not item.sop_instance_uids:
