@@ -11,8 +11,9 @@ seconds may be empty or cut short in the spool; see ``write_spool_file``.
 
 ``store_instance`` checks and spools one instance, whichever way it arrived: ``StorageSCP`` (the
 C-MOVE destination) receives on ``ingest.acceptor``'s associations, and the C-GET client in
-``ingest.scu`` binds ``handle_store`` to ``evt.EVT_C_STORE`` of its pynetdicom associations, where
-``tune_connection`` (EVT_CONN_OPEN) trims pynetdicom's per-PDU cost. ``StorageSCP(share_port=True)``
+``ingest.scu`` passes it as the ``on_store`` handler of its ``ingest.requestor`` associations. Its
+pynetdicom associations (C-ECHO, C-FIND) bind ``tune_connection`` (EVT_CONN_OPEN), which trims
+pynetdicom's per-PDU cost and log chatter. ``StorageSCP(share_port=True)``
 lets several processes listen on one port (SO_REUSEPORT), so the PACS's C-STORE associations spread
 over them.
 """
@@ -49,12 +50,8 @@ from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
 
-from ingest.acceptor import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
-    ReceivedInstance,
-    StorageAcceptor,
-)
+from ingest.acceptor import StorageAcceptor
+from ingest.upper_layer import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, ReceivedInstance
 
 LOGGER = logging.getLogger("ingest.scp")
 
@@ -423,21 +420,6 @@ def store_instance(
     return STATUS_SUCCESS
 
 
-def handle_store(event: Event, spool_dir: Path, counts: StoreCounts, fsync: bool = True) -> int:
-    """EVT_C_STORE handler for pynetdicom associations (the C-GET client's): ``store_instance``."""
-    # On a C-GET association the PACS, which sends the C-STOREs, is the acceptor.
-    request, sender = event.request, event.assoc.acceptor
-    instance = ReceivedInstance(
-        sop_class_uid=str(request.AffectedSOPClassUID or ""),
-        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
-        transfer_syntax=event.context.transfer_syntax,
-        dataset=request.DataSet.getvalue(),
-        source_aet=(sender.ae_title or "").strip(),
-        peer=f"{sender.ae_title}@{sender.address}",
-    )
-    return store_instance(spool_dir, counts, instance, fsync)
-
-
 def _recv_whole(connection: AssociationSocket, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv`` reading into one buffer: all ``nr_bytes``, or what came before EOF."""
     buffer = bytearray(nr_bytes)
@@ -464,8 +446,8 @@ def tune_connection(event: Event) -> None:
     """EVT_CONN_OPEN handler: send each PDU at once, read each PDU in one go, and log only what is kept.
 
     A DIMSE message goes out as a command PDU then a data set PDU; with Nagle's algorithm the second
-    waits for the peer's delayed ACK, about 40 ms per message on Linux, which caps C-FIND and C-STORE
-    at a few dozen per second per association. And pynetdicom reads a PDU 4 KiB per ``recv`` call
+    waits for the peer's delayed ACK, about 40 ms per message on Linux, which caps C-FIND at a few
+    dozen matches per second per association. And pynetdicom reads a PDU 4 KiB per ``recv`` call
     into a growing bytearray: ~200 Python-level calls per 800 KB radiograph, about a fifth of the
     receiving CPU time; reading into one buffer of the PDU's size makes that a handful of calls.
     pynetdicom's default handlers describe every DIMSE message (a C-FIND match element by element)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -32,11 +33,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, NoReturn, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
@@ -51,17 +52,25 @@ from pynetdicom.sop_class import (
 )
 from tqdm import tqdm
 
+from ingest.requestor import (
+    REQUEST_SYNTAXES,
+    AssociationRejected,
+    RequestorAssociation,
+    StoreHandler,
+    Timeouts,
+)
 from ingest.scp import (
     ACCEPTED_TRANSFER_SYNTAXES,
     StorageSCP,
     StoreCounts,
-    handle_store,
     remove_stale_parts,
     setup_cli_logging,
     spool_path,
     spooled_uids,
+    store_instance,
     tune_connection,
 )
+from ingest.upper_layer import ProtocolError
 
 LOGGER = logging.getLogger("ingest.scu")
 
@@ -257,17 +266,21 @@ def _associate(cfg: PacsConfig, ae: AE, **kwargs) -> Association:
     if assoc.is_rejected:
         response = assoc.acceptor.primitive
         detail = f"{response.result_str}, source: {response.source_str}, reason: {response.reason_str}"
-        if response.result == 0x01:  # rejected-permanent: a configuration problem, retrying will not help
-            raise AssociationError(
-                f"association rejected by {cfg.describe()} ({detail}); check that the PACS knows calling AE "
-                f"{cfg.calling_aet!r} and that {cfg.called_aet!r} is its AE title",
-                retryable=False,
-            )
-        raise AssociationError(f"association rejected by {cfg.describe()} ({detail})")
+        _raise_rejected(cfg, detail, permanent=response.result == 0x01)
     raise AssociationError(
         f"no association with {cfg.describe()}: connection refused, timed out after "
         f"{cfg.network_timeout:g}/{cfg.acse_timeout:g} s or aborted by the peer"
     )
+
+
+def _raise_rejected(cfg: PacsConfig, detail: str, permanent: bool) -> NoReturn:
+    if permanent:  # a configuration problem: retrying will not help
+        raise AssociationError(
+            f"association rejected by {cfg.describe()} ({detail}); check that the PACS knows calling AE "
+            f"{cfg.calling_aet!r} and that {cfg.called_aet!r} is its AE title",
+            retryable=False,
+        )
+    raise AssociationError(f"association rejected by {cfg.describe()} ({detail})")
 
 
 def _with_retries(cfg: PacsConfig, what: str, attempt: Callable[[int], object]):
@@ -298,18 +311,21 @@ def _with_retries(cfg: PacsConfig, what: str, attempt: Callable[[int], object]):
 
 
 class _Connection:
-    """One association reused for many requests, reopened on demand after an abort or a release."""
+    """One association reused for many requests, reopened on demand after an abort or a release.
 
-    def __init__(self, cfg: PacsConfig, ae: AE, **associate_kwargs) -> None:
+    ``opener()`` makes a new established association (pynetdicom's for C-ECHO and C-FIND,
+    ``ingest.requestor``'s for C-MOVE and C-GET) or raises AssociationError.
+    """
+
+    def __init__(self, cfg: PacsConfig, opener: Callable[[], Association | RequestorAssociation]) -> None:
         self.cfg = cfg
-        self._ae = ae
-        self._associate_kwargs = associate_kwargs
-        self._assoc: Association | None = None
+        self._opener = opener
+        self._assoc: Association | RequestorAssociation | None = None
         self._message_ids = itertools.cycle(range(1, 65536))
 
-    def get(self) -> Association:
+    def get(self) -> Association | RequestorAssociation:
         if self._assoc is None or not self._assoc.is_established:
-            self._assoc = _associate(self.cfg, self._ae, **self._associate_kwargs)
+            self._assoc = self._opener()
         return self._assoc
 
     def next_message_id(self) -> int:
@@ -344,7 +360,7 @@ def echo(cfg: PacsConfig) -> None:
     ae.add_requested_context(Verification)
 
     def attempt(_number: int) -> None:
-        with _Connection(cfg, ae) as conn:
+        with _Connection(cfg, functools.partial(_associate, cfg, ae)) as conn:
             status = conn.get().send_c_echo(msg_id=conn.next_message_id())
             if not status:
                 conn.drop()
@@ -450,7 +466,7 @@ def _find(conn: _Connection, query: Dataset, keys: Sequence[str], what: str) -> 
 def _find_connection(cfg: PacsConfig) -> _Connection:
     ae = _make_ae(cfg)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    return _Connection(cfg, ae)
+    return _Connection(cfg, functools.partial(_associate, cfg, ae))
 
 
 def _as_date(value: dt.date | str | None, name: str) -> dt.date | None:
@@ -800,14 +816,13 @@ def storage_contexts_for_get(sop_classes: Iterable[str]) -> list[tuple[str, str]
 class _Retriever:
     """Shared state of one ``retrieve`` run; each worker thread calls ``work`` with its own association."""
 
-    def __init__(self, cfg, method, destination, spool_dir, counts, ae, associate_kwargs, observer, bar):
+    def __init__(self, cfg, method, destination, spool_dir, counts, opener, observer, bar):
         self.cfg = cfg
         self.method = method
         self.destination = destination
         self.spool_dir = spool_dir
         self.counts = counts
-        self.ae = ae
-        self.associate_kwargs = associate_kwargs
+        self.opener = opener
         self.observer = observer
         self.bar = bar
         self.outcomes: list[_ItemOutcome] = []
@@ -818,7 +833,7 @@ class _Retriever:
 
     def work(self, next_batch: Callable[[], list[RetrieveItem] | None]) -> None:
         """Retrieve batches from ``next_batch()`` over one association until it returns None."""
-        with _Connection(self.cfg, self.ae, **self.associate_kwargs) as conn:
+        with _Connection(self.cfg, self.opener) as conn:
             while True:
                 batch = next_batch()
                 if batch is None:
@@ -1100,10 +1115,8 @@ def retrieve(
     try:
         with tqdm(total=len(wanted), unit="item", desc=f"C-{method.upper()}", disable=not progress) as bar:
             if processes == 1:
-                ae, associate_kwargs = _client(cfg, method, sop_classes, spool, counts, fsync)
-                retriever = _Retriever(
-                    cfg, method, destination, spool, counts, ae, associate_kwargs, observer, bar
-                )
+                opener = _retrieve_opener(cfg, method, sop_classes, spool, counts, fsync)
+                retriever = _Retriever(cfg, method, destination, spool, counts, opener, observer, bar)
                 work: queue.Queue[list[RetrieveItem]] = queue.Queue()
                 for batch in requests:
                     work.put(batch)
@@ -1153,26 +1166,55 @@ def _get_sop_classes(items: Sequence[RetrieveItem]) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*known_classes, *defaults]))
 
 
-def _client(
+def _retrieve_opener(
     cfg: PacsConfig,
     method: str,
     sop_classes: Sequence[str],
     spool: Path,
     counts: StoreCounts,
     fsync: bool = True,
-) -> tuple[AE, dict]:
-    """The AE and ``associate`` keywords of a retrieving association (C-GET: it also stores)."""
-    ae = _make_ae(cfg)
+) -> Callable[[], RequestorAssociation]:
+    """What opens a retrieving association (C-GET: one that also stores, into ``spool``)."""
     if method == "move":
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        return ae, {}
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    for sop_class, syntax in storage_contexts_for_get(sop_classes):
-        ae.add_requested_context(sop_class, syntax)
-    return ae, {
-        "ext_neg": [build_role(c, scp_role=True) for c in sop_classes],
-        "evt_handlers": [(evt.EVT_C_STORE, handle_store, [spool, counts, fsync])],
-    }
+        return functools.partial(_open_retrieving, cfg, StudyRootQueryRetrieveInformationModelMove, (), None)
+    on_store = functools.partial(store_instance, spool, counts, fsync=fsync)
+    get_model = StudyRootQueryRetrieveInformationModelGet
+    return functools.partial(_open_retrieving, cfg, get_model, sop_classes, on_store)
+
+
+def _open_retrieving(
+    cfg: PacsConfig,
+    query_model: str,
+    storage_classes: Sequence[str],
+    on_store: StoreHandler | None,
+) -> RequestorAssociation:
+    contexts = [(query_model, REQUEST_SYNTAXES)]
+    if storage_classes:
+        contexts += [(sop_class, [syntax]) for sop_class, syntax in storage_contexts_for_get(storage_classes)]
+    try:
+        assoc = RequestorAssociation.open(
+            cfg.host,
+            cfg.port,
+            calling_aet=cfg.calling_aet,
+            called_aet=cfg.called_aet,
+            contexts=contexts,
+            max_pdu=cfg.max_pdu,
+            timeouts=Timeouts(connect=cfg.network_timeout, acse=cfg.acse_timeout, dimse=cfg.dimse_timeout),
+            scp_role_classes=storage_classes,
+            on_store=on_store,
+        )
+    except AssociationRejected as exc:
+        _raise_rejected(cfg, exc.describe(), exc.permanent)
+    except (OSError, ProtocolError) as exc:
+        raise AssociationError(f"no association with {cfg.describe()}: {exc}") from exc
+    if not assoc.accepts(query_model):
+        assoc.release()
+        raise AssociationError(
+            f"{cfg.describe()} accepted the association but not the {query_model.name} context: "
+            "it does not serve this retrieve model to our calling AE title",
+            retryable=False,
+        )
+    return assoc
 
 
 def _next_or_none(work: queue.Queue) -> list[RetrieveItem] | None:
@@ -1256,10 +1298,8 @@ def _retrieve_process(job: _ChildJob, connection) -> None:
     counts = scp.counts if scp is not None else StoreCounts()
     counts.subscribe(link.on_stored)
     try:
-        ae, associate_kwargs = _client(job.cfg, job.method, job.sop_classes, job.spool, counts, job.fsync)
-        retriever = _Retriever(
-            job.cfg, job.method, job.destination, job.spool, counts, ae, associate_kwargs, link, link
-        )
+        opener = _retrieve_opener(job.cfg, job.method, job.sop_classes, job.spool, counts, job.fsync)
+        retriever = _Retriever(job.cfg, job.method, job.destination, job.spool, counts, opener, link, link)
         _run_threads(retriever, job.workers, link.next_batch)
         link.done(retriever.outcomes, retriever.request_warnings)
         if scp is not None:

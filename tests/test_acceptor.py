@@ -38,7 +38,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from ingest import acceptor
+from ingest import acceptor, upper_layer
 from ingest.scp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_SUCCESS,
@@ -110,7 +110,7 @@ class RawPeer:
     def response_status(self) -> int:
         pdu_type, body = self.read_pdu()
         assert pdu_type == 0x04, f"expected a P-DATA-TF, got {pdu_type}"
-        command = b"".join(bytes(fragment) for _, _, fragment in acceptor.iter_pdvs(memoryview(body)))
+        command = b"".join(bytes(fragment) for _, _, fragment in upper_layer.iter_pdvs(memoryview(body)))
         return decode(io.BytesIO(command), True, True).Status
 
     def close(self) -> None:
@@ -186,7 +186,7 @@ def test_negotiation_takes_the_senders_first_syntax_and_says_why_a_context_is_re
     assert by_id[3].result == 0x03  # abstract syntax not supported
     assert by_id[5].result == 0x04  # none of the transfer syntaxes is supported
     assert decoded.calling_ae_title == ALLOWED
-    assert decoded.implementation_class_uid == acceptor.IMPLEMENTATION_CLASS_UID
+    assert decoded.implementation_class_uid == upper_layer.IMPLEMENTATION_CLASS_UID
     assert decoded.maximum_length_received == 0
 
 
@@ -343,12 +343,12 @@ def test_dcmtk_stores_compressed_and_fragmented_instances_as_they_were_sent(scp)
 
 def test_p_data_tf_splits_a_message_to_the_peers_maximum_pdu():
     message = bytes(range(256)) * 2
-    encoded = acceptor.p_data_tf(3, message, max_pdu=100, command=True)
+    encoded = upper_layer.p_data_tf(3, message, max_pdu=100, command=True)
     pieces, offset = [], 0
     while offset < len(encoded):
         pdu_type, _, length = struct.unpack_from(">BBL", encoded, offset)
         assert pdu_type == 0x04 and length <= 100
-        pieces += list(acceptor.iter_pdvs(memoryview(encoded[offset + 6 : offset + 6 + length])))
+        pieces += list(upper_layer.iter_pdvs(memoryview(encoded[offset + 6 : offset + 6 + length])))
         offset += 6 + length
     assert b"".join(bytes(fragment) for _, _, fragment in pieces) == message
     assert [control for _, control, _ in pieces] == [0x01] * (len(pieces) - 1) + [0x03]
@@ -356,14 +356,14 @@ def test_p_data_tf_splits_a_message_to_the_peers_maximum_pdu():
 
 
 def test_encoded_responses_decode_with_pydicom_and_carry_their_group_length():
-    command = acceptor.Command(
-        command_field=acceptor.C_STORE_RQ,
+    command = upper_layer.Command(
+        command_field=upper_layer.C_STORE_RQ,
         message_id=41,
         has_data_set=True,
         sop_class_uid=CTImageStorage,
         sop_instance_uid="1.2.3.45",
     )
-    encoded = acceptor.encode_response(command, 0xA700)
+    encoded = upper_layer.encode_response(command, 0xA700)
     response = decode(io.BytesIO(encoded), True, True)
     assert response.CommandField == 0x8001
     assert response.MessageIDBeingRespondedTo == 41
@@ -371,16 +371,16 @@ def test_encoded_responses_decode_with_pydicom_and_carry_their_group_length():
     assert response.AffectedSOPInstanceUID == "1.2.3.45"
     assert response.CommandDataSetType == 0x0101
     assert response.CommandGroupLength == len(encoded) - 12
-    with pytest.raises(acceptor.ProtocolError, match="lacks Command Field, Message ID"):
-        acceptor.decode_command(encoded)  # a response has no Message ID of its own
-    with pytest.raises(acceptor.ProtocolError, match="is malformed"):
-        acceptor.decode_command(b"\x08\x00\x10\x00\x02\x00\x00\x00ab")
+    with pytest.raises(upper_layer.ProtocolError, match="lacks Command Field, Message ID"):
+        upper_layer.decode_command(encoded)  # a response has no Message ID of its own
+    with pytest.raises(upper_layer.ProtocolError, match="is malformed"):
+        upper_layer.decode_command(b"\x08\x00\x10\x00\x02\x00\x00\x00ab")
 
 
-def received(path: str, cut: int = 0) -> acceptor.ReceivedInstance:
+def received(path: str, cut: int = 0) -> upper_layer.ReceivedInstance:
     dataset = pydicom.dcmread(path)
     data = explicit_le(dataset)
-    return acceptor.ReceivedInstance(
+    return upper_layer.ReceivedInstance(
         sop_class_uid=dataset.SOPClassUID,
         sop_instance_uid=dataset.SOPInstanceUID,
         transfer_syntax=dataset.file_meta.TransferSyntaxUID,

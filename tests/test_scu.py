@@ -188,15 +188,15 @@ def test_bad_query_arguments_say_what_to_fix(cfg):
 
 
 def record_associations(monkeypatch) -> list[str]:
-    """Names of the threads that opened an association with the PACS, one entry per association."""
+    """Names of the threads that opened a retrieving association with the PACS, one entry each."""
     opened: list[str] = []
-    real = scu._associate
+    real = scu._open_retrieving
 
     def counting(*args, **kwargs):
         opened.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scu, "_associate", counting)
+    monkeypatch.setattr(scu, "_open_retrieving", counting)
     return opened
 
 
