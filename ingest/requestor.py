@@ -196,7 +196,7 @@ class RequestorAssociation:
     methods of those names: ``status`` is the response's command set as a Dataset (Status,
     NumberOf...Suboperations, ErrorComment), ``identifier`` the data set sent with it or None. When
     the association is lost, aborted or silent past the DIMSE timeout they yield ``(Dataset(),
-    None)`` once and the association is no longer established.
+    None)`` once, the association is no longer established, and ``lost_reason`` says what happened.
     """
 
     def __init__(
@@ -218,6 +218,7 @@ class RequestorAssociation:
         self.on_store = on_store
         self.pdus = PduReader(sock)
         self.is_established = True
+        self.lost_reason: str | None = None
 
     @classmethod
     def open(
@@ -320,10 +321,18 @@ class RequestorAssociation:
                 + p_data_tf(context_id, encoded, self.peer_max_pdu, command=False)
             )
             yield from self._responses(command_field | RESPONSE_BIT, msg_id)
-        except (OSError, ProtocolError) as exc:
-            LOGGER.warning("association with %s lost: %s", self.peer, exc)
-            self.abort()
+        except TimeoutError:
+            self._lose(f"no response within dimse_timeout={self.timeouts.dimse:g} s")
             yield Dataset(), None
+        except (OSError, ProtocolError) as exc:
+            self._lose(str(exc))
+            yield Dataset(), None
+
+    def _lose(self, reason: str) -> None:
+        # The caller's retry logs the reason; an abort also ends what the PACS may still be sending.
+        LOGGER.debug("association with %s lost: %s", self.peer, reason)
+        self.lost_reason = reason
+        self.abort()
 
     def _responses(self, response_field: int, msg_id: int) -> Iterator[tuple[Dataset, Dataset | None]]:
         """Read messages until the final response, answering C-STORE sub-operations on the way."""
@@ -333,7 +342,7 @@ class RequestorAssociation:
         while True:
             pdu_type, body = self.pdus.read(limit=self.max_pdu or MAX_UNLIMITED_PDU)
             if pdu_type == ABORT:
-                raise ConnectionError("the PACS aborted the association")
+                raise ConnectionError("association aborted by the PACS")
             if pdu_type == RELEASE_RQ:
                 self._send_quietly(RELEASE_RP_PDU)
                 raise ConnectionError("the PACS released the association in the middle of a retrieve")
@@ -361,7 +370,9 @@ class RequestorAssociation:
                     values = command_elements(message)
                 field = struct.unpack("<H", values.get(COMMAND_FIELD, b"\0\0"))[0]
                 if field == C_STORE_RQ:
-                    self._store(command_context if data_set is not None else context_id, message, data_set)
+                    if data_set is None:
+                        raise ProtocolError("a C-STORE request without a data set")
+                    self._store(command_context, message, data_set)
                     continue
                 if field != response_field:
                     raise ProtocolError(f"unexpected command 0x{field:04X} during a retrieve")
@@ -376,11 +387,11 @@ class RequestorAssociation:
                 if status.get("Status") not in _PENDING:
                     return
 
-    def _store(self, context_id: int, message: bytes, data_set: bytes | None) -> None:
+    def _store(self, context_id: int, message: bytes, data_set: bytes) -> None:
         """Answer one C-STORE sub-operation of a C-GET."""
+        if self.on_store is None:
+            raise ProtocolError("a C-STORE request on an association that does not store (C-MOVE)")
         request = decode_command(message)
-        if data_set is None or self.on_store is None:
-            raise ProtocolError("a C-STORE without a data set, or on an association that does not store")
         instance = ReceivedInstance(
             sop_class_uid=request.sop_class_uid,
             sop_instance_uid=request.sop_instance_uid,

@@ -958,9 +958,7 @@ class _Retriever:
         for status, answer in responses:
             if not status:
                 conn.drop()
-                raise PacsError(
-                    f"association aborted or no response within dimse_timeout={self.cfg.dimse_timeout:g} s"
-                )
+                raise PacsError(f"association lost: {assoc.lost_reason}")
             if status.Status not in _PENDING:
                 return status, answer
         conn.drop()
