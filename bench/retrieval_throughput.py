@@ -5,7 +5,8 @@
     .venv/bin/python bench/retrieval_throughput.py --data DIR            # existing DICOM files
 
 One run starts Orthanc (``ingest.orthanc.OrthancServer``) on free 127.0.0.1 ports, uploads the set
-and pulls it the same way several times, each into a fresh, empty directory:
+and pulls it the same way several times, each into a fresh, empty directory that is deleted after
+its row, with ``os.sync()`` before the next row so none pays for another's writeback:
 
 * ingest C-MOVE (``ingest.scu.retrieve`` into ``ingest.scp.StorageSCP``) with 1, 2, 4, 8 associations,
   of ``plan_retrieval``'s plan: whole studies, a StudyInstanceUID list per request (up to 50);
@@ -383,8 +384,15 @@ def _accepts(port: int) -> bool:
 # -- report -------------------------------------------------------------------------------------------
 
 
-def report_progress(row: Row) -> None:
+def finish_row(rows: list[Row], row: Row, output: Path, keep: bool) -> None:
+    """Record ``row``, then leave the disk as the next row should find it: this row's files gone
+    (unless ``keep``) and nothing dirty in the page cache, so no row pays for an earlier row's
+    writeback (the --no-fsync rows and storescp leave ~150 MB dirty each)."""
     print(f"  {row.method} x{row.associations}: {row.instances} files in {row.seconds:.2f} s", flush=True)
+    rows.append(row)
+    if not keep:
+        shutil.rmtree(output, ignore_errors=True)
+    os.sync()
 
 
 def markdown_table(runs: Sequence[Sequence[Row]]) -> str:
@@ -457,8 +465,7 @@ def measure_all(
             processes=processes,
             fsync=fsync,
         )
-        report_progress(row)
-        rows.append(row)
+        finish_row(rows, row, spool, args.keep)
     # What UID lists save: one C-MOVE per study, and one per series (the plan before them).
     baselines = [
         ("one study per request", items, 1, ""),
@@ -480,8 +487,7 @@ def measure_all(
                 per_request,
                 plan=plan,
             )
-            report_progress(row)
-            rows.append(row)
+            finish_row(rows, row, spool, args.keep)
 
     dcmtk_runs = [
         ("dcmtk movescu+storescp", "1", [movescu_command(orthanc.dicom_port, study_uids)]),
@@ -500,8 +506,7 @@ def measure_all(
                 method, associations, commands, out_dir, expected, args.timeout, receiver_lags=True
             )
         row = Row(**{**row.__dict__, "command": f"{shell_command(storescp.command)} & {row.command}"})
-        report_progress(row)
-        rows.append(row)
+        finish_row(rows, row, out_dir, args.keep)
 
     # The same single movescu, received by ingest's StorageSCP instead of storescp: the receiver's share.
     out_dir = work / "dcmtk-move-ingest-scp"
@@ -519,8 +524,7 @@ def measure_all(
         f"python -m ingest.scp --spool {out_dir} --aet {DCMTK_AET} --port {dcmtk_port} --allow {PACS_AET}"
     )
     row = Row(**{**row.__dict__, "command": f"{scp_command} & {row.command}"})
-    report_progress(row)
-    rows.append(row)
+    finish_row(rows, row, out_dir, args.keep)
 
     get_dir = work / "dcmtk-get"
     get_dir.mkdir()
@@ -533,8 +537,7 @@ def measure_all(
         args.timeout,
         receiver_lags=False,
     )
-    report_progress(row)
-    rows.append(row)
+    finish_row(rows, row, get_dir, args.keep)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return rows

@@ -56,6 +56,7 @@ from ingest.upper_layer import (
     PduReader,
     ProtocolError,
     ReceivedInstance,
+    StoreHandler,
     decode_command,
     encode_response,
     implementation_items,
@@ -96,7 +97,6 @@ class AssociateRequest:
     maximum_length: int
 
 
-StoreHandler = Callable[[ReceivedInstance], int]
 # Returns why a calling AE title is refused, or None to admit it.
 AdmissionPolicy = Callable[[str], "str | None"]
 

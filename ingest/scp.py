@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from pydicom import uid as dicom_uid
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -258,16 +259,24 @@ def first_truncated_element(dataset: Dataset) -> str | None:
     return None
 
 
+def _implicit_vr(tag: BaseTag) -> str:
+    """The VR pydicom gives an implicit VR element: the dictionary's, or UN (any bytes) for the rest."""
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+
+
 def check_convertible(dataset: Dataset) -> None:
     """Convert the elements whose garbling pydicom reports (sequences, binary numbers); raise if bad.
 
     Text values are left raw: pydicom only warns about them, and converting the ~50 strings of a
     radiograph header took ~0.9 ms per instance, a tenth of the receiving CPU (the catalog scan
-    reads them later anyway).
+    reads them later anyway). In implicit VR data the data dictionary says which elements those are.
     """
     for element in dataset.elements():
-        vr = element.VR
-        if vr is None or vr in _STRICT_VRS or " or " in vr:  # implicit VR: pydicom looks it up
+        vr = element.VR or _implicit_vr(element.tag)
+        if vr in _STRICT_VRS or " or " in vr:  # "US or SS": pydicom resolves it on conversion
             dataset[element.tag]
 
 

@@ -8,8 +8,9 @@
   was stored before a failure stays in the spool (the spool de-duplicates), and the summary names
   every item that still failed and why. ``processes=P`` runs P child processes of N associations
   each, taking requests from the parent as they free up: receiving is CPU-bound Python under the GIL
-  (pynetdicom's for C-GET and the C-MOVE requests, ``ingest.acceptor`` for the C-MOVE C-STOREs), so
-  one process uses one core however many associations it has.
+  (``ingest.requestor`` for the C-MOVE and C-GET associations and the C-STOREs a C-GET brings,
+  ``ingest.acceptor`` for the C-MOVE C-STOREs), so one process uses at most one core for it however
+  many associations it has. C-ECHO and C-FIND run on pynetdicom.
 * ``plan_retrieval`` asks the PACS which instances a study has and leaves out those already spooled,
   so a resumed pull transfers only what is missing. Studies not yet spooled at all are retrieved
   whole, many per request (a StudyInstanceUID list): per request Orthanc opens a C-STORE
@@ -945,24 +946,20 @@ class _Retriever:
         """One C-MOVE or C-GET; returns the final (status, identifier), raises PacsError on an abort."""
         assoc = conn.get()
         if self.method == "move":
-            responses = assoc.send_c_move(
+            status, answer = assoc.send_c_move(
                 identifier,
                 self.destination,
                 StudyRootQueryRetrieveInformationModelMove,
                 msg_id=conn.next_message_id(),
             )
         else:
-            responses = assoc.send_c_get(
+            status, answer = assoc.send_c_get(
                 identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=conn.next_message_id()
             )
-        for status, answer in responses:
-            if not status:
-                conn.drop()
-                raise PacsError(f"association lost: {assoc.lost_reason}")
-            if status.Status not in _PENDING:
-                return status, answer
-        conn.drop()
-        raise PacsError("the PACS ended the retrieve without a final status")
+        if not status:
+            conn.drop()
+            raise PacsError(f"association lost: {assoc.lost_reason}")
+        return status, answer
 
     def _check_final(self, status: Dataset, identifier: Dataset | None) -> None:
         """Raise PacsError unless the final status says every sub-operation succeeded (or warned)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from pydicom.uid import UID
@@ -69,6 +69,10 @@ class ReceivedInstance:
     dataset: bytes
     source_aet: str
     peer: str
+
+
+# Spools one received instance and returns the C-STORE status to answer (never raises).
+StoreHandler = Callable[[ReceivedInstance], int]
 
 
 class PduReader:

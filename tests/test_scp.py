@@ -14,7 +14,7 @@ import pytest
 from conftest import make_instance
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
+from pydicom.uid import UID, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom._handlers import standard_dimse_recv_handler
@@ -31,11 +31,14 @@ from ingest.scp import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     StorageSCP,
+    StoreCounts,
     spool_path,
     spooled_uids,
+    store_instance,
     tune_connection,
     write_spool_file,
 )
+from ingest.upper_layer import ReceivedInstance
 
 ALLOWED = "GOODPACS"
 STUDY = "1.2.826.0.1.3680043.10.998.1"
@@ -235,6 +238,28 @@ def test_a_garbled_number_gets_cannot_understand_though_text_values_are_not_deco
     finally:
         assoc.release()
     assert spooled_uids(scp.spool_dir) == set()
+
+
+def test_implicit_vr_numbers_are_checked_by_their_dictionary_vr(tmp_path):
+    # Implicit VR elements carry no VR: the data dictionary says Rows is US, so a 3-byte Rows is
+    # refused though the text elements beside it are not converted.
+    source = pydicom.dcmread(instance(tmp_path, 6))
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    pydicom.filewriter.write_dataset(buffer, source)
+    encoded = buffer.getvalue()
+    rows = b"\x28\x00\x10\x00\x02\x00\x00\x00" + source.Rows.to_bytes(2, "little")
+    assert encoded.count(rows) == 1
+    garbled = encoded.replace(rows, b"\x28\x00\x10\x00\x03\x00\x00\x00abc")
+
+    def received(data: bytes) -> ReceivedInstance:
+        syntax = UID(ImplicitVRLittleEndian)
+        return ReceivedInstance(source.SOPClassUID, source.SOPInstanceUID, syntax, data, "PACS", "PACS@test")
+
+    counts = StoreCounts()
+    assert store_instance(tmp_path / "spool", counts, received(garbled)) == STATUS_CANNOT_UNDERSTAND
+    assert store_instance(tmp_path / "spool", counts, received(encoded)) == STATUS_SUCCESS
+    assert spooled_uids(tmp_path / "spool") == {source.SOPInstanceUID}
 
 
 def test_full_disk_answers_out_of_resources_and_writes_nothing(scp, tmp_path, monkeypatch):
