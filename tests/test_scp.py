@@ -240,6 +240,15 @@ def test_a_garbled_number_gets_cannot_understand_though_text_values_are_not_deco
     assert spooled_uids(scp.spool_dir) == set()
 
 
+def test_stop_returns_at_once(tmp_path):
+    # A pull stops its SCP at the end; socketserver's default accept-loop poll made that wait ~0.5 s.
+    for _ in range(3):
+        scp = StorageSCP(tmp_path / "spool", "PEDXRAY", 0, [ALLOWED]).start()
+        started = time.monotonic()
+        scp.stop()
+        assert time.monotonic() - started < 0.25
+
+
 def test_implicit_vr_numbers_are_checked_by_their_dictionary_vr(tmp_path):
     # Implicit VR elements carry no VR: the data dictionary says Rows is US, so a 3-byte Rows is
     # refused though the text elements beside it are not converted.
