@@ -89,7 +89,7 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 # A spool temp file this old belongs to no live write (a 1 GB instance arrives in well under a minute).
 STALE_PART_AGE_S = 3600
 # How often the accept loop checks for stop(): socketserver's default (0.5 s) made every stop() wait
-# ~0.25 s on average, a quarter of a 190-instance pull in the retrieval benchmark.
+# up to 0.5 s, a third of a 190-instance C-MOVE pull in the retrieval benchmark.
 _ACCEPT_LOOP_POLL_S = 0.02
 # Sequence Delimitation Item, little endian: closes an encapsulated Pixel Data value.
 _PIXEL_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"UN"})
