@@ -64,6 +64,7 @@ from ingest.upper_layer import (
     iter_items,
     iter_pdvs,
     p_data_tf,
+    send_quietly,
     text,
 )
 
@@ -198,21 +199,15 @@ class _Association:
                 self.where,
                 self.server.network_timeout,
             )
-            self._send_quietly(ABORT_PDU)
+            send_quietly(self.sock, ABORT_PDU)
         except ProtocolError as exc:
             LOGGER.warning("association from %r at %s aborted: %s", self.calling_aet, self.where, exc)
-            self._send_quietly(ABORT_PDU)
+            send_quietly(self.sock, ABORT_PDU)
         except OSError as exc:
             LOGGER.warning("association from %r at %s lost: %s", self.calling_aet, self.where, exc)
         except Exception:  # a bug here must end this association, logged, not the server
             LOGGER.exception("association from %r at %s failed", self.calling_aet, self.where)
-            self._send_quietly(ABORT_PDU)
-
-    def _send_quietly(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            pass
+            send_quietly(self.sock, ABORT_PDU)
 
     def _negotiate(self) -> bool:
         pdu_type, body = self.pdus.read(limit=_MAX_ASSOCIATE_RQ)

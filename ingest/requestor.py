@@ -78,6 +78,7 @@ from ingest.upper_layer import (
     iter_items,
     iter_pdvs,
     p_data_tf,
+    send_quietly,
     text,
 )
 
@@ -347,7 +348,7 @@ class RequestorAssociation:
             if pdu_type == ABORT:
                 raise ConnectionError("association aborted by the PACS")
             if pdu_type == RELEASE_RQ:
-                self._send_quietly(RELEASE_RP_PDU)
+                send_quietly(self.sock, RELEASE_RP_PDU)
                 raise ConnectionError("the PACS released the association in the middle of a retrieve")
             if pdu_type != P_DATA_TF:
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} in the data transfer phase")
@@ -412,15 +413,9 @@ class RequestorAssociation:
             p_data_tf(context_id, encode_response(request, status), self.peer_max_pdu, command=True)
         )
 
-    def _send_quietly(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            pass
-
     def abort(self) -> None:
         if self.is_established:
-            self._send_quietly(ABORT_BY_USER_PDU)
+            send_quietly(self.sock, ABORT_BY_USER_PDU)
         self._close()
 
     def release(self) -> None:
@@ -436,7 +431,7 @@ class RequestorAssociation:
                     break
         except (OSError, ProtocolError) as exc:
             LOGGER.debug("release of the association with %s: %s; aborting", self.peer, exc)
-            self._send_quietly(ABORT_BY_USER_PDU)
+            send_quietly(self.sock, ABORT_BY_USER_PDU)
         self._close()
 
     def _close(self) -> None:

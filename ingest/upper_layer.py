@@ -108,6 +108,14 @@ class PduReader:
         return pdu_type, body
 
 
+def send_quietly(sock: socket.socket, data: bytes) -> None:
+    """Send an A-ABORT or A-RELEASE-RP on a connection that may already be gone."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
 def iter_pdvs(body: memoryview) -> Iterator[tuple[int, int, memoryview]]:
     """(presentation context ID, message control header, fragment) for each PDV of a P-DATA-TF."""
     offset, end = 0, len(body)

@@ -10,11 +10,10 @@ import time
 
 import pydicom
 import pytest
-from conftest import make_instance
+from conftest import GetPacs, make_instance
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
@@ -24,7 +23,6 @@ from pynetdicom.sop_class import (
 )
 
 from ingest import acceptor, upper_layer
-from ingest.orthanc import free_port
 from ingest.requestor import (
     REQUEST_SYNTAXES,
     AssociationRejected,
@@ -76,26 +74,6 @@ def test_associate_rq_says_what_pynetdicom_reads_back():
     ]
 
 
-class GetPacs:
-    """A pynetdicom C-GET SCP sending ``datasets``; ``require`` limits the calling AE titles."""
-
-    def __init__(self, datasets: list[Dataset], require: list[str] | None = None) -> None:
-        self.datasets = datasets
-        ae = AE(ae_title="GETPACS")
-        ae.require_calling_aet = require or []
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-        ae.add_supported_context(ComputedRadiographyImageStorage, scu_role=True, scp_role=True)
-        self.port = free_port()
-        self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_GET, self.on_get)]
-        )
-
-    def on_get(self, event):
-        yield len(self.datasets)
-        for dataset in self.datasets:
-            yield 0xFF00, dataset
-
-
 @pytest.fixture
 def instances(tmp_path) -> list[Dataset]:
     paths = [
@@ -118,7 +96,7 @@ def test_an_instance_the_spool_refuses_is_a_failed_sub_operation_the_pacs_names(
     garbled[0x00280010] = RawDataElement(Tag(0x00280010), "US", 3, b"\x01\x02\x03", 0, False, True)
     pacs = GetPacs(instances)
     try:
-        cfg = PacsConfig("127.0.0.1", pacs.port, "GETPACS", retries=0)
+        cfg = PacsConfig("127.0.0.1", pacs.port, "FLAKYPACS", retries=0)
         spool = tmp_path / "spool"
         summary = retrieve(cfg, [item_for(instances)], method="get", spool_dir=spool, progress=False)
     finally:
@@ -134,7 +112,7 @@ def test_an_instance_the_spool_refuses_is_a_failed_sub_operation_the_pacs_names(
 def test_a_rejected_retrieve_association_is_not_retried_and_says_why(instances, tmp_path):
     pacs = GetPacs(instances, require=["SOMEONE"])
     try:
-        cfg = PacsConfig("127.0.0.1", pacs.port, "GETPACS", retries=3, backoff_s=5)
+        cfg = PacsConfig("127.0.0.1", pacs.port, "FLAKYPACS", retries=3, backoff_s=5)
         started = time.monotonic()
         summary = retrieve(cfg, [item_for(instances)], method="get", spool_dir=tmp_path, progress=False)
     finally:

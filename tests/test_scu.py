@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import SYNTHETIC_STUDIES, make_instance
+from conftest import SYNTHETIC_STUDIES, GetPacs, make_instance
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
 )
 
 import ingest.scu as scu
@@ -411,34 +410,6 @@ FLAKY_STUDY = "1.2.826.0.1.3680043.10.997.1"
 FLAKY_SERIES = f"{FLAKY_STUDY}.1"
 
 
-class FlakyPacs:
-    """A C-GET SCP that sends ``abort_after`` instances of each request, then aborts (None: never)."""
-
-    def __init__(self, datasets: list[Dataset]) -> None:
-        self.datasets = {ds.SOPInstanceUID: ds for ds in datasets}
-        self.abort_after: int | None = None
-        self.requests = 0
-        ae = AE(ae_title="FLAKYPACS")
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-        ae.add_supported_context(ComputedRadiographyImageStorage, scu_role=True, scp_role=True)
-        self.port = free_port()
-        self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_GET, self.on_get)]
-        )
-
-    def on_get(self, event):
-        self.requests += 1
-        wanted = event.identifier.SOPInstanceUID
-        wanted = [wanted] if isinstance(wanted, str) else list(wanted)
-        selected = [self.datasets[uid] for uid in wanted if uid in self.datasets]
-        yield len(selected)
-        for sent, dataset in enumerate(selected):
-            if sent == self.abort_after:
-                event.assoc.abort()
-                return
-            yield 0xFF00, dataset
-
-
 @pytest.fixture
 def flaky_pacs(tmp_path):
     paths = [
@@ -451,7 +422,7 @@ def flaky_pacs(tmp_path):
         )
         for n in range(1, 7)
     ]
-    pacs = FlakyPacs([pydicom.dcmread(path) for path in paths])
+    pacs = GetPacs([pydicom.dcmread(path) for path in paths])
     yield pacs
     pacs.server.shutdown()
 
@@ -486,7 +457,7 @@ def test_aborted_c_get_reports_the_rest_as_failed_keeps_what_arrived_and_a_retry
     assert {uid: spool_path(spool, uid).read_bytes() for uid in kept} == kept_bytes
 
 
-class ListRefusingPacs(FlakyPacs):
+class ListRefusingPacs(GetPacs):
     """Sends whole studies by C-GET, but answers a request naming several studies with ``answer``:
     a failure status, or None for a Success without sending anything (a list taken as one UID)."""
 
