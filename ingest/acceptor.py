@@ -55,7 +55,6 @@ from ingest.upper_layer import (
     Command,
     PduReader,
     ProtocolError,
-    ReceivedInstance,
     StoreHandler,
     decode_command,
     encode_response,
@@ -65,6 +64,7 @@ from ingest.upper_layer import (
     iter_pdvs,
     p_data_tf,
     send_quietly,
+    store_received,
     text,
 )
 
@@ -77,7 +77,6 @@ _MAX_ASSOCIATE_RQ = 1 << 20
 
 STATUS_SUCCESS = 0x0000
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
-STATUS_PROCESSING_FAILURE = 0x0110
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent; service user; calling AE title not recognized
@@ -279,21 +278,14 @@ class _Association:
         if command.command_field == C_ECHO_RQ:
             status = STATUS_SUCCESS
         elif command.command_field == C_STORE_RQ and dataset is not None:
-            instance = ReceivedInstance(
-                sop_class_uid=command.sop_class_uid,
-                sop_instance_uid=command.sop_instance_uid,
-                transfer_syntax=self.contexts[context_id],
-                dataset=dataset,
-                source_aet=self.calling_aet,
-                peer=f"{self.calling_aet}@{self.where}",
+            status = store_received(
+                self.server.on_store,
+                command,
+                self.contexts[context_id],
+                dataset,
+                self.calling_aet,
+                f"{self.calling_aet}@{self.where}",
             )
-            try:
-                status = self.server.on_store(instance)
-            except Exception:
-                LOGGER.exception(
-                    "C-STORE %s from %r: store handler failed", instance.sop_instance_uid, self.where
-                )
-                status = STATUS_PROCESSING_FAILURE
         else:
             LOGGER.warning(
                 "%r sent command 0x%04X, which a storage SCP does not serve",

@@ -65,12 +65,12 @@ from ingest.upper_layer import (
     STATUS,
     TRANSFER_SYNTAX_ITEM,
     USER_INFORMATION_ITEM,
+    Command,
     PduReader,
     ProtocolError,
-    ReceivedInstance,
     StoreHandler,
     command_elements,
-    decode_command,
+    command_from_elements,
     encode_command,
     encode_response,
     implementation_items,
@@ -79,6 +79,7 @@ from ingest.upper_layer import (
     iter_pdvs,
     p_data_tf,
     send_quietly,
+    store_received,
     text,
 )
 
@@ -86,7 +87,6 @@ LOGGER = logging.getLogger("ingest.requestor")
 
 # The syntaxes proposed for the query/retrieve context; its command sets are implicit VR anyway.
 REQUEST_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-_STATUS_PROCESSING_FAILURE = 0x0110
 _PENDING = frozenset({struct.pack("<H", 0xFF00), struct.pack("<H", 0xFF01)})  # raw Status values
 # A-ASSOCIATE-RJ fields in words (PS3.8 9.3.4).
 _REJECT_RESULTS = {0x01: "Rejected (Permanent)", 0x02: "Rejected (Transient)"}
@@ -204,6 +204,7 @@ class RequestorAssociation:
     def __init__(
         self,
         sock: socket.socket,
+        pdus: PduReader,
         accepted: dict[int, tuple[str, UID]],
         peer_max_pdu: int,
         max_pdu: int,
@@ -218,7 +219,7 @@ class RequestorAssociation:
         self.timeouts = timeouts
         self.peer, self.peer_aet = peer, peer_aet
         self.on_store = on_store
-        self.pdus = PduReader(sock)
+        self.pdus = pdus
         self.is_established = True
         self.lost_reason: str | None = None
 
@@ -239,11 +240,12 @@ class RequestorAssociation:
         """Connect and negotiate. Raises OSError (no connection), AssociationRejected, ProtocolError."""
         request = encode_associate_rq(calling_aet, called_aet, contexts, max_pdu, scp_role_classes)
         sock = socket.create_connection((host, port), timeout=timeouts.connect)
+        pdus = PduReader(sock)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(timeouts.acse)
             sock.sendall(request)
-            pdu_type, body = PduReader(sock).read(limit=1 << 20)
+            pdu_type, body = pdus.read(limit=1 << 20)
             if pdu_type == ASSOCIATE_RJ:
                 if len(body) < 4:
                     raise ProtocolError("A-ASSOCIATE-RJ shorter than its fields")
@@ -263,6 +265,7 @@ class RequestorAssociation:
         }
         return cls(
             sock,
+            pdus,
             accepted,
             peer_max_pdu,
             max_pdu,
@@ -376,7 +379,7 @@ class RequestorAssociation:
                 if field == C_STORE_RQ:
                     if data_set is None:
                         raise ProtocolError("a C-STORE request without a data set")
-                    self._store(command_context, message, data_set)
+                    self._store(command_context, command_from_elements(values), data_set)
                     continue
                 if field != response_field:
                     raise ProtocolError(f"unexpected command 0x{field:04X} during a retrieve")
@@ -391,24 +394,12 @@ class RequestorAssociation:
                     identifier = decode(io.BytesIO(data_set), syntax.is_implicit_VR, syntax.is_little_endian)
                 return status, identifier
 
-    def _store(self, context_id: int, message: bytes, data_set: bytes) -> None:
+    def _store(self, context_id: int, request: Command, data_set: bytes) -> None:
         """Answer one C-STORE sub-operation of a C-GET."""
         if self.on_store is None:
             raise ProtocolError("a C-STORE request on an association that does not store (C-MOVE)")
-        request = decode_command(message)
-        instance = ReceivedInstance(
-            sop_class_uid=request.sop_class_uid,
-            sop_instance_uid=request.sop_instance_uid,
-            transfer_syntax=self.accepted[context_id][1],
-            dataset=data_set,
-            source_aet=self.peer_aet,
-            peer=self.peer,
-        )
-        try:
-            status = self.on_store(instance)
-        except Exception:
-            LOGGER.exception("C-STORE %s from %s: store handler failed", instance.sop_instance_uid, self.peer)
-            status = _STATUS_PROCESSING_FAILURE
+        syntax = self.accepted[context_id][1]
+        status = store_received(self.on_store, request, syntax, data_set, self.peer_aet, self.peer)
         self.sock.sendall(
             p_data_tf(context_id, encode_response(request, status), self.peer_max_pdu, command=True)
         )

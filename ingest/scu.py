@@ -38,6 +38,7 @@ from typing import Literal, NoReturn, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -1179,7 +1180,7 @@ def _retrieve_opener(
 
 def _open_retrieving(
     cfg: PacsConfig,
-    query_model: str,
+    query_model: UID,
     storage_classes: Sequence[str],
     on_store: StoreHandler | None,
 ) -> RequestorAssociation:

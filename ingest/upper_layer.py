@@ -9,12 +9,15 @@ P-DATA-TF, and encoding and decoding command sets.
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from pydicom.uid import UID
+
+LOGGER = logging.getLogger("ingest.upper_layer")
 
 # Identifies this implementation in association negotiation and in the file meta of what it stores.
 IMPLEMENTATION_CLASS_UID = UID("2.25.124424956662067966831314624402673137886")
@@ -48,6 +51,7 @@ MAX_UNLIMITED_PDU = 256 << 20
 C_STORE_RQ, C_GET_RQ, C_MOVE_RQ, C_ECHO_RQ = 0x0001, 0x0010, 0x0021, 0x0030
 RESPONSE_BIT = 0x8000
 NO_DATA_SET = 0x0101
+STATUS_PROCESSING_FAILURE = 0x0110
 # Command set element numbers (group 0000); command sets are implicit VR little endian.
 AFFECTED_SOP_CLASS, COMMAND_FIELD, MESSAGE_ID, MESSAGE_ID_RESPONDED = 0x0002, 0x0100, 0x0110, 0x0120
 MOVE_DESTINATION, PRIORITY, DATA_SET_TYPE, STATUS = 0x0600, 0x0700, 0x0800, 0x0900
@@ -202,7 +206,11 @@ def command_elements(message: bytes) -> dict[int, bytes]:
 
 def decode_command(message: bytes) -> Command:
     """Read a request's command set; raise ProtocolError if it is malformed or lacks a required field."""
-    values = command_elements(message)
+    return command_from_elements(command_elements(message))
+
+
+def command_from_elements(values: dict[int, bytes]) -> Command:
+    """The request fields of a command set already split by ``command_elements``."""
     try:
         (command_field,) = struct.unpack("<H", values[COMMAND_FIELD])
         (message_id,) = struct.unpack("<H", values[MESSAGE_ID])
@@ -216,6 +224,26 @@ def decode_command(message: bytes) -> Command:
         sop_class_uid=text(values.get(AFFECTED_SOP_CLASS, b"")),
         sop_instance_uid=text(values.get(AFFECTED_SOP_INSTANCE, b"")),
     )
+
+
+def store_received(
+    on_store: StoreHandler, request: Command, syntax: UID, data_set: bytes, source_aet: str, peer: str
+) -> int:
+    """Hand one C-STORE request to ``on_store``; the status to answer, 0x0110 if the handler fails
+    (logged: a bug there must fail that instance, not the association)."""
+    instance = ReceivedInstance(
+        sop_class_uid=request.sop_class_uid,
+        sop_instance_uid=request.sop_instance_uid,
+        transfer_syntax=syntax,
+        dataset=data_set,
+        source_aet=source_aet,
+        peer=peer,
+    )
+    try:
+        return on_store(instance)
+    except Exception:
+        LOGGER.exception("C-STORE %s from %s: store handler failed", request.sop_instance_uid, peer)
+        return STATUS_PROCESSING_FAILURE
 
 
 def encode_command(elements: Sequence[tuple[int, bytes]]) -> bytes:
