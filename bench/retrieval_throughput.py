@@ -25,12 +25,16 @@ its row, with ``os.sync()`` before the next row so none pays for another's write
   client, so the difference is the receiver's;
 * dcmtk ``getscu``, one process per study (Orthanc 1.10 ends a C-GET at the first instance it cannot
   send, and ``getscu`` offers one transfer syntax per storage class).
+* no network: the set's files written straight into a spool by 4 threads with
+  ``ingest.scp.write_spool_file``, with and without its fsyncs: the most this disk lets any
+  receiver store, crash-safe or not.
 
 Seconds run from the first retrieve request to the last file on disk; the ingest plan (C-FIND per
 series and instance) is made once beforehand and timed separately. Files and bytes are counted in
 each output directory, and a row whose count differs from what Orthanc holds is flagged.
 ``--repeat N`` runs every row N times, round by round (so a burst of load elsewhere hits all rows
-alike), and reports the median and the range of images/s. The in-process ingest rows also give the
+alike), and reports the median and the range of images/s, and each row's rate over dcmtk's
+``movescu`` + ``storescp`` (one association) in the same round. The in-process ingest rows also give the
 CPU time this process spent per instance (receiving and requesting; Orthanc and child processes
 are not counted).
 """
@@ -55,12 +59,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from ingest.orthanc import LOOPBACK, OrthancServer, find_dicom_files, free_port
-from ingest.scp import StorageSCP
+from ingest.scp import StorageSCP, spool_path, write_spool_file
 from ingest.scu import PacsConfig, RetrieveItem, plan_retrieval, retrieve
 
 PACS_AET = "BENCHPACS"
@@ -68,6 +73,9 @@ INGEST_AET = "PEDXRAY"
 DCMTK_AET = "DCMTK"
 # dcmtk (like the DCMTK inside Orthanc) leaves Nagle on unless told; OrthancServer sets the same.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+# The row every other is set against, round by round.
+REFERENCE = ("dcmtk movescu+storescp", "1")
+SPOOL_WRITE_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -313,6 +321,35 @@ def measure_command(
     return Row(method, associations, files, expected, nbytes, seconds, shown, note)
 
 
+def measure_spool_write(instances: Sequence[tuple[str, bytes]], out_dir: Path, fsync: bool) -> Row:
+    """The spool's own write of every instance (already in memory), by SPOOL_WRITE_THREADS threads."""
+
+    def write(instance: tuple[str, bytes]) -> None:
+        uid, data = instance
+        write_spool_file(spool_path(out_dir, uid), data, fsync=fsync)
+
+    started, cpu_started = time.monotonic(), process_cpu_seconds()
+    with ThreadPoolExecutor(SPOOL_WRITE_THREADS) as pool:
+        list(pool.map(write, instances))
+    seconds = time.monotonic() - started
+    cpu_seconds = process_cpu_seconds() - cpu_started
+    files, nbytes = output_files(out_dir)
+    method = "no network: spool write alone" + ("" if fsync else ", --no-fsync")
+    command = f"ingest.scp.write_spool_file(..., fsync={fsync}) on {SPOOL_WRITE_THREADS} threads"
+    threads = f"{SPOOL_WRITE_THREADS} threads"
+    return Row(method, threads, files, len(instances), nbytes, seconds, command, "", cpu_seconds)
+
+
+def read_instances(files: Sequence[Path]) -> list[tuple[str, bytes]]:
+    """(SOPInstanceUID, file bytes) of each file, for the spool-write rows."""
+    instances = []
+    for path in files:
+        with pydicom.dcmread(path, stop_before_pixels=True) as dataset:
+            uid = str(dataset.SOPInstanceUID)
+        instances.append((uid, path.read_bytes()))
+    return instances
+
+
 def shell_command(command: list[str]) -> str:
     """The command as a shell line, a long StudyInstanceUID list cut short for the table."""
     shown = []
@@ -399,10 +436,13 @@ def markdown_table(runs: Sequence[Sequence[Row]]) -> str:
     """One line per row of the first round: the median over rounds, and the images/s range."""
     lines = [
         "| method | associations | instances | MB | seconds (median) | images/s (median) | images/s range "
-        "| MB/s (median) | our CPU ms/instance (median) | command |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| MB/s (median) | ÷ dcmtk (median, range) | our CPU ms/instance (median) | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
+    reference = next(
+        (i for i, row in enumerate(runs[0]) if (row.method, row.associations) == REFERENCE), None
+    )
     for index, row in enumerate(runs[0]):
         measured = [rows[index] for rows in runs]
         seconds = statistics.median(r.seconds for r in measured)
@@ -414,10 +454,18 @@ def markdown_table(runs: Sequence[Sequence[Row]]) -> str:
         spread = f"{min(rates):.1f}–{max(rates):.1f}" if len(measured) > 1 else "–"
         cpu = [1000 * r.cpu_seconds / r.instances for r in measured if r.cpu_seconds and r.instances]
         cpu_text = f"{statistics.median(cpu):.1f}" if cpu else "–"
+        ratio_text = "–"
+        if reference is not None and index != reference:
+            ratios = [
+                (r.instances / r.seconds) / (rows[reference].instances / rows[reference].seconds)
+                for r, rows in zip(measured, runs, strict=True)
+            ]
+            ratio_text = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
         lines.append(
             f"| {row.method} | {row.associations} | {count} | {row.nbytes / 1e6:.1f} | {seconds:.2f} | "
             f"{statistics.median(rates):.1f} | {spread} | "
-            f"{statistics.median(r.nbytes / 1e6 / r.seconds for r in measured):.1f} | {cpu_text} | "
+            f"{statistics.median(r.nbytes / 1e6 / r.seconds for r in measured):.1f} | {ratio_text} | "
+            f"{cpu_text} | "
             f"`{row.command}` |"
         )
         notes += [f"- {r.method} ({r.associations}): {r.note}" for r in measured if r.note]
@@ -434,6 +482,7 @@ def measure_all(
     items: list[RetrieveItem],
     series_items: list[RetrieveItem],
     study_uids: list[str],
+    instances: list[tuple[str, bytes]],
     expected: int,
     ingest_port: int,
     dcmtk_port: int,
@@ -538,6 +587,10 @@ def measure_all(
         receiver_lags=False,
     )
     finish_row(rows, row, get_dir, args.keep)
+
+    for fsync in (True, False):
+        out_dir = work / f"spool-write-{'fsync' if fsync else 'nofsync'}"
+        finish_row(rows, measure_spool_write(instances, out_dir, fsync), out_dir, args.keep)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -617,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
             expected = orthanc.instance_count()
             study_uids = orthanc.study_uids()
             source_mb = sum(f.stat().st_size for f in files) / 1e6
+            instances = read_instances(files)
             print(
                 f"data: {data_name}, {len(files)} files, {expected} instances in {len(study_uids)} studies, "
                 f"{source_mb:.1f} MB; Orthanc {PACS_AET} on {LOOPBACK}:{orthanc.dicom_port}",
@@ -640,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
                         items,
                         series_items,
                         study_uids,
+                        instances,
                         expected,
                         ingest_port,
                         dcmtk_port,

@@ -12,8 +12,10 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import make_instance
+from pydicom.dataelem import RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import Tag
 from pydicom.uid import UID, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
@@ -32,6 +34,7 @@ from ingest.scp import (
     STATUS_SUCCESS,
     StorageSCP,
     StoreCounts,
+    check_convertible,
     spool_path,
     spooled_uids,
     store_instance,
@@ -269,6 +272,48 @@ def test_implicit_vr_numbers_are_checked_by_their_dictionary_vr(tmp_path):
     assert store_instance(tmp_path / "spool", counts, received(garbled)) == STATUS_CANNOT_UNDERSTAND
     assert store_instance(tmp_path / "spool", counts, received(encoded)) == STATUS_SUCCESS
     assert spooled_uids(tmp_path / "spool") == {source.SOPInstanceUID}
+
+
+# One tag of each binary number VR (its dictionary VR, for the implicit VR case).
+_NUMBER_VR_TAGS = {
+    "US": 0x00280010,  # Rows
+    "SS": 0x00189219,  # Tag Angle Second Axis
+    "US or SS": 0x00189810,  # Zero Velocity Pixel Value
+    "UL": 0x00081161,  # Simple Frame List
+    "SL": 0x00186020,  # Reference Pixel X0
+    "FL": 0x00089459,  # Recommended Display Frame Rate in Float
+    "FD": 0x00081163,  # Time Range
+    "UV": 0x0008040C,  # File Offset in Container
+    "SV": 0x00720082,  # Selector SV Value
+}
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("vr", sorted(_NUMBER_VR_TAGS))
+def test_numbers_are_refused_exactly_where_pydicom_cannot_convert_them(vr, implicit):
+    # check_convertible checks numbers by length instead of converting them: it must agree with
+    # pydicom's conversion on every length, or a garbled header gets into the spool (or a good one not).
+    tag = Tag(_NUMBER_VR_TAGS[vr])
+    wire_vr = None if implicit else ("US" if vr == "US or SS" else vr)
+
+    def dataset(length: int) -> pydicom.Dataset:
+        data = pydicom.Dataset()
+        data[tag] = RawDataElement(tag, wire_vr, length, bytes(range(length)), 0, implicit, True)
+        return data
+
+    for length in range(17):
+        try:
+            dataset(length)[tag]
+            converts = True
+        except Exception:  # pydicom raises several types for a value of the wrong length
+            converts = False
+        try:
+            check_convertible(dataset(length))
+            accepted = True
+        except ValueError as exc:
+            accepted = False
+            assert f"{length} bytes long" in str(exc)
+        assert accepted == converts, (vr, length)
 
 
 def test_full_disk_answers_out_of_resources_and_writes_nothing(scp, tmp_path, monkeypatch):
