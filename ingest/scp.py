@@ -1,7 +1,7 @@
 """DICOM Storage SCP: receives C-STORE requests into an atomic, de-duplicated spool.
 
 Each instance lands at ``spool/<first 2 hex of sha1(uid)>/<SOPInstanceUID>.dcm`` as the exact bytes
-the peer sent (file meta + data set, no re-encoding). A file is written to a temp name in its final
+the peer sent (file meta + data set, no re-encoding). A file is written to a temp file in its final
 directory, fsynced, then linked into place only if absent, and the directory fsynced, before the
 C-STORE is answered with Success: a reader never sees a partial file, concurrent duplicates from
 several associations (or processes) leave exactly one copy, and an acknowledged instance survives a
@@ -21,6 +21,7 @@ over them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import hashlib
@@ -100,6 +101,9 @@ _NUMBER_SIZES = {"US": 2, "SS": 2, "US or SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD
 # VRs whose value pydicom parses on conversion and refuses when garbled. Text VRs only warn, and the
 # other binary VRs (OB, OW, OF, ...) stay bytes, so converting those is skipped.
 _PARSED_VRS = frozenset({"SQ", "AT"})
+# Temp files without a name (Linux O_TMPFILE) are linked into place through /proc/self/fd. They save
+# the temp name's create and unlink, and a killed writer leaves nothing behind.
+_UNNAMED_TEMP_FILES = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
 
 def spool_path(spool_dir: str | os.PathLike, sop_instance_uid: str) -> Path:
@@ -193,13 +197,16 @@ def write_spool_file(
 ) -> bool:
     """Atomically create ``final_path`` with ``data`` unless it exists; True when this call stored it.
 
-    ``data`` may be a sequence of parts (file meta, then the data set) written one after another,
+    ``data`` may be a sequence of parts (file meta, then the data set), written by one ``writev``,
     which saves joining a large instance into one more copy.
 
-    The temp file lives in the final directory (same file system) and is fsynced before it is
-    hard-linked into place. ``os.link`` refuses to overwrite, so of two concurrent writers exactly
-    one wins and the other sees a duplicate. Where the file system has no hard links, ``os.replace``
-    still publishes a complete file atomically (a racing duplicate then overwrites identical bytes).
+    The data goes to an unnamed temp file in the final directory (``O_TMPFILE``; where the file
+    system has none, a dot-named ``.part`` file), is verified complete (every byte taken by the
+    kernel) and fsynced, then hard-linked into place. ``link`` refuses to overwrite, so of two
+    concurrent writers exactly one wins and the other sees a duplicate. An unnamed temp file leaves
+    nothing behind if the process dies; a ``.part`` file is removed by ``remove_stale_parts``. Where
+    the file system has no hard links, ``os.replace`` still publishes a complete file atomically (a
+    racing duplicate then overwrites identical bytes).
 
     ``fsync=False`` skips the file and directory fsyncs (about 5 ms per instance on this project's
     test machine). The file still appears only once completely written, so a killed process leaves
@@ -208,35 +215,69 @@ def write_spool_file(
     name) and the catalog scan marks it ``unreadable`` with the reason; delete those files and pull
     again to fetch them.
     """
-    if final_path.exists():
-        return False
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=final_path.parent, prefix=".", suffix=".part")
     parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
-    size = sum(len(part) for part in parts)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            for part in parts:
-                handle.write(part)
-            handle.flush()
-            if fsync:
-                os.fsync(handle.fileno())
-        if os.path.getsize(temp_name) != size:
-            raise OSError(errno.EIO, f"short write: {temp_name}")
-        try:
-            os.link(temp_name, final_path)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            os.replace(temp_name, final_path)
+        fd, temp_name = _open_temp(final_path.parent)
+    except FileNotFoundError:  # the bucket's first instance: create the directory only then
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = _open_temp(final_path.parent)
+    try:
+        _write_all(fd, parts, final_path)
         if fsync:
-            _fsync_directory(final_path.parent)
-        return True
+            os.fsync(fd)
+        stored = _link_into_place(fd, temp_name, final_path)
     finally:
-        if os.path.lexists(temp_name):
-            os.unlink(temp_name)
+        os.close(fd)
+        if temp_name is not None:
+            with contextlib.suppress(FileNotFoundError):  # os.replace moved it
+                os.unlink(temp_name)
+    if stored and fsync:
+        _fsync_directory(final_path.parent)
+    return stored
+
+
+def _open_temp(directory: Path) -> tuple[int, str | None]:
+    """A writable temp file in ``directory``: (fd, None) if unnamed, (fd, its path) otherwise."""
+    if _UNNAMED_TEMP_FILES:
+        try:
+            # 0o600 as mkstemp gives: patient images are for this user only.
+            return os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600), None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+    fd, temp_name = tempfile.mkstemp(dir=directory, prefix=".", suffix=".part")
+    return fd, temp_name
+
+
+def _write_all(fd: int, parts: Sequence[bytes | bytearray | memoryview], final_path: Path) -> None:
+    """Write ``parts`` in order; raise if the kernel stops taking bytes before the end."""
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    while views:
+        written = os.writev(fd, views)
+        if written == 0:
+            raise OSError(errno.EIO, f"short write: {final_path}")
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if written:
+            views[0] = views[0][written:]
+
+
+def _link_into_place(fd: int, temp_name: str | None, final_path: Path) -> bool:
+    """Give the written temp file its final name unless that exists; True if this call did."""
+    try:
+        if temp_name is None:
+            # linkat(AT_SYMLINK_FOLLOW) links the file behind the magic link, not the link itself.
+            # os.link calls plain link() unless given a dir fd; an absolute path ignores it.
+            os.link(f"/proc/self/fd/{fd}", final_path, src_dir_fd=fd, follow_symlinks=True)
+        else:
+            os.link(temp_name, final_path)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if temp_name is None or exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        os.replace(temp_name, final_path)
+    return True
 
 
 def _fsync_directory(directory: Path) -> None:

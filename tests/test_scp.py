@@ -363,6 +363,72 @@ def test_write_spool_file_never_replaces_a_complete_file(tmp_path):
     assert leftover_temp_files(tmp_path) == []
 
 
+@pytest.fixture(params=["unnamed", "named"])
+def temp_file_kind(request, monkeypatch):
+    """Both ways write_spool_file makes its temp file: O_TMPFILE, and a .part file where there is none."""
+    if request.param == "named":
+        real_open = os.open
+
+        def no_tmpfile(path, flags, *args, **kwargs):
+            if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(scp_module.os, "open", no_tmpfile)
+    elif not scp_module._UNNAMED_TEMP_FILES:
+        pytest.skip("no O_TMPFILE or /proc/self/fd here")
+    return request.param
+
+
+def test_write_spool_file_writes_every_part_however_the_kernel_splits_the_write(
+    tmp_path, monkeypatch, temp_file_kind
+):
+    real_writev = os.writev
+    calls = []
+
+    def at_most_5000_bytes(fd, buffers):
+        calls.append(1)
+        kept, room = [], 5000
+        for buffer in buffers:
+            kept.append(memoryview(buffer)[:room])
+            room -= len(kept[-1])
+        return real_writev(fd, [view for view in kept if len(view)])
+
+    monkeypatch.setattr(scp_module.os, "writev", at_most_5000_bytes)
+    meta, body = b"M" * 333, bytes(range(256)) * 100
+    target = spool_path(tmp_path, "1.2.3.4")
+    assert write_spool_file(target, (meta, body)) is True
+    assert target.read_bytes() == meta + body
+    assert len(calls) == -(-len(meta + body) // 5000)
+    assert leftover_temp_files(tmp_path) == []
+
+
+def test_spool_files_are_readable_by_their_owner_only(tmp_path, temp_file_kind):
+    target = spool_path(tmp_path, "1.2.3.4")
+    write_spool_file(target, b"a patient's image")
+    assert target.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("failing", ["writev", "link", "fsync"])
+def test_a_failed_write_leaves_nothing_in_the_spool(tmp_path, monkeypatch, temp_file_kind, failing):
+    def fail(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(scp_module.os, failing, fail)
+    target = spool_path(tmp_path, "1.2.3.4")
+    with pytest.raises(OSError):
+        write_spool_file(target, (b"meta", b"data set"))
+    assert list(target.parent.iterdir()) == []
+
+
+def test_a_kernel_that_takes_no_more_bytes_is_a_short_write(tmp_path, monkeypatch, temp_file_kind):
+    monkeypatch.setattr(scp_module.os, "writev", lambda fd, buffers: 0)
+    target = spool_path(tmp_path, "1.2.3.4")
+    with pytest.raises(OSError, match="short write"):
+        write_spool_file(target, b"data set")
+    assert list(target.parent.iterdir()) == []
+
+
 def test_temp_files_a_killed_process_left_are_removed_when_the_scp_starts(tmp_path):
     spool = tmp_path / "spool"
     write_spool_file(spool_path(spool, "1.2.3.4"), b"done")
