@@ -80,36 +80,49 @@ StoreHandler = Callable[[ReceivedInstance], int]
 
 
 class PduReader:
-    """Reads whole PDUs from a socket into one reused buffer (a radiograph is many 16 KiB-1 MiB PDUs)."""
+    """Reads whole PDUs from a socket.
 
-    def __init__(self, sock: socket.socket) -> None:
+    It receives as much as the socket holds into one reused buffer and cuts PDUs out of it, so a
+    radiograph sent as many 16 KiB-1 MiB PDUs costs a few ``recv`` calls, not two or more per PDU.
+    """
+
+    def __init__(self, sock: socket.socket, buffer_size: int = 1 << 18) -> None:
         self.sock = sock
-        self._buffer = bytearray(1 << 16)
-        self._header = bytearray(PDU_HEADER.size)
+        self._buffer = bytearray(buffer_size)
+        self._start = 0  # first byte not yet handed out
+        self._end = 0  # end of the bytes received
 
-    def _recv_into(self, view: memoryview) -> None:
-        received = 0
-        while received < len(view):
-            count = self.sock.recv_into(view[received:])
+    def _fill(self, needed: int) -> None:
+        """Receive until ``needed`` bytes from ``_start`` on are in the buffer."""
+        if self._end - self._start >= needed:
+            return
+        if self._start + needed > len(self._buffer):
+            # Move what is left to the front (the last PDU handed out is given up now), growing the
+            # buffer for a PDU larger than it.
+            pending = self._buffer[self._start : self._end]
+            if needed > len(self._buffer):
+                self._buffer = bytearray(needed)
+            self._buffer[: len(pending)] = pending
+            self._start, self._end = 0, len(pending)
+        view = memoryview(self._buffer)
+        while self._end - self._start < needed:
+            count = self.sock.recv_into(view[self._end :])
             if count == 0:
+                if self._end == self._start:
+                    raise ConnectionError("the peer closed the connection without releasing the association")
                 raise ConnectionError("the peer closed the connection in the middle of a PDU")
-            received += count
+            self._end += count
 
     def read(self, limit: int) -> tuple[int, memoryview]:
         """The next PDU's type and body; the body is valid until the next call."""
-        received = self.sock.recv_into(self._header)
-        if received == 0:
-            raise ConnectionError("the peer closed the connection without releasing the association")
-        if received < len(self._header):
-            self._recv_into(memoryview(self._header)[received:])
-        pdu_type, _, length = PDU_HEADER.unpack(self._header)
+        self._fill(PDU_HEADER.size)
+        pdu_type, _, length = PDU_HEADER.unpack_from(self._buffer, self._start)
         if length > limit:
             raise ProtocolError(f"PDU type 0x{pdu_type:02X} of {length} bytes is over the limit of {limit}")
-        if length > len(self._buffer):
-            self._buffer = bytearray(length)
-        body = memoryview(self._buffer)[:length]
-        self._recv_into(body)
-        return pdu_type, body
+        self._fill(PDU_HEADER.size + length)
+        body_start = self._start + PDU_HEADER.size
+        self._start = body_start + length
+        return pdu_type, memoryview(self._buffer)[body_start : self._start]
 
 
 def send_quietly(sock: socket.socket, data: bytes) -> None:

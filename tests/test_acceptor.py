@@ -12,6 +12,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 
 import pydicom
@@ -353,6 +354,45 @@ def test_p_data_tf_splits_a_message_to_the_peers_maximum_pdu():
     assert b"".join(bytes(fragment) for _, _, fragment in pieces) == message
     assert [control for _, control, _ in pieces] == [0x01] * (len(pieces) - 1) + [0x03]
     assert {context_id for context_id, _, _ in pieces} == {3}
+
+
+def test_pdu_reader_hands_out_each_pdu_whole_however_the_bytes_arrive():
+    # PDUs smaller and larger than the reader's buffer, sent in odd-sized pieces: each must come
+    # out whole and in order, though the reader receives many PDUs at once and moves leftovers.
+    pdus = [(0x04, bytes([n % 251]) * size) for n, size in enumerate([0, 10, 5000, 70_000, 3, 300_000, 17])]
+    stream = b"".join(struct.pack(">BBL", pdu_type, 0, len(body)) + body for pdu_type, body in pdus)
+    sender, receiver = socket.socketpair()
+    with sender, receiver:
+
+        def send_in_pieces() -> None:
+            try:
+                for start in range(0, len(stream), 7919):
+                    sender.sendall(stream[start : start + 7919])
+                sender.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the reader failed and closed its end
+
+        thread = threading.Thread(target=send_in_pieces)
+        thread.start()
+        reader = upper_layer.PduReader(receiver, buffer_size=4096)
+        try:
+            for pdu_type, body in pdus:
+                got_type, got_body = reader.read(limit=1 << 20)
+                assert (got_type, bytes(got_body)) == (pdu_type, body)
+            with pytest.raises(ConnectionError, match="without releasing"):
+                reader.read(limit=1 << 20)
+        finally:
+            receiver.shutdown(socket.SHUT_RDWR)
+            thread.join()
+
+
+def test_pdu_reader_says_when_the_peer_closes_in_the_middle_of_a_pdu():
+    sender, receiver = socket.socketpair()
+    with sender, receiver:
+        sender.sendall(struct.pack(">BBL", 0x04, 0, 100) + b"x" * 40)
+        sender.shutdown(socket.SHUT_WR)
+        with pytest.raises(ConnectionError, match="in the middle of a PDU"):
+            upper_layer.PduReader(receiver).read(limit=1 << 20)
 
 
 def test_encoded_responses_decode_with_pydicom_and_carry_their_group_length():
