@@ -11,6 +11,8 @@ its row, with ``os.sync()`` before the next row so none pays for another's write
 * ingest C-MOVE (``ingest.scu.retrieve`` into ``ingest.scp.StorageSCP``) with 1, 2, 4, 8 associations,
   of ``plan_retrieval``'s plan: whole studies, a StudyInstanceUID list per request (up to 50);
 * ingest C-GET with 1 and 4 associations, same plan;
+* ingest C-GET with 1 and 4 associations and C-MOVE with 2, without fsync (``--no-fsync``), as
+  ``storescp`` writes;
 * ingest C-GET and C-MOVE spread over several processes (``retrieve(..., processes=P, workers=W)``,
   ``--processes P --workers W``): P x W associations, each process receiving on its own core; for
   C-MOVE every process listens on the same port (SO_REUSEPORT). The rows include starting the
@@ -21,10 +23,10 @@ its row, with ``os.sync()`` before the next row so none pays for another's write
 * dcmtk ``movescu`` into a background ``storescp``: one association moving every study (a
   backslash-separated StudyInstanceUID list; repeated ``-k`` keys keep only the last value), and
   one ``movescu`` process per study;
-* that single ``movescu`` again, received by ingest's ``StorageSCP`` instead of ``storescp``: the same
-  client, so the difference is the receiver's;
+* that single ``movescu`` again, received by ingest's ``StorageSCP`` instead of ``storescp``, with and
+  without its fsyncs: the same client, so the difference is the receiver's;
 * dcmtk ``getscu``, one process per study (Orthanc 1.10 ends a C-GET at the first instance it cannot
-  send, and ``getscu`` offers one transfer syntax per storage class).
+  send, and ``getscu`` offers one transfer syntax per storage class);
 * no network: the set's files written straight into a spool by 4 threads with
   ``ingest.scp.write_spool_file``, with and without its fsyncs: the most this disk lets any
   receiver store, crash-safe or not.
@@ -495,8 +497,10 @@ def measure_all(
     runs += [("get", workers, 1, True) for workers in args.get_workers]
     for method in ("get", "move"):
         runs += [(method, workers, processes, True) for processes, workers in args.multi_process]
-    # What the two fsyncs per instance cost: the same pulls answering before the data is on disk.
-    runs += [("get", max(args.get_workers), 1, False), ("move", 2, 1, False)]
+    # What the two fsyncs per instance cost: the same pulls answering before the data is on disk
+    # (one association too, like for like with storescp on movescu's one association).
+    no_fsync = [("get", 1, 1, False), ("get", max(args.get_workers), 1, False), ("move", 2, 1, False)]
+    runs += dict.fromkeys(no_fsync)  # once each, also where --get-workers is only 1
     for method, workers, processes, fsync in runs:
         spool = work / f"ingest-{method}-{processes}x{workers}-{'fsync' if fsync else 'nofsync'}"
         label = f"ingest C-{method.upper()}" + (f", {processes} processes" if processes > 1 else "")
@@ -558,22 +562,25 @@ def measure_all(
         finish_row(rows, row, out_dir, args.keep)
 
     # The same single movescu, received by ingest's StorageSCP instead of storescp: the receiver's share.
-    out_dir = work / "dcmtk-move-ingest-scp"
-    with StorageSCP(out_dir, DCMTK_AET, dcmtk_port, [PACS_AET]):
-        row = measure_command(
-            "dcmtk movescu+ingest StorageSCP",
-            "1",
-            [movescu_command(orthanc.dicom_port, study_uids)],
-            out_dir,
-            expected,
-            args.timeout,
-            receiver_lags=False,  # it answers each C-STORE once the file is in place
+    for fsync in (True, False):
+        out_dir = work / f"dcmtk-move-ingest-scp-{'fsync' if fsync else 'nofsync'}"
+        with StorageSCP(out_dir, DCMTK_AET, dcmtk_port, [PACS_AET], fsync=fsync):
+            row = measure_command(
+                "dcmtk movescu+ingest StorageSCP" + ("" if fsync else ", --no-fsync"),
+                "1",
+                [movescu_command(orthanc.dicom_port, study_uids)],
+                out_dir,
+                expected,
+                args.timeout,
+                receiver_lags=False,  # it answers each C-STORE once the file is in place
+            )
+        scp_command = (
+            f"python -m ingest.scp --spool {out_dir} --aet {DCMTK_AET} --port {dcmtk_port} --allow {PACS_AET}"
+            if fsync  # the SCP's CLI always fsyncs: a standalone receiver's senders may keep no copy
+            else f"ingest.scp.StorageSCP({out_dir}, {DCMTK_AET!r}, {dcmtk_port}, [{PACS_AET!r}], fsync=False)"
         )
-    scp_command = (
-        f"python -m ingest.scp --spool {out_dir} --aet {DCMTK_AET} --port {dcmtk_port} --allow {PACS_AET}"
-    )
-    row = Row(**{**row.__dict__, "command": f"{scp_command} & {row.command}"})
-    finish_row(rows, row, out_dir, args.keep)
+        row = Row(**{**row.__dict__, "command": f"{scp_command} & {row.command}"})
+        finish_row(rows, row, out_dir, args.keep)
 
     get_dir = work / "dcmtk-get"
     get_dir.mkdir()
