@@ -338,6 +338,151 @@ def check_convertible(dataset: Dataset) -> None:
             dataset[element.tag]
 
 
+# Explicit VR little endian: VRs whose length is a 4-byte field after 2 reserved bytes (PS3.5 7.1.2).
+_LONG_LENGTH_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_SHORT_LENGTH_VRS = frozenset(
+    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN", b"SH"}
+    | {b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+)
+_VR_SIZES = {vr.encode(): size for vr, size in _NUMBER_SIZES.items() if " " not in vr} | {b"AT": 4}
+_ITEM, _ITEM_END, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
+_SOP_CLASS, _SOP_INSTANCE = (0x0008, 0x0016), (0x0008, 0x0018)
+_CHARACTER_SET = (0x0008, 0x0005)
+_PLAIN_CHARACTER_SET = re.compile(rb"[A-Z0-9_ \\]*")
+
+
+class _Unusual(Exception):
+    """Something the quick header walk does not vouch for: pydicom's full check decides."""
+
+
+def plain_header_uids(data: bytes, syntax: UID) -> tuple[str, str] | None:
+    """(SOPClassUID, SOPInstanceUID) of a data set whose header a quick walk finds sound; else None.
+
+    Sound means what ``header_uids_by_pydicom`` accepts: every element within the bytes received,
+    binary numbers of whole values, sequences that parse, and a complete Pixel Data as the last
+    element. The walk only vouches: anything it does not expect (implicit VR, deflated or big endian
+    data, an undefined length outside a sequence, tags out of order, a UID that is not plain...) returns
+    None, and pydicom then says what, if anything, is wrong. Parsing with pydicom and converting
+    its sequences and numbers took ~0.35 ms per phantom instance, the largest part of receiving in
+    Python; this walk takes ~0.05 ms.
+    """
+    if syntax.is_implicit_VR or syntax.is_deflated or not syntax.is_little_endian:
+        return None
+    uids: dict[tuple[int, int], str] = {}
+    try:
+        end = _walk_elements(data, 0, len(data), uids, top_level=True)
+    except (_Unusual, struct.error):
+        return None
+    if end != len(data):
+        return None
+    return uids.get(_SOP_CLASS, ""), uids.get(_SOP_INSTANCE, "")
+
+
+def _walk_elements(
+    data: bytes, offset: int, end: int, uids: dict[tuple[int, int], str], top_level: bool = False
+) -> int:
+    """Walk the elements in ``data[offset:end]`` up to ``end`` or an item delimiter; where it stopped."""
+    previous = (-1, -1)
+    while offset < end:
+        group, element = struct.unpack_from("<HH", data, offset)
+        if (group, element) == _ITEM_END:
+            return offset
+        if (group, element) <= previous or group == 0xFFFE:
+            raise _Unusual
+        previous = (group, element)
+        vr = bytes(data[offset + 4 : offset + 6])
+        if vr in _LONG_LENGTH_VRS:
+            (length,), value = struct.unpack_from("<L", data, offset + 8), offset + 12
+        elif vr in _SHORT_LENGTH_VRS:
+            (length,), value = struct.unpack_from("<H", data, offset + 6), offset + 8
+        else:
+            raise _Unusual
+        if top_level and group == 0x7FE0:
+            return _pixel_data_end(data, group, element, vr, length, value)
+        if vr == b"SQ":
+            offset = _walk_sequence(data, value, length, end, uids)
+            continue
+        if length == _UNDEFINED_LENGTH or value + length > end or length % _VR_SIZES.get(vr, 1):
+            raise _Unusual
+        # pydicom reads the character set while parsing, at every level, and can fail on it.
+        if (group, element) == _CHARACTER_SET and not _PLAIN_CHARACTER_SET.fullmatch(
+            data[value : value + length]
+        ):
+            raise _Unusual
+        if top_level and (group, element) in (_SOP_CLASS, _SOP_INSTANCE):
+            text = bytes(data[value : value + length]).decode("iso8859").rstrip("\0 ")
+            if not _UID_PATTERN.match(text):  # pydicom also strips other whitespace, splits at "\\"
+                raise _Unusual
+            uids[(group, element)] = text
+        offset = value + length
+    if offset != end:
+        raise _Unusual
+    return offset
+
+
+def _walk_sequence(data: bytes, offset: int, length: int, end: int, uids: dict) -> int:
+    """Walk a sequence value's items; the offset just after the sequence."""
+    undefined = length == _UNDEFINED_LENGTH
+    stop = end if undefined else offset + length
+    if stop > end:
+        raise _Unusual
+    while offset < stop:
+        tag = struct.unpack_from("<HH", data, offset)
+        (item_length,) = struct.unpack_from("<L", data, offset + 4)
+        offset += 8
+        if undefined and tag == _SEQUENCE_END and item_length == 0:
+            return offset
+        if tag != _ITEM:
+            raise _Unusual
+        if item_length == _UNDEFINED_LENGTH:
+            offset = _walk_elements(data, offset, stop, {})
+            if struct.unpack_from("<HHL", data, offset) != (*_ITEM_END, 0):
+                raise _Unusual
+            offset += 8
+        else:
+            if offset + item_length > stop:
+                raise _Unusual
+            offset = _walk_elements(data, offset, offset + item_length, {})
+    if undefined or offset != stop:
+        raise _Unusual
+    return offset
+
+
+def _pixel_data_end(data: bytes, group: int, element: int, vr: bytes, length: int, value: int) -> int:
+    """Where the top-level Pixel Data value ends, if it is (7FE0,0010) OB/OW and complete."""
+    if (group, element) != (0x7FE0, 0x0010) or vr not in (b"OB", b"OW"):
+        raise _Unusual
+    if length == _UNDEFINED_LENGTH:
+        try:
+            return _encapsulated_end(data, value, "(7FE0,0010)")
+        except ValueError:
+            raise _Unusual from None
+    if value + length > len(data):
+        raise _Unusual
+    return value + length
+
+
+def header_uids(data: bytes, syntax: UID) -> tuple[str, str]:
+    """(SOPClassUID, SOPInstanceUID) of a received data set; raise if pydicom could not read it whole.
+
+    Garbled sequences and numbers surface here, with a status the PACS sees, not at catalog time.
+    """
+    uids = plain_header_uids(data, syntax)
+    return uids if uids is not None else header_uids_by_pydicom(data, syntax)
+
+
+def header_uids_by_pydicom(data: bytes, syntax: UID) -> tuple[str, str]:
+    """``header_uids`` for any data set: parsed by pydicom, sequences and numbers converted."""
+    dataset = decode_for_checks(data, syntax)
+    truncated = first_truncated_element(dataset)
+    if truncated is not None:
+        raise ValueError(f"data set is truncated at element {truncated}")
+    check_convertible(dataset)
+    return str(dataset.get("SOPClassUID", "")), str(dataset.get("SOPInstanceUID", ""))
+
+
 def decode_for_checks(data: bytes, syntax: UID) -> Dataset:
     """The data set's elements before Pixel Data, once the Pixel Data value is known to be complete.
 
@@ -438,14 +583,7 @@ def store_instance(
         return STATUS_SUCCESS
 
     try:
-        dataset = decode_for_checks(instance.dataset, instance.transfer_syntax)
-        truncated = first_truncated_element(dataset)
-        if truncated is not None:
-            raise ValueError(f"data set is truncated at element {truncated}")
-        # Garbled sequences and numbers surface now, with a status the PACS sees, not at catalog time.
-        check_convertible(dataset)
-        dataset_uid = str(dataset.get("SOPInstanceUID", ""))
-        dataset_class = str(dataset.get("SOPClassUID", ""))
+        dataset_class, dataset_uid = header_uids(instance.dataset, instance.transfer_syntax)
     except Exception as exc:  # pydicom raises many exception types on malformed bytes
         counts.add_failed()
         LOGGER.error("C-STORE %s from %s: data set cannot be decoded: %s", uid, peer, exc)

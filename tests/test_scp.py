@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -12,8 +14,10 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import make_instance
+from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import UID, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
@@ -35,6 +39,8 @@ from ingest.scp import (
     StorageSCP,
     StoreCounts,
     check_convertible,
+    header_uids_by_pydicom,
+    plain_header_uids,
     spool_path,
     spooled_uids,
     store_instance,
@@ -314,6 +320,67 @@ def test_numbers_are_refused_exactly_where_pydicom_cannot_convert_them(vr, impli
             accepted = False
             assert f"{length} bytes long" in str(exc)
         assert accepted == converts, (vr, length)
+
+
+def _data_sets_as_received() -> list[tuple[str, bytes, UID]]:
+    """(name, data set bytes, transfer syntax) of pydicom's own test files, as a C-STORE carries them."""
+    found = []
+    # The files pydicom ships (get_testdata_files would also try to download its larger ones).
+    for path in sorted(Path(get_testdata_file("CT_small.dcm")).parent.glob("*.dcm")):
+        raw = Path(path).read_bytes()
+        stream = io.BytesIO(raw)
+        try:
+            read_preamble(stream, False)
+            meta = _read_file_meta_info(stream)
+            found.append((Path(path).name, raw[stream.tell() :], UID(meta.TransferSyntaxUID)))
+        except Exception:  # files without file meta: nothing says their transfer syntax
+            continue
+    return found
+
+
+def _pydicom_verdict(data: bytes, syntax: UID) -> tuple[str, str] | str:
+    try:
+        return header_uids_by_pydicom(data, syntax)
+    except Exception as exc:
+        return f"refused: {exc!r}"
+
+
+def test_the_quick_header_walk_vouches_only_for_what_pydicom_reads_the_same_way():
+    # Each of pydicom's test files whole, cut short at many points, and with bytes of its header
+    # overwritten at random: wherever the quick walk vouches for a data set, pydicom's own parse
+    # must accept it too and give the same UIDs, or a bad instance would be stored as good.
+    rng = random.Random(0)
+    vouched = 0
+
+    def check(variant: bytes | bytearray, syntax: UID, name: str) -> None:
+        nonlocal vouched
+        quick = plain_header_uids(variant, syntax)
+        if quick is not None:
+            vouched += 1
+            assert quick == _pydicom_verdict(bytes(variant), syntax), (name, len(variant))
+
+    for name, data, syntax in _data_sets_as_received():
+        header = min(len(data), 2048)
+        for cut in [*range(0, header, 7), len(data) - 1, len(data) // 2]:
+            check(data[:cut], syntax, f"{name} cut at {cut}")
+        garbled = bytearray(data)
+        for _ in range(100):
+            at = rng.randrange(header)
+            garbled[at] = rng.randrange(256)
+            check(garbled, syntax, f"{name} byte {at} set to {garbled[at]}")
+            garbled[at] = data[at]
+        check(data, syntax, name)
+    # The walk is used at all: on the whole explicit VR files and their harmless variants.
+    assert vouched > 2000, vouched
+
+
+def test_the_quick_header_walk_reads_a_radiograph_as_pydicom_does(tmp_path):
+    for number in range(3):
+        source = pydicom.dcmread(instance(tmp_path, number))
+        encoded = explicit_le_bytes(source)
+        syntax = UID(source.file_meta.TransferSyntaxUID)
+        expected = (str(source.SOPClassUID), str(source.SOPInstanceUID))
+        assert plain_header_uids(encoded, syntax) == expected == header_uids_by_pydicom(encoded, syntax)
 
 
 def test_full_disk_answers_out_of_resources_and_writes_nothing(scp, tmp_path, monkeypatch):
