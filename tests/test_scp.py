@@ -374,11 +374,15 @@ def test_the_quick_header_walk_vouches_only_for_what_pydicom_reads_the_same_way(
     assert vouched > 2000, vouched
 
 
-def test_the_quick_header_walk_reads_a_radiograph_as_pydicom_does(tmp_path):
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
+def test_the_quick_header_walk_reads_a_radiograph_as_pydicom_does(tmp_path, implicit):
     for number in range(3):
         source = pydicom.dcmread(instance(tmp_path, number))
-        encoded = explicit_le_bytes(source)
-        syntax = UID(source.file_meta.TransferSyntaxUID)
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, implicit
+        pydicom.filewriter.write_dataset(buffer, source)
+        encoded = buffer.getvalue()
+        syntax = UID(ImplicitVRLittleEndian if implicit else source.file_meta.TransferSyntaxUID)
         expected = (str(source.SOPClassUID), str(source.SOPInstanceUID))
         assert plain_header_uids(encoded, syntax) == expected == header_uids_by_pydicom(encoded, syntax)
 
