@@ -378,7 +378,7 @@ def plain_header_uids(data: bytes, syntax: UID) -> tuple[str, str] | None:
     uids: dict[tuple[int, int], str] = {}
     try:
         end = _walk_elements(data, 0, len(data), uids, implicit, top_level=True)
-    except (_Unusual, struct.error):
+    except (_Unusual, struct.error, RecursionError):  # sequences nested thousands deep, for one
         return None
     if end != len(data):
         return None

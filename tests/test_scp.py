@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import random
+import struct
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,13 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
-from pydicom.uid import UID, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+)
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom._handlers import standard_dimse_recv_handler
@@ -385,6 +392,22 @@ def test_the_quick_header_walk_reads_a_radiograph_as_pydicom_does(tmp_path, impl
         syntax = UID(ImplicitVRLittleEndian if implicit else source.file_meta.TransferSyntaxUID)
         expected = (str(source.SOPClassUID), str(source.SOPInstanceUID))
         assert plain_header_uids(encoded, syntax) == expected == header_uids_by_pydicom(encoded, syntax)
+
+
+def test_sequences_nested_thousands_deep_are_refused_not_a_crash(tmp_path):
+    nested = 5000
+    opening = struct.pack("<HH2sHL", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF) + struct.pack(
+        "<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF
+    )
+    closing = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    data = opening * nested + closing * nested
+    syntax = UID(ExplicitVRLittleEndian)
+    assert plain_header_uids(data, syntax) is None  # the quick walk leaves it to pydicom
+    counts = StoreCounts()
+    sop_class = DigitalXRayImageStorageForPresentation
+    received = ReceivedInstance(sop_class, "1.2.3.4", syntax, data, "PACS", "PACS@test")
+    assert store_instance(tmp_path / "spool", counts, received) == STATUS_CANNOT_UNDERSTAND
+    assert counts.snapshot()["failed"] == 1
 
 
 def test_full_disk_answers_out_of_resources_and_writes_nothing(scp, tmp_path, monkeypatch):
