@@ -12,8 +12,8 @@ seconds may be empty or cut short in the spool; see ``write_spool_file``.
 ``store_instance`` checks and spools one instance, whichever way it arrived: ``StorageSCP`` (the
 C-MOVE destination) receives on ``ingest.acceptor``'s associations, and the C-GET client in
 ``ingest.scu`` passes it as the ``on_store`` handler of its ``ingest.requestor`` associations. Its
-pynetdicom associations (C-ECHO, C-FIND) bind ``tune_connection`` (EVT_CONN_OPEN), which trims
-pynetdicom's per-PDU cost and log chatter. ``StorageSCP(share_port=True)``
+pynetdicom associations (C-ECHO, C-FIND) bind ``tune_connection`` (EVT_CONN_OPEN), which turns
+Nagle off and pynetdicom's per-message log chatter. ``StorageSCP(share_port=True)``
 lets several processes listen on one port (SO_REUSEPORT), so the PACS's C-STORE associations spread
 over them.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import functools
 import hashlib
 import io
 import logging
@@ -50,7 +49,6 @@ from pynetdicom.dsutils import decode
 from pynetdicom.events import Event
 from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket
 
 from ingest.acceptor import StorageAcceptor
 from ingest.upper_layer import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, ReceivedInstance
@@ -93,8 +91,6 @@ STALE_PART_AGE_S = 3600
 # up to 0.5 s, a third of a 190-instance C-MOVE pull in the retrieval benchmark.
 _ACCEPT_LOOP_POLL_S = 0.02
 _PIXEL_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"UN"})
-# Sequence Delimitation Item, little endian: closes an encapsulated Pixel Data value.
-_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 # Bytes per value of the binary number VRs (and of "US or SS", whose choice pydicom makes later):
 # pydicom refuses a value whose length is not a multiple of it, so that is all there is to check.
 _NUMBER_SIZES = {"US": 2, "SS": 2, "US or SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "UV": 8, "SV": 8}
@@ -377,7 +373,7 @@ def plain_header_uids(data: bytes, syntax: UID) -> tuple[str, str] | None:
         return None
     uids: dict[tuple[int, int], str] = {}
     try:
-        end = _walk_elements(data, 0, len(data), uids, implicit, top_level=True)
+        end = _walk_elements(data, 0, len(data), implicit, uids)
     except (_Unusual, struct.error, RecursionError):  # sequences nested thousands deep, for one
         return None
     if end != len(data):
@@ -386,14 +382,13 @@ def plain_header_uids(data: bytes, syntax: UID) -> tuple[str, str] | None:
 
 
 def _walk_elements(
-    data: bytes,
-    offset: int,
-    end: int,
-    uids: dict[tuple[int, int], str],
-    implicit: bool,
-    top_level: bool = False,
+    data: bytes, offset: int, end: int, implicit: bool, uids: dict[tuple[int, int], str] | None = None
 ) -> int:
-    """Walk the elements in ``data[offset:end]`` up to ``end`` or an item delimiter; where it stopped."""
+    """Walk the elements in ``data[offset:end]`` up to ``end`` or an item delimiter; where it stopped.
+
+    ``uids`` is given for the top level only: it collects the SOP class and instance UIDs there.
+    """
+    top_level = uids is not None
     previous = (-1, -1)
     while offset < end:
         group, element = struct.unpack_from("<HH", data, offset)
@@ -464,14 +459,14 @@ def _walk_sequence(data: bytes, offset: int, length: int, end: int, implicit: bo
         if tag != _ITEM:
             raise _Unusual
         if item_length == _UNDEFINED_LENGTH:
-            offset = _walk_elements(data, offset, stop, {}, implicit)
+            offset = _walk_elements(data, offset, stop, implicit)
             if struct.unpack_from("<HHL", data, offset) != (*_ITEM_END, 0):
                 raise _Unusual
             offset += 8
         else:
             if offset + item_length > stop:
                 raise _Unusual
-            offset = _walk_elements(data, offset, offset + item_length, {}, implicit)
+            offset = _walk_elements(data, offset, offset + item_length, implicit)
     if undefined or offset != stop:
         raise _Unusual
     return offset
@@ -653,21 +648,6 @@ def store_instance(
     return STATUS_SUCCESS
 
 
-def _recv_whole(connection: AssociationSocket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` reading into one buffer: all ``nr_bytes``, or what came before EOF."""
-    buffer = bytearray(nr_bytes)
-    nr_read = 0
-    with memoryview(buffer) as view:
-        while nr_read < nr_bytes:
-            received = connection.socket.recv_into(view[nr_read:])
-            if not received:
-                break
-            nr_read += received
-    if nr_read < nr_bytes:
-        del buffer[nr_read:]
-    return buffer
-
-
 def setup_cli_logging() -> None:
     """INFO for this project's loggers; pynetdicom only from WARNING up: at INFO it writes every
     C-FIND match and DIMSE message, thousands of lines per pull."""
@@ -676,20 +656,18 @@ def setup_cli_logging() -> None:
 
 
 def tune_connection(event: Event) -> None:
-    """EVT_CONN_OPEN handler: send each PDU at once, read each PDU in one go, and log only what is kept.
+    """EVT_CONN_OPEN handler (our pynetdicom associations: C-ECHO, C-FIND): send each PDU at once and
+    log only what is kept.
 
     A DIMSE message goes out as a command PDU then a data set PDU; with Nagle's algorithm the second
     waits for the peer's delayed ACK, about 40 ms per message on Linux, which caps C-FIND at a few
-    dozen matches per second per association. And pynetdicom reads a PDU 4 KiB per ``recv`` call
-    into a growing bytearray: ~200 Python-level calls per 800 KB radiograph, about a fifth of the
-    receiving CPU time; reading into one buffer of the PDU's size makes that a handful of calls.
-    pynetdicom's default handlers describe every DIMSE message (a C-FIND match element by element)
-    before the logger decides whether to keep it; unless its logger is on at INFO they are unbound.
+    dozen matches per second per association. pynetdicom's default handlers describe every DIMSE
+    message (a C-FIND match element by element) before the logger decides whether to keep it;
+    unless its logger is on at INFO they are unbound.
     """
     connection = event.assoc.dul.socket
     if connection is not None and connection.socket is not None:
         connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection.recv = functools.partial(_recv_whole, connection)
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         event.assoc.unbind(evt.EVT_DIMSE_RECV, standard_dimse_recv_handler)
         event.assoc.unbind(evt.EVT_DIMSE_SENT, standard_dimse_sent_handler)
