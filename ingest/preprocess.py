@@ -6,8 +6,10 @@ image, to look at what training will see. The core functions are pure (arrays in
 The recipe (DESIGN.md), in order:
 
 1. Decode the first frame's stored values (pydicom 3; JPEG, JPEG-LS, JPEG 2000 and RLE go through the
-   installed pylibjpeg / pyjpegls plugins). pydicom already masks the unused high bits when
-   BitsStored < BitsAllocated and sign-extends signed (PixelRepresentation=1) values. Multi-frame
+   installed pylibjpeg / pyjpegls plugins). The unused high bits are masked when BitsStored <
+   BitsAllocated and signed (PixelRepresentation=1) values sign-extended, as pydicom does; for 8/16-bit
+   native little-endian and RLE data ``stored_values`` does this only when a pixel needs it, on a view
+   of the file's (or codec's) bytes, which saves a frame copy and two passes. Multi-frame
    objects contribute their first frame only (logged). Only MONOCHROME1/MONOCHROME2 with one
    sample per pixel are radiographs; RGB, YBR_* and PALETTE COLOR raise ``UnsupportedPhotometric``.
 2. Modality LUT: a Modality LUT Sequence is applied with ``pydicom.pixels.apply_modality_lut``.
@@ -64,8 +66,9 @@ import cv2
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from ingest.files import replacing
 
@@ -91,6 +94,8 @@ REASONS = (
 # cv2.calcHist counts in float32, exact only below 2**24 pixels per bin; larger frames use bincount.
 _CALCHIST_MAX_PIXELS = 2**24
 _UNIT16 = 65535.0  # [0, 1] as uint16 in the fused integer path
+# Syntaxes whose stored values stored_values reads without pydicom's copy and bit correction.
+_FAST_DECODE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless)
 
 
 @dataclass(frozen=True)
@@ -226,7 +231,7 @@ def _decode_first_frame(ds: pydicom.Dataset) -> np.ndarray:
         log.info("%s has %d frames: using the first", _describe(ds), frames)
     transfer_syntax = _transfer_syntax(ds)
     try:
-        values = decode_pixels(ds, index=0)
+        values = stored_values(ds)
     except MemoryError:
         raise
     except (
@@ -243,6 +248,57 @@ def _decode_first_frame(ds: pydicom.Dataset) -> np.ndarray:
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         raise DecodeError("float pixel data contains NaN or infinite values", "non_finite")
     return values
+
+
+def stored_values(ds: pydicom.Dataset) -> np.ndarray:
+    """The first frame's stored values, as ``decode_pixels(ds, index=0)`` returns them, but faster for
+    the plain 8/16-bit radiograph in native little endian or RLE: a read-only view of the file's bytes
+    instead of a copy (native), the codec's buffer instead of a copy into a new array (RLE), and the
+    unused-bit correction only when a pixel needs it. Everything else goes through pydicom's decode."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if not (
+        syntax in _FAST_DECODE_SYNTAXES
+        and "PixelData" in ds
+        and ds.get("BitsAllocated") in (8, 16)
+        and ds.get("SamplesPerPixel", 1) == 1
+    ):
+        return decode_pixels(ds, index=0)
+    if syntax == RLELossless:
+        buffer, meta = get_decoder(syntax).as_buffer(ds, index=0)
+        shape = (int(meta["rows"]), int(meta["columns"]))
+        itemsize = int(meta["bits_allocated"]) // 8
+        if (
+            meta["samples_per_pixel"] != 1
+            or itemsize not in (1, 2)
+            or len(buffer) != shape[0] * shape[1] * itemsize
+        ):
+            return decode_pixels(ds, index=0)
+        kind = "i" if meta["pixel_representation"] else "u"
+        values = np.frombuffer(buffer, dtype=f"<{kind}{itemsize}").reshape(shape)
+    else:
+        values = decode_pixels(ds, index=0, view_only=True, correct_unused_bits=False)
+        meta = {"bits_stored": _header_int(ds, "BitsStored", default=8 * values.dtype.itemsize)}
+    return _stored_bits_only(values, int(meta["bits_stored"]))
+
+
+def _stored_bits_only(values: np.ndarray, bits_stored: int) -> np.ndarray:
+    """pydicom's unused-bit correction (mask unsigned, sign-extend signed values above BitsStored), done
+    only when some pixel lies outside BitsStored's range: one min/max pass instead of two shifts and a
+    copy, since the bits above BitsStored are nearly always already right."""
+    bits_allocated = 8 * values.dtype.itemsize
+    if not 0 < bits_stored < bits_allocated:
+        return values
+    if values.dtype.kind == "u":
+        low, high = 0, (1 << bits_stored) - 1
+    else:
+        low, high = -(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1
+    smallest, largest, _, _ = cv2.minMaxLoc(values)
+    if low <= smallest and largest <= high:
+        return values
+    shift = bits_allocated - bits_stored
+    corrected = np.left_shift(values, shift)
+    np.right_shift(corrected, shift, out=corrected)  # arithmetic for signed: sign-extends
+    return corrected
 
 
 def _padding_mask(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:

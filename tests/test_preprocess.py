@@ -15,7 +15,14 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.pixels import pixel_array as decode_pixels
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from ingest.preprocess import (
     REASONS,
@@ -34,6 +41,7 @@ from ingest.preprocess import (
     preprocess_file,
     quantize,
     resize_pad,
+    stored_values,
 )
 
 MONOCHROME1_CR = "dicomdirtests/77654033/CR1/6154"  # pydicom ships it: CR, MONOCHROME1, RescaleSlope 0.684
@@ -283,6 +291,61 @@ def test_modality_lut_sequence_is_applied():
 
 
 # -- stored values: signed, garbage high bits, float, multi-frame --
+def bundled_pydicom_files() -> list[Path]:
+    # listed from disk: get_testdata_files would also try to download pydicom-data
+    return sorted(p for p in Path(pydicom_file("CT_small.dcm")).parent.rglob("*") if p.is_file())
+
+
+def test_stored_values_are_pydicoms_decode_on_every_pydicom_image():
+    fast_path = []
+    for path in bundled_pydicom_files():
+        try:
+            expected = decode_pixels(pydicom.dcmread(path), index=0)
+        except Exception:  # not an image, or one pydicom cannot decode here
+            continue
+        ds = pydicom.dcmread(path)
+        got = stored_values(ds)
+        assert got.dtype == expected.dtype and np.array_equal(got, expected), path.name
+        if ds.file_meta.TransferSyntaxUID in (
+            ExplicitVRLittleEndian,
+            ImplicitVRLittleEndian,
+            RLELossless,
+        ) and (ds.BitsAllocated in (8, 16) and ds.get("SamplesPerPixel", 1) == 1):
+            fast_path.append(path.name)
+    assert len(fast_path) >= 35
+    assert {"CT_small.dcm", "MR_small_RLE.dcm", "MR_small_implicit.dcm"} <= set(fast_path)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless])
+@pytest.mark.parametrize(
+    ("signed", "bits_allocated", "bits_stored", "junk"),
+    [
+        (False, 16, 12, 0xA000),  # junk above the stored bits of unsigned values
+        (False, 16, 12, 0),  # clean 12-bit values
+        (True, 16, 12, 0),  # 12-bit two's complement, high bits zero: must be sign-extended
+        (True, 16, 12, 0xC000),  # high bits neither zero nor copies of the sign bit
+        (False, 16, 16, 0),
+        (False, 8, 6, 0xC0),
+        (True, 8, 6, 0),
+    ],
+)
+def test_stored_values_mask_and_sign_extend_exactly_as_pydicom(
+    syntax, signed, bits_allocated, bits_stored, junk
+):
+    unsigned = np.dtype(f"<u{bits_allocated // 8}")
+    pattern = (np.random.default_rng(bits_stored).integers(0, 2**bits_stored, (31, 17)) | junk).astype(
+        unsigned
+    )
+    ds = make_ds(pattern.view(unsigned.str.replace("u", "i")) if signed else pattern, bits_stored=bits_stored)
+    if syntax == RLELossless:
+        ds.compress(RLELossless, encoding_plugin="pydicom")
+    expected = decode_pixels(ds, index=0)
+    got = stored_values(ds)
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    if junk or signed:  # pydicom's correction changed these values: the fast path must have too
+        assert not np.array_equal(pattern, expected.view(unsigned))
+
+
 def test_garbage_above_bits_stored_is_ignored():
     pixels = ramp()
     dirty = (pixels | np.uint16(0xA000)).astype("<u2").tobytes()  # 12 bits stored, junk in the top 4
@@ -341,8 +404,7 @@ def assert_within_one_grey_level(fast: np.ndarray, reference: np.ndarray) -> Non
 def test_fused_path_matches_the_float_recipe_on_every_pydicom_image(output_dtype):
     params = PreprocessParams(output_dtype=output_dtype)
     compared = []
-    # the bundled files, listed from disk: get_testdata_files would also try to download pydicom-data
-    for path in sorted(p for p in Path(pydicom_file("CT_small.dcm")).parent.rglob("*") if p.is_file()):
+    for path in bundled_pydicom_files():
         try:
             ds = pydicom.dcmread(path)
             reference = float_recipe(ds, params)
