@@ -42,6 +42,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -265,14 +266,27 @@ def _associate(cfg: PacsConfig, ae: AE, **kwargs) -> Association:
     )
     if assoc.is_established:
         return assoc
-    if assoc.is_rejected:
-        response = assoc.acceptor.primitive
+    response = assoc.acceptor.primitive if assoc.is_rejected else _unread_rejection(assoc)
+    if response is not None:
         detail = f"{response.result_str}, source: {response.source_str}, reason: {response.reason_str}"
         _raise_rejected(cfg, detail, permanent=response.result == 0x01)
     raise AssociationError(
         f"no association with {cfg.describe()}: connection refused, timed out after "
         f"{cfg.network_timeout:g}/{cfg.acse_timeout:g} s or aborted by the peer"
     )
+
+
+def _unread_rejection(assoc: Association) -> A_ASSOCIATE | None:
+    """The peer's A-ASSOCIATE-RJ where pynetdicom reported an abort instead.
+
+    pynetdicom 3.0.4 does so for about 1 in 100 quick rejections: its DUL thread closes the socket on
+    the RJ before ACSE checks that the socket is connected, and ACSE then aborts without reading the
+    RJ, which stays in the DUL's queue for the user.
+    """
+    for primitive in list(assoc.dul.to_user_queue.queue):
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+            return primitive
+    return None
 
 
 def _raise_rejected(cfg: PacsConfig, detail: str, permanent: bool) -> NoReturn:

@@ -27,6 +27,7 @@ import ingest.scu as scu
 from ingest.orthanc import OrthancServer, free_port
 from ingest.scp import StorageSCP, spool_path, spooled_uids
 from ingest.scu import (
+    AssociationError,
     PacsConfig,
     PacsError,
     RetrieveItem,
@@ -100,6 +101,19 @@ def assert_spool_matches_pacs(spool: Path, originals: dict[str, Dataset]) -> Non
 
 def test_echo_succeeds(cfg):
     echo(cfg)
+
+
+def test_every_quick_rejection_is_reported_as_a_rejection_not_an_abort(tmp_path):
+    # Our SCP rejects at once, which makes pynetdicom 3.0.4 take ~1 in 100 rejections for aborts:
+    # 300 echoes miss that with a probability of 0.99**300 = 5% if the workaround is gone.
+    with StorageSCP(tmp_path / "spool", "PEDXRAY", 0, ["SOMEONE"]) as scp:
+        cfg = PacsConfig("127.0.0.1", scp.port, scp.ae_title, calling_aet=OUR_AET, retries=2, backoff_s=0)
+        for _ in range(300):
+            with pytest.raises(PacsError) as error:
+                echo(cfg)
+            assert "failed after 1 attempt: association rejected" in str(error.value)  # not retried
+            assert "reason: Calling AE title not recognised" in str(error.value)
+            assert isinstance(error.value.__cause__, AssociationError)
 
 
 def test_echo_to_a_closed_port_fails_after_bounded_retries():
