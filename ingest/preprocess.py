@@ -267,12 +267,8 @@ def stored_values(ds: pydicom.Dataset) -> np.ndarray:
         buffer, meta = get_decoder(syntax).as_buffer(ds, index=0)
         shape = (int(meta["rows"]), int(meta["columns"]))
         itemsize = int(meta["bits_allocated"]) // 8
-        if (
-            meta["samples_per_pixel"] != 1
-            or itemsize not in (1, 2)
-            or len(buffer) != shape[0] * shape[1] * itemsize
-        ):
-            return decode_pixels(ds, index=0)
+        if itemsize not in (1, 2) or len(buffer) != shape[0] * shape[1] * itemsize:
+            return decode_pixels(ds, index=0)  # a plugin that widened the samples: pydicom's own handling
         kind = "i" if meta["pixel_representation"] else "u"
         values = np.frombuffer(buffer, dtype=f"<{kind}{itemsize}").reshape(shape)
     else:
