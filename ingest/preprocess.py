@@ -271,10 +271,11 @@ def stored_values(ds: pydicom.Dataset) -> np.ndarray:
             return decode_pixels(ds, index=0)  # a plugin that widened the samples: pydicom's own handling
         kind = "i" if meta["pixel_representation"] else "u"
         values = np.frombuffer(buffer, dtype=f"<{kind}{itemsize}").reshape(shape)
+        bits_stored = int(meta["bits_stored"])
     else:
         values = decode_pixels(ds, index=0, view_only=True, correct_unused_bits=False)
-        meta = {"bits_stored": _header_int(ds, "BitsStored", default=8 * values.dtype.itemsize)}
-    return _stored_bits_only(values, int(meta["bits_stored"]))
+        bits_stored = _header_int(ds, "BitsStored", default=8 * values.dtype.itemsize)
+    return _stored_bits_only(values, bits_stored)
 
 
 def _stored_bits_only(values: np.ndarray, bits_stored: int) -> np.ndarray:

@@ -403,7 +403,7 @@ def _walk_elements(
                 return _pixel_data_end(data, group, element, None, length, value)
             vr = _dictionary_vr(group, element)
         else:
-            vr = bytes(data[offset + 4 : offset + 6])
+            vr = data[offset + 4 : offset + 6]
             if vr in _LONG_LENGTH_VRS:
                 (length,), value = struct.unpack_from("<L", data, offset + 8), offset + 12
             elif vr in _SHORT_LENGTH_VRS:
@@ -423,7 +423,7 @@ def _walk_elements(
         ):
             raise _Unusual
         if top_level and (group, element) in (_SOP_CLASS, _SOP_INSTANCE):
-            text = bytes(data[value : value + length]).decode("iso8859").rstrip("\0 ")
+            text = data[value : value + length].decode("iso8859").rstrip("\0 ")
             if not _UID_PATTERN.match(text):  # pydicom also strips other whitespace, splits at "\\"
                 raise _Unusual
             uids[(group, element)] = text
