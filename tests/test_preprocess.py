@@ -1,6 +1,7 @@
 """Pixel preprocessing (ingest/preprocess.py): the paper's recipe on real codecs and on malformed input."""
 
 import importlib.util
+import io
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
@@ -548,10 +550,33 @@ def test_clahe_is_applied_last_on_the_padded_image():
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_png_encoding_is_lossless(dtype):
-    img = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, (64, 48), dtype=dtype)
-    decoded = cv2.imdecode(np.frombuffer(encode_png(img), np.uint8), cv2.IMREAD_UNCHANGED)
+@pytest.mark.parametrize("shape", [(64, 48), (1, 1), (1, 7), (5, 1), (33, 17)])
+def test_png_encoding_is_lossless_for_opencv_and_pillow(dtype, shape):
+    img = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
+    data = encode_png(img)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert decoded.dtype == dtype and np.array_equal(decoded, img)
+    with Image.open(io.BytesIO(data)) as png:
+        png.verify()  # chunk CRCs and structure
+    with Image.open(io.BytesIO(data)) as png:
+        assert png.size == shape[::-1] and png.mode == ("L" if dtype == np.uint8 else "I;16")
+        assert np.array_equal(np.asarray(png), img)
+
+
+def test_png_encoding_takes_views_and_compresses_radiographs():
+    img = preprocess_file(pydicom_file("CT_small.dcm"), PreprocessParams(size=256))
+    flipped = img[::-1, ::2]  # not contiguous
+    decoded = cv2.imdecode(np.frombuffer(encode_png(flipped), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(decoded, flipped)
+    assert len(encode_png(img)) < 0.7 * img.nbytes
+
+
+@pytest.mark.parametrize(
+    "img", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 3), np.uint8), np.zeros((0, 4), np.uint8)]
+)
+def test_png_encoding_refuses_what_is_not_a_grayscale_image(img):
+    with pytest.raises(ValueError, match="2-D uint8 or uint16"):
+        encode_png(img)
 
 
 # -- display-oriented arrays (PNG/JPEG inputs) --
