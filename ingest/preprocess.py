@@ -237,9 +237,8 @@ def _decode_first_frame(ds: pydicom.Dataset) -> np.ndarray:
         values = stored_values(ds)
     except MemoryError:
         raise
-    except (
-        Exception
-    ) as exc:  # every failure inside pydicom or a codec plugin is a decode failure of this file
+    except Exception as exc:
+        # every failure inside pydicom or a codec plugin is a decode failure of this file
         raise DecodeError(
             f"{type(exc).__name__}: {exc} (transfer syntax {transfer_syntax})",
             _decode_failure_code(exc, transfer_syntax),
