@@ -568,7 +568,8 @@ def preprocess_array(img: np.ndarray, params: PreprocessParams = PreprocessParam
 # larger. Of the other fast deflaters, libdeflate at level 1 took 2.2–3 ms and zlib's Z_RLE 2.1 ms.
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_FILTER_UP = 2
-_PNG_COLOUR_GREY = 0
+# channels → (PNG colour type, the channel order PNG stores, from OpenCV's order): grey, BGR, BGRA
+_PNG_LAYOUTS = {1: (0, [0]), 3: (2, [2, 1, 0]), 4: (6, [2, 1, 0, 3])}
 _PNG_SAMPLE_TYPES = {np.dtype(np.uint8): ">u1", np.dtype(np.uint16): ">u2"}  # PNG samples are big-endian
 
 
@@ -577,19 +578,24 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def encode_png(img: np.ndarray) -> bytes:
-    """Lossless PNG bytes of a 2-D uint8 or uint16 grayscale image."""
+    """Lossless PNG bytes of a uint8 or uint16 image: grayscale (H×W), or BGR / BGRA (H×W×3 / H×W×4,
+    OpenCV's channel order, as ``cv2.imencode`` takes and ``cv2.imdecode`` returns them)."""
+    channels = img.shape[2] if img.ndim == 3 else 1
     sample_type = _PNG_SAMPLE_TYPES.get(img.dtype)
-    if sample_type is None or img.ndim != 2 or 0 in img.shape:
+    if sample_type is None or img.ndim not in (2, 3) or channels not in _PNG_LAYOUTS or 0 in img.shape:
         raise ValueError(
-            f"PNG encoding takes a non-empty 2-D uint8 or uint16 image, not {img.dtype} {img.shape}"
+            "PNG encoding takes a non-empty uint8 or uint16 image, H×W grey or H×W×3/4 BGR(A), "
+            f"not {img.dtype} {img.shape}"
         )
-    height, width = img.shape
-    samples = np.ascontiguousarray(img, dtype=sample_type).view(np.uint8).reshape(height, -1)
+    colour_type, png_order = _PNG_LAYOUTS[channels]
+    height, width = img.shape[:2]
+    pixels = img if channels == 1 else img[:, :, png_order]
+    samples = np.ascontiguousarray(pixels, dtype=sample_type).view(np.uint8).reshape(height, -1)
     scanlines = np.empty((height, samples.shape[1] + 1), np.uint8)
     scanlines[:, 0] = _PNG_FILTER_UP
     scanlines[0, 1:] = samples[0]  # the row above the first is zeros
     np.subtract(samples[1:], samples[:-1], out=scanlines[1:, 1:])  # modulo 256, as PNG's filters are
-    header = struct.pack(">IIBBBBB", width, height, 8 * img.itemsize, _PNG_COLOUR_GREY, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8 * img.itemsize, colour_type, 0, 0, 0)
     return b"".join(
         (
             _PNG_SIGNATURE,

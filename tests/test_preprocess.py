@@ -550,17 +550,31 @@ def test_clahe_is_applied_last_on_the_padded_image():
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-@pytest.mark.parametrize("shape", [(64, 48), (1, 1), (1, 7), (5, 1), (33, 17)])
-def test_png_encoding_is_lossless_for_opencv_and_pillow(dtype, shape):
+@pytest.mark.parametrize(
+    ("shape", "pillow_mode"),
+    [((64, 48), "L"), ((1, 1), "L"), ((1, 7), "L"), ((5, 1), "L"), ((33, 17), "L"), ((9, 5, 3), "RGB")],
+)
+def test_png_encoding_is_lossless_for_opencv_and_pillow(dtype, shape, pillow_mode):
     img = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
     data = encode_png(img)
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert decoded.dtype == dtype and np.array_equal(decoded, img)
     with Image.open(io.BytesIO(data)) as png:
         png.verify()  # chunk CRCs and structure
+    if dtype == np.uint16 and pillow_mode == "RGB":
+        return  # Pillow reads 16-bit colour only as 8 bits
     with Image.open(io.BytesIO(data)) as png:
-        assert png.size == shape[::-1] and png.mode == ("L" if dtype == np.uint8 else "I;16")
-        assert np.array_equal(np.asarray(png), img)
+        assert png.size == shape[1::-1] and png.mode == (pillow_mode if dtype == np.uint8 else "I;16")
+        rgb_as_bgr = np.asarray(png)[..., ::-1] if pillow_mode == "RGB" else np.asarray(png)
+        assert np.array_equal(rgb_as_bgr, img)
+
+
+def test_png_encoding_keeps_the_alpha_channel_of_bgra():
+    bgra = np.random.default_rng(1).integers(0, 255, (6, 4, 4), dtype=np.uint8)
+    decoded = cv2.imdecode(np.frombuffer(encode_png(bgra), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(decoded, bgra)
+    with Image.open(io.BytesIO(encode_png(bgra))) as png:
+        assert png.mode == "RGBA" and np.array_equal(np.asarray(png), bgra[..., [2, 1, 0, 3]])
 
 
 def test_png_encoding_takes_views_and_compresses_radiographs():
@@ -572,10 +586,10 @@ def test_png_encoding_takes_views_and_compresses_radiographs():
 
 
 @pytest.mark.parametrize(
-    "img", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 3), np.uint8), np.zeros((0, 4), np.uint8)]
+    "img", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8), np.zeros((0, 4), np.uint8)]
 )
-def test_png_encoding_refuses_what_is_not_a_grayscale_image(img):
-    with pytest.raises(ValueError, match="2-D uint8 or uint16"):
+def test_png_encoding_refuses_what_is_not_an_image(img):
+    with pytest.raises(ValueError, match="uint8 or uint16 image, H×W grey or H×W×3/4 BGR"):
         encode_png(img)
 
 
