@@ -589,7 +589,7 @@ def encode_png(img: np.ndarray) -> bytes:
         )
     colour_type, png_order = _PNG_LAYOUTS[channels]
     height, width = img.shape[:2]
-    pixels = img if channels == 1 else img[:, :, png_order]
+    pixels = img[:, :, png_order] if img.ndim == 3 else img
     samples = np.ascontiguousarray(pixels, dtype=sample_type).view(np.uint8).reshape(height, -1)
     scanlines = np.empty((height, samples.shape[1] + 1), np.uint8)
     scanlines[:, 0] = _PNG_FILTER_UP
