@@ -17,9 +17,9 @@ from datetime import date, timedelta
 import numpy as np
 import pandas as pd
 
-from ingest.balance import BalanceConfig, balance
-from ingest.labels import label_catalog
-from ingest.taxonomy import load_taxonomy
+from ingest.dataset.balance import BalanceConfig, balance
+from ingest.dataset.labels import label_catalog
+from ingest.dataset.taxonomy import load_taxonomy
 
 
 def peak_rss_mib() -> float:

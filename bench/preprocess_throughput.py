@@ -41,7 +41,8 @@ from pydicom.uid import (
 )
 from tqdm import tqdm
 
-from ingest.preprocess import PreprocessParams, encode_png, preprocess_file
+from ingest.imaging.png import encode_png
+from ingest.imaging.preprocess import PreprocessParams, preprocess_file
 
 # transfer syntax → keyword arguments for ds.compress (None: written uncompressed)
 SYNTAXES = {

@@ -4,11 +4,12 @@
     .venv/bin/python bench/retrieval_throughput.py --data synthetic      # pydicom DX files instead
     .venv/bin/python bench/retrieval_throughput.py --data DIR            # existing DICOM files
 
-One run starts Orthanc (``ingest.orthanc.OrthancServer``) on free 127.0.0.1 ports, uploads the set
+One run starts Orthanc (``ingest.demo.orthanc.OrthancServer``) on free 127.0.0.1 ports, uploads the set
 and pulls it the same way several times, each into a fresh, empty directory that is deleted after
 its row, with ``os.sync()`` before the next row so none pays for another's writeback:
 
-* ingest C-MOVE (``ingest.scu.retrieve`` into ``ingest.scp.StorageSCP``) with 1, 2, 4, 8 associations,
+* ingest C-MOVE (``ingest.dicom.scu.retrieve`` into ``ingest.dicom.scp.StorageSCP``)
+  with 1, 2, 4, 8 associations,
   of ``plan_retrieval``'s plan: whole studies, a StudyInstanceUID list per request (up to 50);
 * ingest C-GET with 1 and 4 associations, same plan;
 * ingest C-GET with 1 and 4 associations and C-MOVE with 2, without fsync (``--no-fsync``), as
@@ -28,7 +29,7 @@ its row, with ``os.sync()`` before the next row so none pays for another's write
 * dcmtk ``getscu``, one process per study (Orthanc 1.10 ends a C-GET at the first instance it cannot
   send, and ``getscu`` offers one transfer syntax per storage class);
 * no network: the set's files written straight into a spool by 4 threads with
-  ``ingest.scp.write_spool_file``, with and without its fsyncs: the most this disk lets any
+  ``ingest.dicom.scp.write_spool_file``, with and without its fsyncs: the most this disk lets any
   receiver store, crash-safe or not.
 
 Seconds run from the first retrieve request to the last file on disk; the ingest plan (C-FIND per
@@ -66,9 +67,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
-from ingest.orthanc import LOOPBACK, OrthancServer, find_dicom_files, free_port
-from ingest.scp import StorageSCP, spool_path, write_spool_file
-from ingest.scu import PacsConfig, RetrieveItem, plan_retrieval, retrieve
+from ingest.demo.orthanc import LOOPBACK, OrthancServer, find_dicom_files, free_port
+from ingest.dicom.scp import StorageSCP, spool_path, write_spool_file
+from ingest.dicom.scu import PacsConfig, RetrieveItem, plan_retrieval, retrieve
 
 PACS_AET = "BENCHPACS"
 INGEST_AET = "PEDXRAY"
@@ -214,7 +215,7 @@ def ingest_cli(
 ) -> str:
     """The CLI pull that retrieves the same way (it also runs the C-FIND and the plan)."""
     return (
-        f"python -m ingest.scu --pacs {cfg.called_aet}@{cfg.host}:{cfg.port} pull --spool {spool} "
+        f"python -m ingest scu --pacs {cfg.called_aet}@{cfg.host}:{cfg.port} pull --spool {spool} "
         f"--method {method} --workers {workers}"
         + (f" --processes {processes}" if processes != 1 else "")
         + ("" if fsync else " --no-fsync")
@@ -337,7 +338,7 @@ def measure_spool_write(instances: Sequence[tuple[str, bytes]], out_dir: Path, f
     cpu_seconds = process_cpu_seconds() - cpu_started
     files, nbytes = output_files(out_dir)
     method = "no network: spool write alone" + ("" if fsync else ", --no-fsync")
-    command = f"ingest.scp.write_spool_file(..., fsync={fsync}) on {SPOOL_WRITE_THREADS} threads"
+    command = f"ingest.dicom.scp.write_spool_file(..., fsync={fsync}) on {SPOOL_WRITE_THREADS} threads"
     threads = f"{SPOOL_WRITE_THREADS} threads"
     return Row(method, threads, files, len(instances), nbytes, seconds, command, "", cpu_seconds)
 
@@ -575,9 +576,9 @@ def measure_all(
                 receiver_lags=False,  # it answers each C-STORE once the file is in place
             )
         scp_command = (
-            f"python -m ingest.scp --spool {out_dir} --aet {DCMTK_AET} --port {dcmtk_port} --allow {PACS_AET}"
+            f"python -m ingest scp --spool {out_dir} --aet {DCMTK_AET} --port {dcmtk_port} --allow {PACS_AET}"
             if fsync  # the SCP's CLI always fsyncs: a standalone receiver's senders may keep no copy
-            else f"ingest.scp.StorageSCP({out_dir}, {DCMTK_AET!r}, {dcmtk_port}, [{PACS_AET!r}], fsync=False)"
+            else f"StorageSCP({out_dir}, {DCMTK_AET!r}, {dcmtk_port}, [{PACS_AET!r}], fsync=False)"
         )
         row = Row(**{**row.__dict__, "command": f"{scp_command} & {row.command}"})
         finish_row(rows, row, out_dir, args.keep)

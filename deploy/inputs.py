@@ -8,10 +8,10 @@ Multipart is parsed here, in memory, so an upload never touches the disk (Starle
 spools files over 1 MB to temporary files).
 
 The preprocessing is the training's, step for step (`Recipe`):
-- a view model (pretraining) saw shard PNGs: `ingest.preprocess` with the shard set's parameters, a
+- a view model (pretraining) saw shard PNGs: `ingest.imaging.preprocess` with the shard set's parameters, a
   PNG round trip, then `cv2.INTER_AREA` to the model's ``image_size`` when the sizes differ
   (`pedx_ray.data.SampleDecoder`);
-- a fine-tuned model saw cached PNGs: `ingest.preprocess` at ``image_size`` with CLAHE when
+- a fine-tuned model saw cached PNGs: `ingest.imaging.preprocess` at ``image_size`` with CLAHE when
   ``enhance`` is ``clahe``, or another `pedx_ray.enhance` chain after it (`pedx_ray.datasets`).
 DICOM goes through ``preprocess_dataset`` (as ``preprocess_file`` does for a file), PNG/JPEG through
 ``cv2.imdecode(..., IMREAD_UNCHANGED)`` + ``preprocess_array`` (as ``cv2.imread`` + ``preprocess_array``).
@@ -29,10 +29,10 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 
-from ingest.preprocess import (
+from ingest.imaging.png import encode_png
+from ingest.imaging.preprocess import (
     PreprocessError,
     PreprocessParams,
-    encode_png,
     preprocess_array,
     preprocess_dataset,
 )

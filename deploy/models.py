@@ -28,7 +28,7 @@ import torch
 
 from deploy.inputs import Recipe
 from deploy.settings import TASK_MODELS, VIEW_MODELS
-from ingest.preprocess import PreprocessParams
+from ingest.imaging.preprocess import PreprocessParams
 from pedx_ray.config import ConfigError, PretrainConfig
 from pedx_ray.data import to_model_input
 from pedx_ray.models import CONFIG_FILE, METRICS_FILE, MODEL_FILE, CheckpointError

@@ -7,13 +7,16 @@ import sys
 
 COMMANDS = {
     "pull": ("ingest.pull", "PACS → spool → catalog → shards in one run, with Prometheus metrics"),
-    "scan": ("ingest.catalog", "read every DICOM header under a directory into the Parquet catalog"),
+    "scu": ("ingest.dicom.scu", "C-ECHO / C-FIND / C-MOVE / C-GET against a PACS, one operation at a time"),
+    "scp": ("ingest.dicom.scp", "run the Storage SCP that receives studies into the spool"),
+    "scan": ("ingest.dataset.catalog", "read every DICOM header under a directory into the Parquet catalog"),
     "labels": (
-        "ingest.labels",
+        "ingest.dataset.labels",
         "per-class counts and the top unmapped descriptions; relabel with a code table",
     ),
-    "preview": ("ingest.preprocess", "write the preprocessed PNG of one DICOM file"),
-    "shards": ("ingest.shards", "balance, split and write WebDataset shards + manifest.json"),
+    "preview": ("ingest.imaging.preprocess", "write the preprocessed PNG of one DICOM file"),
+    "shards": ("ingest.dataset.shards", "balance, split and write WebDataset shards + manifest.json"),
+    "demo-pacs": ("ingest.demo.pacs", "serve phantom studies from a local Orthanc (the demo PACS)"),
 }
 
 

@@ -66,7 +66,7 @@ class IngestMetrics:
         for stage in ("find", "retrieve", "scan", "shards", "done"):
             self.stage.labels(stage).set(1 if stage == name else 0)
 
-    # RetrieveObserver protocol (ingest.scu)
+    # RetrieveObserver protocol (ingest.dicom.scu)
     def on_found(self, n: int) -> None:
         self.found.inc(n)
 

@@ -5,7 +5,7 @@ what the spool still lacks, retrieves it (C-MOVE into our own Storage SCP, or C-
 spool into ``DIR/catalog``, then balances and writes the shards of each ``--granularity`` into
 ``DIR/shards-<g>``. ``--processes P --workers N`` retrieves over P x N associations in P processes
 (one core each); ``--no-fsync`` answers each C-STORE before the instance is on disk (faster, not
-crash-safe: see ``ingest.scp``). Every step is resumable: a second run retrieves only what is
+crash-safe: see ``ingest.dicom.scp``). Every step is resumable: a second run retrieves only what is
 missing, re-reads only changed files and rewrites only shards whose content changed. Failed
 retrievals are reported and counted, the rest of the run goes on, and nothing already stored is lost.
 """
@@ -20,22 +20,30 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from ingest.balance import BalanceConfig
-from ingest.catalog import CatalogError, id_salt_from_env, read_catalog, scan
 from ingest.dask_runner import add_scheduler_argument, dask_client
-from ingest.files import write_json_atomic
-from ingest.metrics import IngestMetrics
-from ingest.preprocess import PreprocessParams
-from ingest.scp import StorageSCP, setup_cli_logging
-from ingest.scu import PacsConfig, PacsError, RetrieveSummary, echo, find_studies, plan_retrieval, retrieve
-from ingest.shards import (
+from ingest.dataset.balance import BalanceConfig
+from ingest.dataset.catalog import CatalogError, id_salt_from_env, read_catalog, scan
+from ingest.dataset.shards import (
     ShardError,
     add_shard_arguments,
     balance_config_from_args,
     format_manifest_summary,
     write_shards,
 )
-from ingest.taxonomy import Taxonomy, load_taxonomy
+from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
+from ingest.dicom.scp import StorageSCP, setup_cli_logging
+from ingest.dicom.scu import (
+    PacsConfig,
+    PacsError,
+    RetrieveSummary,
+    echo,
+    find_studies,
+    plan_retrieval,
+    retrieve,
+)
+from ingest.files import write_json_atomic
+from ingest.imaging.preprocess import PreprocessParams
+from ingest.metrics import IngestMetrics
 
 log = logging.getLogger("ingest.pull")
 

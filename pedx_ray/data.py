@@ -77,7 +77,7 @@ def check_manifest(manifest: dict, granularity: int, shards_dir: str | Path) -> 
 
 def verify_shards(manifest: dict, shards_dir: str | Path, progress: bool = True) -> None:
     """Hash every shard the manifest lists and compare with its recorded sha256."""
-    from ingest.shards import file_sha256
+    from ingest.dataset.shards import file_sha256
 
     root = Path(shards_dir)
     for entry in tqdm(manifest["shards"], desc="verify shards", unit="shard", disable=not progress):

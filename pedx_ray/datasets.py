@@ -33,7 +33,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ingest.files import replacing
-from ingest.preprocess import PreprocessParams, preprocess_array, preprocess_file
+from ingest.imaging.preprocess import PreprocessParams, preprocess_array, preprocess_file
 
 DATA_KINDS = ("phantom", "rsna", "grazpedwri", "dicom")
 SPLITS = ("train", "val", "test")
@@ -199,7 +199,7 @@ def grazpedwri_table(csv: str | Path, images: str | Path) -> pd.DataFrame:
 
 
 def dicom_table(catalog: str | Path, labels: str | Path, task: str) -> pd.DataFrame:
-    from ingest.catalog import CatalogError, read_catalog
+    from ingest.dataset.catalog import CatalogError, read_catalog
 
     if not labels:
         raise DatasetError(

@@ -1,8 +1,8 @@
 """Image enhancement chains of the seed papers, as data: ``ENHANCERS[name](uint8 image) -> uint8 image``.
 
-Each function takes a 2-D uint8 radiograph (the output of `ingest.preprocess`, bone bright) and returns
-a new uint8 image of the same shape. All are deterministic (no random state), so an enhancement can be
-applied once when the data is prepared or on the fly in a loader with identical results.
+Each function takes a 2-D uint8 radiograph (the output of `ingest.imaging.preprocess`, bone bright) and
+returns a new uint8 image of the same shape. All are deterministic (no random state), so an enhancement
+can be applied once when the data is prepared or on the fly in a loader with identical results.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _check(img: np.ndarray) -> np.ndarray:
         described = f"{img.dtype} array of shape {img.shape}" if isinstance(img, np.ndarray) else type(img)
         raise ValueError(
             f"enhancers take a 2-D uint8 grayscale image, got {described}; "
-            "preprocess the radiograph first (ingest.preprocess gives uint8 (size, size))"
+            "preprocess the radiograph first (ingest.imaging.preprocess gives uint8 (size, size))"
         )
     return img
 

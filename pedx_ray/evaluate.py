@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ingest.files import write_atomic
-from ingest.preprocess import write_png
+from ingest.imaging.png import write_png
 from pedx_ray import stats
 
 TASKS = ("bone_age", "fracture")

@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ingest.preprocess import (
+from ingest.imaging.png import write_png
+from ingest.imaging.preprocess import (
     IMAGE_SUFFIXES,
     PreprocessError,
     PreprocessParams,
     preprocess_array,
     preprocess_file,
-    write_png,
 )
 
 METHODS = ("gradcam", "mean")

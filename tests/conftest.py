@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, StudyRootQueryRetrieveInformationModelGet
 
-from ingest.orthanc import INSTALL_HINT, ORTHANC_BINARY, OrthancServer, free_port
+from ingest.demo.orthanc import INSTALL_HINT, ORTHANC_BINARY, OrthancServer, free_port
 
 # pydicom's bundled image files (none is downloaded): one study each, six transfer syntaxes.
 PYDICOM_TEST_FILES = (

@@ -1,7 +1,7 @@
 """The Storage SCP's own upper layer: negotiation, the data phase, and what a misbehaving peer gets.
 
 The peer side is built from pynetdicom's PDU and DIMSE encoders, an implementation independent of
-``ingest.acceptor``, over a raw socket so the tests can break the protocol on purpose.
+``ingest.dicom.acceptor``, over a raw socket so the tests can break the protocol on purpose.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from ingest import acceptor, upper_layer
-from ingest.scp import (
+from ingest.dicom import acceptor, upper_layer
+from ingest.dicom.scp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_SUCCESS,
     StorageSCP,
@@ -228,7 +228,7 @@ def test_a_stored_instance_is_spooled_whatever_the_fragment_size(scp, tmp_path):
 
 
 def test_a_pdv_on_a_context_that_was_not_accepted_aborts_and_the_scp_serves_on(scp, caplog):
-    caplog.set_level(logging.WARNING, logger="ingest.acceptor")
+    caplog.set_level(logging.WARNING, logger="ingest.dicom.acceptor")
     peer = RawPeer(scp.port, [context(1, Verification, [ImplicitVRLittleEndian])])
     try:
         peer.send_message(echo_rq(), 7)
@@ -241,7 +241,7 @@ def test_a_pdv_on_a_context_that_was_not_accepted_aborts_and_the_scp_serves_on(s
 
 
 def test_a_pdu_claiming_more_than_the_limit_is_refused_before_anything_is_allocated(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="ingest.acceptor")
+    caplog.set_level(logging.WARNING, logger="ingest.dicom.acceptor")
     with StorageSCP(tmp_path / "spool", "PEDXRAY", 0, [ALLOWED], max_pdu=65536) as server:
         peer = RawPeer(server.port, [context(1, Verification, [ImplicitVRLittleEndian])])
         try:
@@ -269,7 +269,7 @@ def test_an_unexpected_error_ends_only_its_association_and_is_logged(scp, monkey
 
 
 def test_a_peer_that_drops_or_releases_mid_instance_leaves_nothing_behind(scp, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="ingest.acceptor")
+    caplog.set_level(logging.WARNING, logger="ingest.dicom.acceptor")
     dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # 39 kB: ten 4 KiB PDUs
     pdus = list(store_rq(dataset, explicit_le(dataset)).encode_msg(1, 4096))
     assert len(pdus) > 3
@@ -293,7 +293,7 @@ def test_a_peer_that_drops_or_releases_mid_instance_leaves_nothing_behind(scp, t
 
 
 def test_an_idle_association_is_aborted_after_the_network_timeout(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="ingest.acceptor")
+    caplog.set_level(logging.WARNING, logger="ingest.dicom.acceptor")
     with StorageSCP(tmp_path / "spool", "PEDXRAY", 0, [ALLOWED], network_timeout=0.3) as server:
         peer = RawPeer(server.port, [context(1, Verification, [ImplicitVRLittleEndian])])
         try:
@@ -307,7 +307,7 @@ def test_an_idle_association_is_aborted_after_the_network_timeout(tmp_path, capl
 
 
 def test_associations_over_the_limit_are_rejected_as_transient(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="ingest.acceptor")
+    caplog.set_level(logging.WARNING, logger="ingest.dicom.acceptor")
     with StorageSCP(tmp_path / "spool", "PEDXRAY", 0, [ALLOWED], maximum_associations=1) as server:
         first = RawPeer(server.port, [context(1, Verification, [ImplicitVRLittleEndian])])
         second = RawPeer(server.port, [context(1, Verification, [ImplicitVRLittleEndian])])

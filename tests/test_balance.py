@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ingest.balance import BalanceConfig, BalanceError, balance
-from ingest.taxonomy import load_taxonomy
+from ingest.dataset.balance import BalanceConfig, BalanceError, balance
+from ingest.dataset.taxonomy import load_taxonomy
 
 
 def synthetic_catalog(n=6000, patients=1500, seed=0, classes=None):

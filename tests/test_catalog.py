@@ -11,7 +11,7 @@ import pytest
 from factories import radiograph, write
 from pydicom.data import get_testdata_file
 
-from ingest.catalog import CATALOG_COLUMNS, CatalogError, main, parse_age_months, read_catalog, scan
+from ingest.dataset.catalog import CATALOG_COLUMNS, CatalogError, main, parse_age_months, read_catalog, scan
 
 SALT = "test-salt"
 

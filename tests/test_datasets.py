@@ -159,7 +159,7 @@ def test_image_cache_preprocesses_once_and_keys_by_parameters(fracture_set, tmp_
 
 
 def test_dicom_catalog_with_a_labels_csv_gives_the_phantom_table(fracture_set, tmp_path):
-    from ingest.catalog import scan
+    from ingest.dataset.catalog import scan
 
     scan(fracture_set, tmp_path / "catalog", id_salt="test-salt", scheduler="sync", progress=False)
     labels = tmp_path / "labels.csv"

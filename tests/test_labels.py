@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.catalog import CATALOG_COLUMNS, CATALOG_SCHEMA, read_catalog
-from ingest.labels import LABEL_FIELDS, label_catalog, label_header, main
-from ingest.taxonomy import load_taxonomy
+from ingest.dataset.catalog import CATALOG_COLUMNS, CATALOG_SCHEMA, read_catalog
+from ingest.dataset.labels import LABEL_FIELDS, label_catalog, label_header, main
+from ingest.dataset.taxonomy import load_taxonomy
 
 TAXONOMY = load_taxonomy()
 

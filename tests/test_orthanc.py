@@ -1,4 +1,4 @@
-"""The real PACS: Orthanc 1.10.1 started by ingest.orthanc, queried with pynetdicom and dcmtk."""
+"""The real PACS: Orthanc 1.10.1 started by ingest.demo.orthanc, queried with pynetdicom and dcmtk."""
 
 from __future__ import annotations
 
@@ -22,15 +22,15 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-import ingest.orthanc as orthanc
-from ingest.demo_pacs import main as demo_main
-from ingest.orthanc import (
+import ingest.demo.orthanc as orthanc
+from ingest.demo.orthanc import (
     OrthancError,
     OrthancNotFoundError,
     OrthancServer,
     free_port,
     port_accepts_connections,
 )
+from ingest.demo.pacs import main as demo_main
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PENDING = (0xFF00, 0xFF01)
@@ -290,7 +290,7 @@ def test_demo_pacs_stops_cleanly_on_sigint(orthanc_binary, pydicom_testfiles, tm
     for path in pydicom_testfiles:
         shutil.copy(path, data / path.name)
     process = subprocess.Popen(
-        [sys.executable, "-m", "ingest.demo_pacs", "--data", str(data)],
+        [sys.executable, "-m", "ingest", "demo-pacs", "--data", str(data)],
         cwd=PROJECT_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

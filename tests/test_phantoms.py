@@ -19,6 +19,7 @@ from pydicom.uid import (
 )
 
 from ingest import phantoms
+from ingest.dataset.taxonomy import load_taxonomy
 from ingest.phantoms import build as build_module
 from ingest.phantoms.__main__ import main
 from ingest.phantoms.canvas import Scene
@@ -34,7 +35,6 @@ from ingest.phantoms.dicom import (
 from ingest.phantoms.headers import Header
 from ingest.phantoms.maturity import maturity
 from ingest.phantoms.plan import QUIRKS, plan_studies
-from ingest.taxonomy import load_taxonomy
 
 CR, DX = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1"
 ALL_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless]

@@ -1,4 +1,4 @@
-"""Pixel preprocessing (ingest/preprocess.py): the paper's recipe on real codecs and on malformed input."""
+"""Pixel preprocessing (ingest/imaging/preprocess.py): the paper's recipe, real codecs, malformed input."""
 
 import importlib.util
 import io
@@ -26,7 +26,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ingest.preprocess import (
+from ingest.imaging.png import encode_png
+from ingest.imaging.preprocess import (
     REASONS,
     DecodeError,
     NoPixelData,
@@ -34,7 +35,6 @@ from ingest.preprocess import (
     PreprocessParams,
     UnsupportedPhotometric,
     apply_clahe,
-    encode_png,
     main,
     percentiles,
     pixels_to_unit,

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from factories import radiograph, write
 
-from ingest.balance import BalanceConfig
-from ingest.catalog import read_catalog
+from ingest.dataset.balance import BalanceConfig
+from ingest.dataset.catalog import read_catalog
+from ingest.demo.orthanc import OrthancServer, free_port
+from ingest.dicom.scp import spooled_uids
+from ingest.dicom.scu import PacsConfig
+from ingest.imaging.preprocess import PreprocessParams
 from ingest.metrics import IngestMetrics
-from ingest.orthanc import OrthancServer, free_port
-from ingest.preprocess import PreprocessParams
 from ingest.pull import PullConfig, main, pull
-from ingest.scp import spooled_uids
-from ingest.scu import PacsConfig
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The associations ``retrieve`` opens for C-MOVE and C-GET (ingest.requestor), against pynetdicom's
+"""The associations ``retrieve`` opens for C-MOVE and C-GET (ingest.dicom.requestor), against pynetdicom's
 PDU decoder and SCPs, and a raw-socket peer for what a real PACS does rarely: refuse, go silent.
 Retrieval against Orthanc is in test_scu.py and test_pull.py."""
 
@@ -22,16 +22,16 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from ingest import acceptor, upper_layer
-from ingest.requestor import (
+from ingest.dicom import acceptor, upper_layer
+from ingest.dicom.requestor import (
     REQUEST_SYNTAXES,
     AssociationRejected,
     RequestorAssociation,
     Timeouts,
     encode_associate_rq,
 )
-from ingest.scp import spooled_uids
-from ingest.scu import PacsConfig, RetrieveItem, retrieve
+from ingest.dicom.scp import spooled_uids
+from ingest.dicom.scu import PacsConfig, RetrieveItem, retrieve
 
 STUDY = "1.2.826.0.1.3680043.10.995.1"
 SERIES = f"{STUDY}.1"

@@ -37,9 +37,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-import ingest.scp as scp_module
-from ingest.requestor import AssociationRejected, RequestorAssociation, Timeouts
-from ingest.scp import (
+import ingest.dicom.scp as scp_module
+from ingest.dicom.requestor import AssociationRejected, RequestorAssociation, Timeouts
+from ingest.dicom.scp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
     STATUS_OUT_OF_RESOURCES,
@@ -55,7 +55,7 @@ from ingest.scp import (
     tune_connection,
     write_spool_file,
 )
-from ingest.upper_layer import ReceivedInstance
+from ingest.dicom.upper_layer import ReceivedInstance
 
 ALLOWED = "GOODPACS"
 STUDY = "1.2.826.0.1.3680043.10.998.1"
@@ -148,7 +148,7 @@ def test_stored_instance_lands_at_its_spool_path_byte_for_byte_dataset(scp, tmp_
 def test_unknown_calling_aet_is_rejected_and_logged(scp, caplog):
     # Our requestor, not pynetdicom's: pynetdicom 3.0.4 reports about 1 in 100 quick rejections as an
     # abort (its DUL thread closes the socket on the A-ASSOCIATE-RJ before ACSE checks the socket).
-    caplog.set_level(logging.WARNING, logger="ingest.acceptor")
+    caplog.set_level(logging.WARNING, logger="ingest.dicom.acceptor")
     with pytest.raises(AssociationRejected) as rejection:
         RequestorAssociation.open(
             "127.0.0.1",

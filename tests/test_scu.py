@@ -23,10 +23,10 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-import ingest.scu as scu
-from ingest.orthanc import OrthancServer, free_port
-from ingest.scp import StorageSCP, spool_path, spooled_uids
-from ingest.scu import (
+import ingest.dicom.scu as scu
+from ingest.demo.orthanc import OrthancServer, free_port
+from ingest.dicom.scp import StorageSCP, spool_path, spooled_uids
+from ingest.dicom.scu import (
     AssociationError,
     PacsConfig,
     PacsError,
@@ -570,7 +570,7 @@ def test_invalid_pacs_config_says_what_to_fix(kwargs, message):
 
 def test_back_to_back_queries_on_one_association_lose_no_match(cfg):
     # pynetdicom's reactor could take a response meant for send_c_find (issue #875): about 2% of
-    # queries lost a match here before ingest.scu parked it properly.
+    # queries lost a match here before ingest.dicom.scu parked it properly.
     expected = synthetic_study_uids(first="20150101", last="20151231")  # under FIND_CAP
     query = scu._query("STUDY", scu.STUDY_KEYS, StudyDate="20150101-20151231", ModalitiesInStudy="CR\\DX")
     with scu._find_connection(cfg) as conn:

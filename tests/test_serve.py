@@ -31,7 +31,8 @@ from deploy.app import auto_batch_wait
 from deploy.inputs import InputError, Limits, Upload, decode, is_colour, parse_body, parse_multipart, prepare
 from deploy.models import Predictor, inspect_checkpoint
 from deploy.settings import ServeSettings, SettingsError, resolve_checkpoint, resolve_settings
-from ingest.preprocess import PreprocessParams, encode_png, preprocess_file
+from ingest.imaging.png import encode_png
+from ingest.imaging.preprocess import PreprocessParams, preprocess_file
 from pedx_ray.config import PretrainConfig
 from pedx_ray.finetune import FinetuneConfig
 from pedx_ray.models import CheckpointError, build_model, save_checkpoint

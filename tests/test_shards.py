@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from factories import radiograph, write
 
-from ingest.balance import BalanceConfig
-from ingest.catalog import scan
-from ingest.preprocess import PreprocessParams
-from ingest.shards import MANIFEST_FORMAT, ShardError, main, write_shards
-from ingest.taxonomy import load_taxonomy
+from ingest.dataset.balance import BalanceConfig
+from ingest.dataset.catalog import scan
+from ingest.dataset.shards import MANIFEST_FORMAT, ShardError, main, write_shards
+from ingest.dataset.taxonomy import load_taxonomy
+from ingest.imaging.preprocess import PreprocessParams
 
 # One 68-class view per 7-class region, selected by a site code table so the test does not depend on rules.
 VIEWS = ("Abdomen_KUB", "Ankle_AP", "C_Spine_AP", "Chest_Clavicle", "Cochlea", "Elbow_Lateral", "Pelvis_AP")

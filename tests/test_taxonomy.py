@@ -1,6 +1,6 @@
 import pytest
 
-from ingest.taxonomy import GRANULARITIES, TaxonomyError, load_taxonomy, parse_taxonomy
+from ingest.dataset.taxonomy import GRANULARITIES, TaxonomyError, load_taxonomy, parse_taxonomy
 
 HEADER = "label_68,label_30,label_7,body_part,view_position,description\n"
 
@@ -11,7 +11,7 @@ def taxonomy():
 
 
 def packaged_text():
-    from ingest.taxonomy import _packaged_text
+    from ingest.dataset.taxonomy import _packaged_text
 
     return _packaged_text()
 

@@ -348,7 +348,7 @@ def ablation_markdown(table: pd.DataFrame) -> str:
 
 
 def _write_png(image: np.ndarray, path: Path) -> Path:
-    from ingest.preprocess import write_png
+    from ingest.imaging.png import write_png
 
     write_png(image, path)
     return path

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ingest.dataset.taxonomy import load_taxonomy
+
 from ..files import write_atomic
-from ..taxonomy import load_taxonomy
 from .dicom import Encoding, Identity, build_dataset, encode, save_dataset_atomic, stored_pixels, uid
 from .headers import header_for, protocol_code
 from .plan import StudyPlan, plan_studies

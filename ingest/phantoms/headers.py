@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from ..taxonomy import ViewClass
+from ingest.dataset.taxonomy import ViewClass
 
 # The region word a site uses for each 30-class group in study descriptions.
 REGION_WORD = {

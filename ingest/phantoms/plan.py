@@ -18,7 +18,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from ..taxonomy import Taxonomy, load_taxonomy
+from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
+
 from .maturity import MAX_AGE_MONTHS
 from .render import FRACTURE_VIEWS
 

@@ -1,7 +1,8 @@
 """Class-balanced WebDataset shards (DESIGN.md contract 3).
 
 ``python -m ingest shards CATALOG --granularity 7 --out DIR`` balances and splits the catalog
-(`ingest.balance`), preprocesses every selected image as the paper does (`ingest.preprocess`) and
+(`ingest.dataset.balance`), preprocesses every selected image as the paper does
+(`ingest.imaging.preprocess`) and
 writes ``DIR/{split}-{n:06d}.tar`` with ``<key>.png`` + ``<key>.json`` per sample, then
 ``DIR/manifest.json``. Each shard is written under a temporary name, hashed and renamed, and its
 index (the plan it was built from and its sha256) is kept in ``DIR/.index/``: a re-run skips every
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ingest.balance import (
+from ingest.dask_runner import add_scheduler_argument, run_tasks
+from ingest.dataset.balance import (
     BALANCE_COLUMNS,
     PAPER_PER_CLASS,
     SHORT_CLASS_POLICIES,
@@ -33,13 +35,13 @@ from ingest.balance import (
     BalanceConfig,
     balance,
 )
-from ingest.catalog import read_catalog
-from ingest.dask_runner import add_scheduler_argument, run_tasks
+from ingest.dataset.catalog import read_catalog
+from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
 from ingest.files import replacing, write_atomic, write_json_atomic
-from ingest.preprocess import PreprocessError, PreprocessParams, encode_png, preprocess_file
-from ingest.taxonomy import Taxonomy, load_taxonomy
+from ingest.imaging.png import encode_png
+from ingest.imaging.preprocess import PreprocessError, PreprocessParams, preprocess_file
 
-log = logging.getLogger("ingest.shards")
+log = logging.getLogger("ingest.dataset.shards")
 
 MANIFEST_FORMAT = "pedx-ray-shards/1"
 SHARD_COLUMNS = BALANCE_COLUMNS + [

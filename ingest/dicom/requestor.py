@@ -6,7 +6,7 @@ its primitive and state machine objects; on a C-GET every instance also crosses 
 On this project's 2-core test machine that cost ~1 ms (C-MOVE) and ~10 ms (C-GET) of GIL-bound CPU
 per instance on top of receiving it, which halved a C-MOVE pull's rate against dcmtk's ``movescu``
 sending the same requests to the same receiver (README "Benchmarks"). This module speaks the upper
-layer protocol itself, as ``ingest.acceptor`` does for the receiving side: it proposes the
+layer protocol itself, as ``ingest.dicom.acceptor`` does for the receiving side: it proposes the
 presentation contexts (and, for C-GET, the SCP role for the storage classes), sends one request at
 a time, and reads the responses on the calling thread, answering the C-STORE sub-operations of a
 C-GET through the same ``on_store`` handler the Storage SCP uses. C-ECHO and C-FIND stay on
@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import decode, encode
 
-from ingest.upper_layer import (
+from ingest.dicom.upper_layer import (
     ABORT,
     ABORT_BY_USER_PDU,
     ABSTRACT_SYNTAX_ITEM,
@@ -83,7 +83,7 @@ from ingest.upper_layer import (
     text,
 )
 
-LOGGER = logging.getLogger("ingest.requestor")
+LOGGER = logging.getLogger("ingest.dicom.requestor")
 
 # The syntaxes proposed for the query/retrieve context; its command sets are implicit VR anyway.
 REQUEST_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)

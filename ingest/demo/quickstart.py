@@ -13,15 +13,15 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from ingest.balance import BalanceConfig
-from ingest.catalog import read_catalog
-from ingest.demo_pacs import DemoDataError, prepare_data
-from ingest.labels import label_report
-from ingest.orthanc import OrthancError, OrthancServer, free_port
-from ingest.preprocess import PreprocessParams
+from ingest.dataset.balance import BalanceConfig
+from ingest.dataset.catalog import read_catalog
+from ingest.dataset.labels import label_report
+from ingest.dataset.shards import format_manifest_summary
+from ingest.demo.orthanc import OrthancError, OrthancServer, free_port
+from ingest.demo.pacs import DemoDataError, prepare_data
+from ingest.dicom.scu import PacsConfig, PacsError
+from ingest.imaging.preprocess import PreprocessParams
 from ingest.pull import PullConfig, pull
-from ingest.scu import PacsConfig, PacsError
-from ingest.shards import format_manifest_summary
 
 # Phantom study dates span 2014-2022; this splits them roughly 3:1 like the paper's 2018-07 cut.
 DEMO_REFERENCE_DATE = date(2020, 7, 1)

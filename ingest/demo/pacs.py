@@ -1,6 +1,6 @@
 """A demo PACS: synthetic pediatric radiographs served by Orthanc on 127.0.0.1.
 
-``python -m ingest.demo_pacs --studies 20`` generates phantom studies (or loads the DICOM files
+``python -m ingest demo-pacs --studies 20`` generates phantom studies (or loads the DICOM files
 already under ``--data DIR``), starts Orthanc, uploads them, prints how to reach it over DICOM
 and HTTP, and runs until Ctrl-C (SIGINT) or SIGTERM, which stop Orthanc cleanly (exit code 0).
 """
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from ingest.orthanc import (
+from ingest.demo.orthanc import (
     DEFAULT_AET,
     LOOPBACK,
     OrthancConfig,
@@ -109,7 +109,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ingest.demo_pacs",
+        prog="python -m ingest demo-pacs",
         description="Serve synthetic radiographs from Orthanc on 127.0.0.1 until Ctrl-C.",
     )
     parser.add_argument("--studies", type=_positive, default=20, help="phantom studies to generate")

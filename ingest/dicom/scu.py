@@ -8,8 +8,8 @@
   was stored before a failure stays in the spool (the spool de-duplicates), and the summary names
   every item that still failed and why. ``processes=P`` runs P child processes of N associations
   each, taking requests from the parent as they free up: receiving is CPU-bound Python under the GIL
-  (``ingest.requestor`` for the C-MOVE and C-GET associations and the C-STOREs a C-GET brings,
-  ``ingest.acceptor`` for the C-MOVE C-STOREs), so one process uses at most one core for it however
+  (``ingest.dicom.requestor`` for the C-MOVE and C-GET associations and the C-STOREs a C-GET brings,
+  ``ingest.dicom.acceptor`` for the C-MOVE C-STOREs), so one process uses at most one core for it however
   many associations it has. C-ECHO and C-FIND run on pynetdicom.
 * ``plan_retrieval`` asks the PACS which instances a study has and leaves out those already spooled,
   so a resumed pull transfers only what is missing. Studies not yet spooled at all are retrieved
@@ -55,14 +55,14 @@ from pynetdicom.sop_class import (
 )
 from tqdm import tqdm
 
-from ingest.requestor import (
+from ingest.dicom.requestor import (
     REQUEST_SYNTAXES,
     AssociationRejected,
     RequestorAssociation,
     StoreHandler,
     Timeouts,
 )
-from ingest.scp import (
+from ingest.dicom.scp import (
     ACCEPTED_TRANSFER_SYNTAXES,
     StorageSCP,
     StoreCounts,
@@ -73,9 +73,9 @@ from ingest.scp import (
     store_instance,
     tune_connection,
 )
-from ingest.upper_layer import ProtocolError
+from ingest.dicom.upper_layer import ProtocolError
 
-LOGGER = logging.getLogger("ingest.scu")
+LOGGER = logging.getLogger("ingest.dicom.scu")
 
 # Storage SOP classes offered on C-GET associations when an item does not say what it holds.
 RADIOGRAPHY_SOP_CLASSES: tuple[str, ...] = (
@@ -330,7 +330,7 @@ class _Connection:
     """One association reused for many requests, reopened on demand after an abort or a release.
 
     ``opener()`` makes a new established association (pynetdicom's for C-ECHO and C-FIND,
-    ``ingest.requestor``'s for C-MOVE and C-GET) or raises AssociationError.
+    ``ingest.dicom.requestor``'s for C-MOVE and C-GET) or raises AssociationError.
     """
 
     def __init__(self, cfg: PacsConfig, opener: Callable[[], Association | RequestorAssociation]) -> None:
@@ -1035,7 +1035,7 @@ def retrieve(
     """Retrieve ``items`` by C-MOVE (into the running ``scp``) or C-GET (into ``spool_dir``).
 
     ``fsync=False`` (C-GET; for C-MOVE it is the ``scp``'s setting) trades crash safety for speed,
-    see ``ingest.scp.write_spool_file``.
+    see ``ingest.dicom.scp.write_spool_file``.
 
     ``workers`` threads each hold one association and reuse it for many requests. Instances listed
     in an item that are already in the spool are skipped and counted as ``already_present``.
@@ -1486,7 +1486,9 @@ def _config_from_args(args: argparse.Namespace) -> PacsConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Query and retrieve radiographs from a PACS into a spool.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ingest scu", description="Query and retrieve radiographs from a PACS into a spool."
+    )
     parser.add_argument("--pacs", required=True, help="the PACS as AET@HOST:PORT, e.g. PACS@10.0.0.5:104")
     parser.add_argument("--aet", default="PEDXRAY", help="our calling AE title (default PEDXRAY)")
     parser.add_argument("--move-dest", help="C-MOVE destination AE title (default: --aet)")

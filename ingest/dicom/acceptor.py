@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from pydicom.uid import UID
 
-from ingest.upper_layer import (
+from ingest.dicom.upper_layer import (
     ABORT,
     ABORT_PDU,
     ABSTRACT_SYNTAX_ITEM,
@@ -68,7 +68,7 @@ from ingest.upper_layer import (
     text,
 )
 
-LOGGER = logging.getLogger("ingest.acceptor")
+LOGGER = logging.getLogger("ingest.dicom.acceptor")
 
 # Implicit VR little endian, explicit VR little endian, explicit VR big endian.
 _UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})

@@ -154,7 +154,7 @@ def parse_taxonomy(text: str) -> Taxonomy:
 
 @cache
 def _packaged_text() -> str:
-    return resources.files("ingest").joinpath("data/taxonomy.csv").read_text(encoding="utf-8")
+    return resources.files("ingest.dataset").joinpath("data/taxonomy.csv").read_text(encoding="utf-8")
 
 
 def load_taxonomy(path: str | Path | None = None, code_table: str | Path | None = None) -> Taxonomy:

@@ -1,7 +1,7 @@
 """The DICOM upper layer (PS3.8 section 9) and the command sets (PS3.7) both ends of a pull share.
 
-``ingest.acceptor`` (the Storage SCP a PACS pushes C-MOVE sub-operations to) and
-``ingest.requestor`` (the associations we open to send C-MOVE and C-GET) speak the protocol
+``ingest.dicom.acceptor`` (the Storage SCP a PACS pushes C-MOVE sub-operations to) and
+``ingest.dicom.requestor`` (the associations we open to send C-MOVE and C-GET) speak the protocol
 themselves on plain sockets, for the CPU cost measured in their docstrings; this module holds what
 both need: PDU and item layouts, reading a PDU into a reused buffer, splitting and building
 P-DATA-TF, and encoding and decoding command sets.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from pydicom.uid import UID
 
-LOGGER = logging.getLogger("ingest.upper_layer")
+LOGGER = logging.getLogger("ingest.dicom.upper_layer")
 
 # Identifies this implementation in association negotiation and in the file meta of what it stores.
 IMPLEMENTATION_CLASS_UID = UID("2.25.124424956662067966831314624402673137886")

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ingest.taxonomy import Taxonomy, TaxonomyError, load_taxonomy, normalize_code
+from ingest.dataset.taxonomy import Taxonomy, TaxonomyError, load_taxonomy, normalize_code
 
 RULE_COLUMNS = ("kind", "name", "projection", "label_68", "refines", "pattern")
 RULE_KINDS = ("region", "projection", "view", "default")
@@ -158,7 +158,7 @@ def parse_rules(text: str, taxonomy: Taxonomy, source: str = "view_rules.csv") -
 
 @cache
 def _packaged_rules_text() -> str:
-    return resources.files("ingest").joinpath("data/view_rules.csv").read_text(encoding="utf-8")
+    return resources.files("ingest.dataset").joinpath("data/view_rules.csv").read_text(encoding="utf-8")
 
 
 _RULES_CACHE: dict[tuple[str, str], Rules] = {}
@@ -396,7 +396,7 @@ def label_report(df: pd.DataFrame, top: int = 20) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ingest.catalog import CatalogError, read_catalog, write_catalog
+    from ingest.dataset.catalog import CatalogError, read_catalog, write_catalog
 
     parser = argparse.ArgumentParser(prog="python -m ingest labels", description=__doc__.split("\n\n")[0])
     parser.add_argument("catalog", type=Path, help="catalog path (a Parquet directory from 'ingest scan')")

@@ -10,8 +10,8 @@ crash of this process, but after an OS crash or power loss an instance acknowled
 seconds may be empty or cut short in the spool; see ``write_spool_file``.
 
 ``store_instance`` checks and spools one instance, whichever way it arrived: ``StorageSCP`` (the
-C-MOVE destination) receives on ``ingest.acceptor``'s associations, and the C-GET client in
-``ingest.scu`` passes it as the ``on_store`` handler of its ``ingest.requestor`` associations. Its
+C-MOVE destination) receives on ``ingest.dicom.acceptor``'s associations, and the C-GET client in
+``ingest.dicom.scu`` passes it as the ``on_store`` handler of its ``ingest.dicom.requestor`` associations. Its
 pynetdicom associations (C-ECHO, C-FIND) bind ``tune_connection`` (EVT_CONN_OPEN), which turns
 Nagle off and pynetdicom's per-message log chatter. ``StorageSCP(share_port=True)``
 lets several processes listen on one port (SO_REUSEPORT), so the PACS's C-STORE associations spread
@@ -50,14 +50,14 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
 
-from ingest.acceptor import StorageAcceptor
-from ingest.upper_layer import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, ReceivedInstance
+from ingest.dicom.acceptor import StorageAcceptor
+from ingest.dicom.upper_layer import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, ReceivedInstance
 
-LOGGER = logging.getLogger("ingest.scp")
+LOGGER = logging.getLogger("ingest.dicom.scp")
 
 # Every syntax the catalog and preprocessing can decode. Uncompressed first, then the lossless codecs,
 # then lossy ones: the order a C-GET proposes them in. As the acceptor we take the sender's order
-# (see ingest.acceptor.negotiate), so each instance arrives in the syntax it was stored in.
+# (see ingest.dicom.acceptor.negotiate), so each instance arrives in the syntax it was stored in.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     dicom_uid.ExplicitVRLittleEndian,
     dicom_uid.ImplicitVRLittleEndian,
@@ -690,8 +690,8 @@ class StorageSCP:
     over 256 MiB is refused all the same). ``fsync=False`` answers Success before the instance is on
     disk (see ``write_spool_file``). ``share_port=True`` lets other processes of the same user listen
     on the same port (Linux SO_REUSEPORT), each taking a share of the incoming associations: how
-    ``ingest.scu.retrieve`` spreads a C-MOVE pull over several processes. The associations
-    themselves run in ``ingest.acceptor``.
+    ``ingest.dicom.scu.retrieve`` spreads a C-MOVE pull over several processes. The associations
+    themselves run in ``ingest.dicom.acceptor``.
     """
 
     def __init__(
@@ -818,7 +818,9 @@ class StorageSCP:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run a Storage SCP that spools received instances.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ingest scp", description="Run a Storage SCP that spools received instances."
+    )
     parser.add_argument("--spool", required=True, type=Path, help="spool directory")
     parser.add_argument("--aet", default="PEDXRAY", help="our AE title (default PEDXRAY)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

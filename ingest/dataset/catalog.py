@@ -30,10 +30,10 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ingest.dask_runner import add_scheduler_argument, run_tasks
-from ingest.labels import label_catalog
-from ingest.taxonomy import Taxonomy, load_taxonomy
+from ingest.dataset.labels import label_catalog
+from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
 
-log = logging.getLogger("ingest.catalog")
+log = logging.getLogger("ingest.dataset.catalog")
 
 CATALOG_VERSION = 1
 HEADER_COLUMNS = (

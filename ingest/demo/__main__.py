@@ -1,0 +1,3 @@
+from ingest.demo.quickstart import main
+
+raise SystemExit(main())
