@@ -17,7 +17,7 @@ import time
 
 import pydicom
 import pytest
-from conftest import make_instance
+from factories import make_instance
 from pydicom.data import get_testdata_file
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -38,6 +38,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
+from waiting import wait_until
 
 from ingest.dicom import acceptor, upper_layer
 from ingest.dicom.scp import (
@@ -283,11 +284,8 @@ def test_a_peer_that_drops_or_releases_mid_instance_leaves_nothing_behind(scp, t
             peer.sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
             assert peer.read_pdu()[0] == 0x06
         peer.close()
-    deadline = time.monotonic() + 5
-    while "lost" not in caplog.text and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "lost" in caplog.text, 5, "the dropped association was not logged as lost")
     assert "released the association in the middle of a message" in caplog.text
-    assert "lost" in caplog.text
     assert [path for path in scp.spool_dir.rglob("*") if path.is_file()] == []
     assert scp.counts.snapshot() == {"stored": 0, "duplicate": 0, "failed": 0, "bytes": 0}
 

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import make_instance
+from factories import make_instance
 from torch import nn
 
 from pedx_ray import explain

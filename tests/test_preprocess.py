@@ -12,9 +12,10 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+from factories import image_dataset, ramp, textured_pixels
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as decode_pixels
@@ -22,8 +23,6 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     RLELossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 from ingest.imaging.png import encode_png
@@ -63,40 +62,6 @@ def pydicom_file(name: str) -> str:
     return path
 
 
-def make_ds(
-    pixels: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int | None = None,
-    signed: bool | None = None,
-    raw: bytes | None = None,
-    **elements,
-) -> Dataset:
-    """A minimal uncompressed image dataset; ``raw`` overrides the pixel bytes (e.g. garbage high bits)."""
-    frames = pixels.shape[0] if pixels.ndim == 3 else 1
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    if pixels.dtype.kind == "f":
-        ds.BitsAllocated = 32
-        ds.FloatPixelData = pixels.astype("<f4").tobytes()
-    else:
-        ds.BitsAllocated = pixels.dtype.itemsize * 8
-        ds.BitsStored = bits_stored or ds.BitsAllocated
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = int(pixels.dtype.kind == "i" if signed is None else signed)
-        ds.PixelData = raw if raw is not None else pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    return ds
-
-
 def reference_unit(ds: Dataset, low: float = 0.5, high: float = 99.5) -> np.ndarray:
     """The recipe spelled out literally, in float64, to check the folded/fast implementation against:
     modality LUT, invert MONOCHROME1, percentiles of the non-padding pixels, clip, min-max, padding → 0."""
@@ -112,10 +77,6 @@ def reference_unit(ds: Dataset, low: float = 0.5, high: float = 99.5) -> np.ndar
     unit = (np.clip(values, lo, hi) - lo) / (hi - lo)
     unit[padding] = 0
     return unit
-
-
-def ramp(rows: int = 40, cols: int = 30, scale: int = 7) -> np.ndarray:
-    return (np.arange(rows * cols, dtype=np.uint16).reshape(rows, cols) * scale) % 4000
 
 
 # -- params --
@@ -228,14 +189,14 @@ def test_unit_image_matches_the_literal_recipe(name, low, high):
 def test_clipping_a_known_array_gives_exact_values():
     # 0..200: numpy's linear 0.5th/99.5th percentiles fall exactly on order statistics 1 and 199
     pixels = np.arange(201, dtype=np.uint16).reshape(3, 67)
-    unit = pixels_to_unit(make_ds(pixels))
+    unit = pixels_to_unit(image_dataset(pixels))
     expected = np.clip((pixels.astype(np.float64) - 1) / 198, 0, 1)
     np.testing.assert_allclose(unit, expected, atol=1e-7)
     assert unit.flat[0] == unit.flat[1] == 0.0 and unit.flat[199] == unit.flat[200] == 1.0
     assert unit.flat[100] == pytest.approx(0.5, abs=1e-7)
     # 10th/80th: position 20 and 160 → lo = 20, hi = 160
     np.testing.assert_allclose(
-        pixels_to_unit(make_ds(pixels), 10, 80),
+        pixels_to_unit(image_dataset(pixels), 10, 80),
         np.clip((pixels.astype(np.float64) - 20) / 140, 0, 1),
         atol=1e-7,
     )
@@ -245,15 +206,15 @@ def test_asymmetric_clip_applies_to_the_bone_bright_image():
     # MONOCHROME1 stored values: low values are bright. Clipping the darkest 20% of the *displayed*
     # image must clip the highest stored values.
     pixels = np.arange(201, dtype=np.uint16).reshape(3, 67)
-    unit = pixels_to_unit(make_ds(pixels, "MONOCHROME1"), 20, 100)
+    unit = pixels_to_unit(image_dataset(pixels, "MONOCHROME1"), 20, 100)
     displayed = 200 - pixels.astype(np.float64)  # lo = 40 (20th percentile of 0..200), hi = 200
     np.testing.assert_allclose(unit, np.clip((displayed - 40) / 160, 0, 1), atol=1e-7)
 
 
 def test_monochrome1_and_monochrome2_of_the_same_anatomy_give_the_same_output():
     anatomy = ramp()  # brighter = more attenuation, as MONOCHROME2 stores it
-    mono2 = make_ds(anatomy, "MONOCHROME2", bits_stored=12)
-    mono1 = make_ds((4095 - anatomy).astype(np.uint16), "MONOCHROME1", bits_stored=12)
+    mono2 = image_dataset(anatomy, "MONOCHROME2", bits_stored=12)
+    mono1 = image_dataset((4095 - anatomy).astype(np.uint16), "MONOCHROME1", bits_stored=12)
     out = preprocess_dataset(mono2)
     # identical up to float rounding: a pixel landing on a quantisation boundary may differ by one level
     difference = np.abs(preprocess_dataset(mono1).astype(int) - out)
@@ -263,21 +224,21 @@ def test_monochrome1_and_monochrome2_of_the_same_anatomy_give_the_same_output():
 
 def test_monochrome1_is_inverted_so_the_output_mirrors_monochrome2():
     pixels = ramp()
-    mono2 = pixels_to_unit(make_ds(pixels, "MONOCHROME2", bits_stored=12))
-    mono1 = pixels_to_unit(make_ds(pixels, "MONOCHROME1", bits_stored=12))
+    mono2 = pixels_to_unit(image_dataset(pixels, "MONOCHROME2", bits_stored=12))
+    mono1 = pixels_to_unit(image_dataset(pixels, "MONOCHROME1", bits_stored=12))
     np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
     assert mono2[-1, -1] > mono2[0, 0]  # sanity: the ramp is not symmetric, so mirroring is visible
 
 
 def test_linear_rescale_keeps_the_image_and_a_negative_slope_mirrors_it():
     pixels = ramp()
-    plain = pixels_to_unit(make_ds(pixels))
-    rescaled = make_ds(pixels, RescaleSlope=0.684, RescaleIntercept=-1024)
+    plain = pixels_to_unit(image_dataset(pixels))
+    rescaled = image_dataset(pixels, RescaleSlope=0.684, RescaleIntercept=-1024)
     np.testing.assert_allclose(pixels_to_unit(rescaled), plain, atol=1e-6)
     np.testing.assert_allclose(pixels_to_unit(rescaled), reference_unit(rescaled), atol=2e-6)
-    negative = make_ds(pixels, RescaleSlope=-2, RescaleIntercept=100)
+    negative = image_dataset(pixels, RescaleSlope=-2, RescaleIntercept=100)
     np.testing.assert_allclose(pixels_to_unit(negative), 1.0 - plain, atol=1e-6)
-    assert not pixels_to_unit(make_ds(pixels, RescaleSlope=0, RescaleIntercept=5)).any()
+    assert not pixels_to_unit(image_dataset(pixels, RescaleSlope=0, RescaleIntercept=5)).any()
 
 
 def test_modality_lut_sequence_is_applied():
@@ -286,10 +247,12 @@ def test_modality_lut_sequence_is_applied():
     lut.LUTDescriptor = [256, 0, 16]
     lut.ModalityLUTType = "US"
     lut.LUTData = (np.sqrt(np.arange(256)) * 1000).astype(np.uint16).tolist()
-    ds = make_ds(pixels.astype(np.uint8), ModalityLUTSequence=[lut])
+    ds = image_dataset(pixels.astype(np.uint8), ModalityLUTSequence=[lut])
     unit = pixels_to_unit(ds)
     np.testing.assert_allclose(unit, reference_unit(ds), atol=2e-6)
-    assert np.abs(unit - pixels_to_unit(make_ds(pixels.astype(np.uint8)))).max() > 0.1  # sqrt, not identity
+    assert (
+        np.abs(unit - pixels_to_unit(image_dataset(pixels.astype(np.uint8)))).max() > 0.1
+    )  # sqrt, not identity
 
 
 # -- stored values: signed, garbage high bits, float, multi-frame --
@@ -338,7 +301,9 @@ def test_stored_values_mask_and_sign_extend_exactly_as_pydicom(
     pattern = (np.random.default_rng(bits_stored).integers(0, 2**bits_stored, (31, 17)) | junk).astype(
         unsigned
     )
-    ds = make_ds(pattern.view(unsigned.str.replace("u", "i")) if signed else pattern, bits_stored=bits_stored)
+    ds = image_dataset(
+        pattern.view(unsigned.str.replace("u", "i")) if signed else pattern, bits_stored=bits_stored
+    )
     if syntax == RLELossless:
         ds.compress(RLELossless, encoding_plugin="pydicom")
     expected = decode_pixels(ds, index=0)
@@ -351,40 +316,40 @@ def test_stored_values_mask_and_sign_extend_exactly_as_pydicom(
 def test_garbage_above_bits_stored_is_ignored():
     pixels = ramp()
     dirty = (pixels | np.uint16(0xA000)).astype("<u2").tobytes()  # 12 bits stored, junk in the top 4
-    clean = preprocess_dataset(make_ds(pixels, bits_stored=12))
-    assert np.array_equal(preprocess_dataset(make_ds(pixels, bits_stored=12, raw=dirty)), clean)
+    clean = preprocess_dataset(image_dataset(pixels, bits_stored=12))
+    assert np.array_equal(preprocess_dataset(image_dataset(pixels, bits_stored=12, raw=dirty)), clean)
 
 
 def test_signed_pixels_are_read_as_negative_values():
     signed = ramp().astype(np.int16) - 2000  # 12-bit signed range -2048..2047
     two_complement_12bit = (signed.astype(np.uint16) & 0x0FFF).astype("<u2").tobytes()
-    ds = make_ds(signed, bits_stored=12, signed=True, raw=two_complement_12bit)
+    ds = image_dataset(signed, bits_stored=12, signed=True, raw=two_complement_12bit)
     assert ds.pixel_array.min() < 0
     # read as unsigned, the negative half would wrap to the top of the range and the image would tear
-    shifted = make_ds((signed + 2048).astype(np.uint16), bits_stored=12)
+    shifted = image_dataset((signed + 2048).astype(np.uint16), bits_stored=12)
     np.testing.assert_allclose(pixels_to_unit(ds), pixels_to_unit(shifted), atol=1e-6)
     assert np.abs(preprocess_dataset(ds).astype(int) - preprocess_dataset(shifted)).max() <= 1
 
 
 def test_huge_float_values_do_not_overflow():
     pixels = (ramp().astype(np.float64) - 2000) * 1e304  # ±2e307: far beyond float32, near float64's edge
-    ds = make_ds(np.zeros(pixels.shape, np.float32))
+    ds = image_dataset(np.zeros(pixels.shape, np.float32))
     del ds.FloatPixelData
     ds.BitsAllocated = 64
     ds.DoubleFloatPixelData = pixels.astype("<f8").tobytes()
     unit = pixels_to_unit(ds)
     assert np.isfinite(unit).all() and unit.min() == 0.0 and unit.max() == 1.0
-    np.testing.assert_allclose(unit, pixels_to_unit(make_ds(ramp())), atol=1e-6)
+    np.testing.assert_allclose(unit, pixels_to_unit(image_dataset(ramp())), atol=1e-6)
 
 
 def test_pixel_padding_is_left_out_of_the_percentiles_and_black():
     anatomy = ramp()
     padded = anatomy.copy()
     padded[:, :10] = 4095  # a third of the frame outside the collimated field, stored as white in MONOCHROME1
-    ds = make_ds(padded, "MONOCHROME1", bits_stored=12, PixelPaddingValue=4095)
+    ds = image_dataset(padded, "MONOCHROME1", bits_stored=12, PixelPaddingValue=4095)
     unit = pixels_to_unit(ds)
     assert not unit[:, :10].any()
-    field = make_ds(anatomy[:, 10:], "MONOCHROME1", bits_stored=12)
+    field = image_dataset(anatomy[:, 10:], "MONOCHROME1", bits_stored=12)
     np.testing.assert_allclose(unit[:, 10:], pixels_to_unit(field), atol=1e-6)
 
 
@@ -418,14 +383,6 @@ def test_fused_path_matches_the_float_recipe_on_every_pydicom_image(output_dtype
     assert {"CT_small.dcm", "MR_small_RLE.dcm", "693_J2KI.dcm", "6154"} <= set(compared)
 
 
-def radiograph(rows: int = 260, cols: int = 210, bits: int = 12, seed: int = 0) -> np.ndarray:
-    """Smooth structure plus noise over the whole stored range: many pixels near rounding boundaries."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.random((rows // 20 + 2, cols // 20 + 2)).astype(np.float32)
-    body = cv2.resize(coarse, (cols, rows), interpolation=cv2.INTER_CUBIC) + rng.normal(0, 0.03, (rows, cols))
-    return np.clip(body * (2**bits - 1), 0, 2**bits - 1).astype(np.uint16 if bits > 8 else np.uint8)
-
-
 @pytest.mark.parametrize("output_dtype", ["uint8", "uint16"])
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
 @pytest.mark.parametrize(
@@ -443,18 +400,18 @@ def radiograph(rows: int = 260, cols: int = 210, bits: int = 12, seed: int = 0) 
 def test_fused_path_matches_the_float_recipe_on_synthetic_radiographs(
     output_dtype, photometric, bits, signed, rescale
 ):
-    stored = radiograph(bits=bits)
+    stored = textured_pixels(bits=bits)
     if signed:
         stored = (stored.astype(np.int32) - 2 ** (bits - 1)).astype(np.int16)
-    ds = make_ds(stored, photometric, bits_stored=bits, **rescale)
+    ds = image_dataset(stored, photometric, bits_stored=bits, **rescale)
     params = PreprocessParams(size=128, output_dtype=output_dtype)
     assert_within_one_grey_level(preprocess_dataset(ds, params), float_recipe(ds, params))
 
 
 def test_fused_path_keeps_padding_black_like_the_float_recipe():
-    stored = radiograph()
+    stored = textured_pixels()
     stored[:, :50] = 4095
-    ds = make_ds(stored, "MONOCHROME1", bits_stored=12, PixelPaddingValue=4095)
+    ds = image_dataset(stored, "MONOCHROME1", bits_stored=12, PixelPaddingValue=4095)
     params = PreprocessParams(size=128)
     out = preprocess_dataset(ds, params)
     assert_within_one_grey_level(out, float_recipe(ds, params))
@@ -463,20 +420,22 @@ def test_fused_path_keeps_padding_black_like_the_float_recipe():
 
 def test_float_pixel_data_is_preprocessed_like_the_same_array():
     pixels = ramp().astype(np.float32) / 7.5 - 100.0
-    assert np.array_equal(preprocess_dataset(make_ds(pixels)), preprocess_array(pixels))
+    assert np.array_equal(preprocess_dataset(image_dataset(pixels)), preprocess_array(pixels))
 
 
 def test_non_finite_float_pixels_are_a_decode_error():
     pixels = ramp().astype(np.float32)
     pixels[3, 3] = np.nan
     with pytest.raises(DecodeError) as err:
-        preprocess_dataset(make_ds(pixels))
+        preprocess_dataset(image_dataset(pixels))
     assert err.value.reason == "non_finite"
 
 
 def test_multi_frame_uses_the_first_frame():
     frames = np.stack([ramp(), ramp()[::-1], ramp()[:, ::-1]])
-    assert np.array_equal(preprocess_dataset(make_ds(frames)), preprocess_dataset(make_ds(frames[0])))
+    assert np.array_equal(
+        preprocess_dataset(image_dataset(frames)), preprocess_dataset(image_dataset(frames[0]))
+    )
     assert np.array_equal(
         preprocess_file(pydicom_file("rtdose.dcm")), preprocess_file(pydicom_file("rtdose_1frame.dcm"))
     )
@@ -500,7 +459,7 @@ def test_percentiles_equal_numpys_linear_definition(dtype, size):
 def test_an_outlier_pixel_does_not_compress_the_range():
     pixels = np.arange(100 * 100, dtype=np.uint16).reshape(100, 100) % 1000
     pixels[50, 50] = 65535  # one hot pixel, e.g. a dead detector element
-    unit = pixels_to_unit(make_ds(pixels))
+    unit = pixels_to_unit(image_dataset(pixels))
     assert unit[50, 50] == 1.0
     body = np.delete(unit.ravel(), 50 * 100 + 50)
     # min-max without clipping would squeeze the whole image into [0, 0.015]
@@ -509,8 +468,8 @@ def test_an_outlier_pixel_does_not_compress_the_range():
 
 def test_constant_image_gives_zeros_not_nan():
     flat = np.full((20, 30), 1234, np.uint16)
-    assert not np.isnan(pixels_to_unit(make_ds(flat))).any()
-    assert not preprocess_dataset(make_ds(flat)).any()
+    assert not np.isnan(pixels_to_unit(image_dataset(flat))).any()
+    assert not preprocess_dataset(image_dataset(flat)).any()
     assert not preprocess_array(np.full((20, 30), 0.25, np.float32)).any()
 
 

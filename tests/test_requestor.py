@@ -10,7 +10,8 @@ import time
 
 import pydicom
 import pytest
-from conftest import GetPacs, make_instance
+from factories import make_instance
+from pacs_peers import GetPacs
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -203,7 +204,7 @@ def test_open_refuses_a_peer_that_answers_with_something_else():
         connection, _ = listener.accept()
         connection.recv(65536)
         connection.sendall(upper_layer.RELEASE_RP_PDU)
-        time.sleep(0.5)
+        time.sleep(0.5)  # the peer's behaviour, not a wait: keep the socket open while the PDU is read
         connection.close()
 
     threading.Thread(target=answer_garbage, daemon=True).start()

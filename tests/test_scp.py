@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import make_instance
+from factories import make_instance
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.filebase import DicomBytesIO

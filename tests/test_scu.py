@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import SYNTHETIC_STUDIES, GetPacs, make_instance
+from factories import SYNTHETIC_STUDIES, make_instance
+from pacs_peers import GetPacs
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (

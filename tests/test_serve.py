@@ -15,17 +15,19 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
-import factories
 import numpy as np
 import pandas as pd
 import pytest
 import requests
 import torch
 import yaml
+from factories import gradient_8bit, radiograph
+from waiting import wait_until
 
 from deploy.app import auto_batch_wait
 from deploy.inputs import InputError, Limits, Upload, decode, is_colour, parse_body, parse_multipart, prepare
@@ -75,7 +77,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 def dicom_bytes(sex: str | None = "M", shape=(96, 80), name: str = "Test^P1") -> bytes:
-    ds = factories.radiograph(patient_id="P1", study_key=f"serve-{sex}-{shape}", shape=shape, sex=sex or "")
+    ds = radiograph(patient_id="P1", study_key=f"serve-{sex}-{shape}", shape=shape, sex=sex or "")
     ds.PatientName = name
     if sex is None:
         del ds.PatientSex
@@ -88,11 +90,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     ok, buffer = cv2.imencode(".png", image)
     assert ok
     return buffer.tobytes()
-
-
-def radiograph_array(shape=(90, 70)) -> np.ndarray:
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    return ((xx * 3 + yy * 2) % 256).astype(np.uint8)
 
 
 def free_port() -> int:
@@ -236,7 +233,7 @@ def test_served_preprocessing_equals_fine_tuning_preprocessing(tmp_path, checkpo
     dicom = tmp_path / "image.dcm"
     dicom.write_bytes(dicom_bytes())
     png = tmp_path / "image.png"
-    png.write_bytes(png_bytes(radiograph_array()))
+    png.write_bytes(png_bytes(gradient_8bit()))
     for task in ("bone_age", "fracture"):  # CLAHE and no enhancement
         spec = inspect_checkpoint(task, checkpoints[task])
         config = FinetuneConfig.from_dict(spec.config)
@@ -274,7 +271,7 @@ def test_served_preprocessing_equals_pretraining_shard_decoding(tmp_path, checkp
 
 def test_cuda_path_bf16_channels_last_runs_on_cpu_and_agrees_with_float32(checkpoints):
     spec = inspect_checkpoint("view_7", checkpoints["view_7"])
-    images = np.stack([np.roll(radiograph_array((32, 32)), i, axis=1) for i in range(4)])
+    images = np.stack([np.roll(gradient_8bit((32, 32)), i, axis=1) for i in range(4)])
     exact = Predictor(spec).predict(images)
     fast = Predictor(spec, bf16=True, channels_last=True).predict(images)
     np.testing.assert_allclose(
@@ -299,7 +296,7 @@ def test_multipart_parsing_and_colour_detection():
     assert (data, part_type, fields) == (b"\x00--XyZ\r\nbinary", "application/dicom", {"sex": "F"})
     with pytest.raises(InputError, match="no closing boundary"):
         parse_multipart(body[:-10], "XyZ")
-    gray = np.repeat(radiograph_array()[:, :, None], 3, axis=2)
+    gray = np.repeat(gradient_8bit()[:, :, None], 3, axis=2)
     assert not is_colour(gray)
     colour = gray.copy()
     colour[:, :, 2] = 255 - colour[:, :, 2]
@@ -332,9 +329,9 @@ def test_health_openapi_and_models(base, checkpoints):
 def test_view_prediction_equals_the_model_called_directly(base, checkpoints, how):
     data = dicom_bytes() if how in ("dicom", "multipart", "octet-stream") else None
     if how == "png":
-        data = png_bytes(radiograph_array())
+        data = png_bytes(gradient_8bit())
     if how == "jpeg":
-        data = cv2.imencode(".jpg", radiograph_array())[1].tobytes()
+        data = cv2.imencode(".jpg", gradient_8bit())[1].tobytes()
     kind = {"dicom": "application/dicom", "png": "image/png", "jpeg": "image/jpeg"}.get(how, how)
     if how == "multipart":
         response = requests.post(
@@ -387,10 +384,8 @@ def test_bone_age_takes_sex_from_the_request_or_the_dicom_header(base, checkpoin
 
     no_sex = assert_refused(post(f"{base}/v1/bone-age", dicom_bytes(sex=None)), 422, "sex_required")
     assert "sex=M" in no_sex["message"] and "PatientSex" in no_sex["message"]
-    assert_refused(
-        post(f"{base}/v1/bone-age", png_bytes(radiograph_array()), "image/png"), 422, "sex_required"
-    )
-    assert post(f"{base}/v1/bone-age?sex=M", png_bytes(radiograph_array()), "image/png").status_code == 200
+    assert_refused(post(f"{base}/v1/bone-age", png_bytes(gradient_8bit()), "image/png"), 422, "sex_required")
+    assert post(f"{base}/v1/bone-age?sex=M", png_bytes(gradient_8bit()), "image/png").status_code == 200
     assert_refused(post(f"{base}/v1/bone-age?sex=X", data), 422, "invalid_sex")
 
 
@@ -441,7 +436,7 @@ def _no_pixels() -> bytes:
 
 
 def _colour_png() -> bytes:
-    image = np.dstack([radiograph_array(), 255 - radiograph_array(), np.full((90, 70), 30, np.uint8)])
+    image = np.dstack([gradient_8bit(), 255 - gradient_8bit(), np.full((90, 70), 30, np.uint8)])
     return png_bytes(image)
 
 
@@ -458,7 +453,7 @@ BAD_INPUTS = {
     "truncated DICOM": (_truncated, "application/dicom", 422, None),
     "DICOM without pixels": (_no_pixels, "application/dicom", 422, "no_pixel_data"),
     "colour PNG": (_colour_png, "image/png", 422, "colour_image"),
-    "truncated PNG": (lambda: png_bytes(radiograph_array())[:200], "image/png", 422, "not_an_image"),
+    "truncated PNG": (lambda: png_bytes(gradient_8bit())[:200], "image/png", 422, "not_an_image"),
     "10,000 x 10,000 PNG": (
         lambda: png_bytes(np.zeros((10_000, 10_000), np.uint8)),
         "image/png",
@@ -468,7 +463,7 @@ BAD_INPUTS = {
     "huge upload": (lambda: os.urandom(3 * 1024 * 1024), "application/dicom", 413, "upload_too_large"),
     "wrong content type": (lambda: b'{"image": "x"}', "application/json", 415, "unsupported_media_type"),
     "PNG sent as DICOM": (
-        lambda: png_bytes(radiograph_array()),
+        lambda: png_bytes(gradient_8bit()),
         "application/dicom",
         415,
         "content_type_mismatch",
@@ -492,7 +487,7 @@ def test_rgb_dicom_and_a_chunked_huge_upload_are_refused(base, pydicom_testfiles
     )
     assert_refused(response, 413, "upload_too_large")
     # a grayscale radiograph saved as RGB is what training accepted
-    gray_rgb = np.repeat(radiograph_array()[:, :, None], 3, axis=2)
+    gray_rgb = np.repeat(gradient_8bit()[:, :, None], 3, axis=2)
     assert post(f"{base}/v1/view", png_bytes(gray_rgb), "image/png").status_code == 200
 
 
@@ -591,19 +586,38 @@ def test_uploads_are_kept_only_when_configured_and_never_under_identifying_names
 
 
 def test_logs_hold_neither_the_api_key_nor_patient_identifiers(served, ray_session):
+    # Serve logs each request with its X-Request-ID: once both IDs are in the logs, the requests were logged.
+    request_ids = [uuid.uuid4().hex, uuid.uuid4().hex]
     requests.post(
         f"{served['base']}/v1/view",
         files={"file": (f"{SECRET}.dcm", dicom_bytes(name=f"Doe^{SECRET}"), "application/dicom")},
+        headers={"X-Request-ID": request_ids[0]},
         timeout=60,
     )
-    post(f"{served['base']}/secured/v1/view", b"junk", headers={"Authorization": f"Bearer {API_KEY}-x"})
-    time.sleep(1)  # log files are flushed by the workers
+    post(
+        f"{served['base']}/secured/v1/view",
+        b"junk",
+        headers={"Authorization": f"Bearer {API_KEY}-x", "X-Request-ID": request_ids[1]},
+    )
     logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
-    for path in logs.rglob("*"):
-        if path.is_file() and path.stat().st_size < 50_000_000:
-            text = path.read_bytes()
-            assert API_KEY.encode() not in text, path
-            assert SECRET.encode() not in text, path
+
+    def log_texts() -> dict[Path, bytes]:
+        return {
+            path: path.read_bytes()
+            for path in logs.rglob("*")
+            if path.is_file() and path.stat().st_size < 50_000_000
+        }
+
+    def replica_logged_both() -> dict[Path, bytes] | None:
+        texts = log_texts()
+        replica_logs = [text for path, text in texts.items() if path.name.startswith("replica_")]
+        logged = all(any(rid.encode() in text for text in replica_logs) for rid in request_ids)
+        return texts if logged else None
+
+    texts = wait_until(replica_logged_both, 30, f"no replica log names the requests {request_ids}")
+    for path, text in texts.items():
+        assert API_KEY.encode() not in text, path
+        assert SECRET.encode() not in text, path
 
 
 # ---------------------------------------------------------------- metrics
@@ -695,7 +709,7 @@ def test_web_page_uploads_a_radiograph_and_shows_prediction_and_heat_map(base, t
     ):
         options.add_argument(flag)
     image = tmp_path / "hand.png"
-    image.write_bytes(png_bytes(radiograph_array((200, 160))))
+    image.write_bytes(png_bytes(gradient_8bit((200, 160))))
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.get(base + "/")
