@@ -10,7 +10,8 @@ docs/benchmarks.md marks each generated table with a pair of comments naming its
     ...generated...
     <!-- end table -->
 
-Everything between the two comments is replaced; the rest of the page is left as written. Each file
+Everything between the two comments is replaced; the rest of the page is left as written. A table
+whose file is not there yet says "Not yet measured". Each file
 is rendered by its benchmark's renderer, chosen by the file's ``benchmark`` field (bench/results.py)
 or, for the files train_throughput.py and serve_load.py write, by the start of the file name.
 """
@@ -92,10 +93,12 @@ def retrieval_throughput(doc: dict) -> str:
         cpu = "–" if x["cpu_ms_per_instance"] is None else f"{x['cpu_ms_per_instance']:.1f}"
         rows.append([x["method"], x["associations"], count, f"{x['images_per_s']:.1f}{spread}", ratio, cpu])
     header = ["method", "associations", "instances", "images/s", "÷ dcmtk, same round", "our CPU ms/instance"]
+    notes = [f"- {x['method']} ({x['associations']}): {note}" for x in r["rows"] for note in x["notes"]]
     return (
         f"{r['instances']} instances in {r['studies']} studies ({r['data']}, {r['source_mb']} MB), "
         f"{r['rounds']} round(s); the C-FIND plan took {r['plan_seconds']} s and is not in the rows.\n\n"
         + table(header, rows)
+        + ("\n\n" + "\n".join(notes) if notes else "")
     )
 
 
@@ -116,8 +119,8 @@ def train_throughput(doc: dict) -> str:
     source = f"shards {s['shards']}" if s.get("shards") else "synthetic input"
     return (
         f"{s['arch']}, {s['image_size']} px, batch {s['batch_size']}, {source}, {s['steps']} timed steps "
-        f"after {s['warmup']}, device {s['device']} ({doc.get('device_name', '?')}), "
-        f"torch {doc.get('torch', '?')}.\n\n"
+        f"after {s['warmup']}, device {s['device']} ({doc.get('device_name', '?')}, "
+        f"{doc.get('cpu_count', '?')} CPUs), torch {doc.get('torch', '?')}.\n\n"
         + table(["mode", "images/s", "ms/step", "waiting for data", "GPU idle"], rows)
     )
 
@@ -153,6 +156,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
 
 
 def render(path: Path) -> str:
+    if not path.exists():
+        return f"*Not yet measured*: no `{path.name}` committed; the command above writes it.\n"
     doc = json.loads(path.read_text())
     name = doc.get("benchmark") or next((n for n in RENDERERS if path.name.startswith(n)), None)
     if name not in RENDERERS:
