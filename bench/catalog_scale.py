@@ -1,6 +1,6 @@
 """Scale check: a catalog of N synthetic header rows (no pixels) through labelling, balancing, splitting.
 
-    .venv/bin/python bench/catalog_scale.py --rows 1000000
+    .venv/bin/python bench/catalog_scale.py --rows 1000000 [--json PATH]
 
 Rows are drawn from realistic header vocabularies (body parts, view positions, descriptions in
 several spellings, some missing) so labelling sees a realistic number of distinct combinations.
@@ -13,9 +13,11 @@ import argparse
 import resource
 import time
 from datetime import date, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from results import write_results
 
 from ingest.dataset.balance import BalanceConfig, balance
 from ingest.dataset.labels import label_catalog
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the figures here (bench/results.py's format)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     df = synthetic_headers(args.rows, args.seed)
@@ -89,6 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| balance + split (7C, 10,000/class) | {t3 - t2:.1f} |")
     print(f"peak RSS: {peak_rss_mib():,.0f} MiB")
     print(report.summary())
+    if args.json:
+        write_results(
+            args.json,
+            "catalog_scale",
+            argv,
+            {
+                "rows": args.rows,
+                "ok_after_labelling": int((labelled["status"] == "ok").sum()),
+                "seconds": {
+                    "build synthetic headers": round(t1 - t0, 2),
+                    "label (7/30/68)": round(t2 - t1, 2),
+                    "balance + split (7C, 10,000/class)": round(t3 - t2, 2),
+                },
+                "peak_rss_mib": round(peak_rss_mib()),
+            },
+        )
     return 0
 
 

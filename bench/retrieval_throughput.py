@@ -66,6 +66,7 @@ import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+from results import write_results
 
 from ingest.demo.orthanc import LOOPBACK, OrthancServer, find_dicom_files, free_port
 from ingest.dicom.scp import StorageSCP, spool_path, write_spool_file
@@ -435,6 +436,46 @@ def finish_row(rows: list[Row], row: Row, output: Path, keep: bool) -> None:
     os.sync()
 
 
+def row_summaries(runs: Sequence[Sequence[Row]]) -> list[dict]:
+    """One dict per row of the first round: the median over rounds and the range of images/s, and the
+    median and range of its rate over dcmtk's in the same round."""
+    reference = next(
+        (i for i, row in enumerate(runs[0]) if (row.method, row.associations) == REFERENCE), None
+    )
+    summaries = []
+    for index, row in enumerate(runs[0]):
+        measured = [rows[index] for rows in runs]
+        rates = [r.instances / r.seconds for r in measured]
+        cpu = [1000 * r.cpu_seconds / r.instances for r in measured if r.cpu_seconds and r.instances]
+        ratios = None
+        if reference is not None and index != reference:
+            ratios = [
+                (r.instances / r.seconds) / (rows[reference].instances / rows[reference].seconds)
+                for r, rows in zip(measured, runs, strict=True)
+            ]
+        incomplete = [r for r in measured if not r.complete]
+        summaries.append(
+            {
+                "method": row.method,
+                "associations": row.associations,
+                "instances": incomplete[0].instances if incomplete else row.instances,
+                "expected": row.expected,
+                "complete": not incomplete,
+                "mb": round(row.nbytes / 1e6, 1),
+                "seconds": round(statistics.median(r.seconds for r in measured), 3),
+                "images_per_s": round(statistics.median(rates), 1),
+                "images_per_s_range": [round(min(rates), 1), round(max(rates), 1)],
+                "mb_per_s": round(statistics.median(r.nbytes / 1e6 / r.seconds for r in measured), 1),
+                "over_dcmtk": round(statistics.median(ratios), 2) if ratios else None,
+                "over_dcmtk_range": [round(min(ratios), 2), round(max(ratios), 2)] if ratios else None,
+                "cpu_ms_per_instance": round(statistics.median(cpu), 2) if cpu else None,
+                "command": row.command,
+                "notes": list(dict.fromkeys(r.note for r in measured if r.note)),
+            }
+        )
+    return summaries
+
+
 def markdown_table(runs: Sequence[Sequence[Row]]) -> str:
     """One line per row of the first round: the median over rounds, and the images/s range."""
     lines = [
@@ -443,36 +484,21 @@ def markdown_table(runs: Sequence[Sequence[Row]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
-    reference = next(
-        (i for i, row in enumerate(runs[0]) if (row.method, row.associations) == REFERENCE), None
-    )
-    for index, row in enumerate(runs[0]):
-        measured = [rows[index] for rows in runs]
-        seconds = statistics.median(r.seconds for r in measured)
-        rates = [r.instances / r.seconds for r in measured]
-        incomplete = [r for r in measured if not r.complete]
-        count = (
-            f"{row.instances}" if not incomplete else f"{incomplete[0].instances}/{row.expected} INCOMPLETE"
-        )
-        spread = f"{min(rates):.1f}–{max(rates):.1f}" if len(measured) > 1 else "–"
-        cpu = [1000 * r.cpu_seconds / r.instances for r in measured if r.cpu_seconds and r.instances]
-        cpu_text = f"{statistics.median(cpu):.1f}" if cpu else "–"
+    for s in row_summaries(runs):
+        count = f"{s['instances']}" if s["complete"] else f"{s['instances']}/{s['expected']} INCOMPLETE"
+        low, high = s["images_per_s_range"]
+        spread = f"{low:.1f}–{high:.1f}" if len(runs) > 1 else "–"
         ratio_text = "–"
-        if reference is not None and index != reference:
-            ratios = [
-                (r.instances / r.seconds) / (rows[reference].instances / rows[reference].seconds)
-                for r, rows in zip(measured, runs, strict=True)
-            ]
-            ratio_text = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
+        if s["over_dcmtk"] is not None:
+            low_ratio, high_ratio = s["over_dcmtk_range"]
+            ratio_text = f"{s['over_dcmtk']:.2f} ({low_ratio:.2f}–{high_ratio:.2f})"
+        cpu_text = "–" if s["cpu_ms_per_instance"] is None else f"{s['cpu_ms_per_instance']:.1f}"
         lines.append(
-            f"| {row.method} | {row.associations} | {count} | {row.nbytes / 1e6:.1f} | {seconds:.2f} | "
-            f"{statistics.median(rates):.1f} | {spread} | "
-            f"{statistics.median(r.nbytes / 1e6 / r.seconds for r in measured):.1f} | {ratio_text} | "
-            f"{cpu_text} | "
-            f"`{row.command}` |"
+            f"| {s['method']} | {s['associations']} | {count} | {s['mb']:.1f} | {s['seconds']:.2f} | "
+            f"{s['images_per_s']:.1f} | {spread} | {s['mb_per_s']:.1f} | {ratio_text} | {cpu_text} | "
+            f"`{s['command']}` |"
         )
-        notes += [f"- {r.method} ({r.associations}): {r.note}" for r in measured if r.note]
-    notes = list(dict.fromkeys(notes))  # the same note from every round once
+        notes += [f"- {s['method']} ({s['associations']}): {note}" for note in s["notes"]]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -646,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every row (median and range)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds allowed per measurement")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (Orthanc, outputs)")
+    parser.add_argument("--json", type=Path, help="also write the figures here (bench/results.py's format)")
     args = parser.parse_args(argv)
     if args.studies < 1 or args.timeout <= 0 or args.repeat < 1:
         parser.error("--studies and --repeat must be >= 1 and --timeout > 0")
@@ -722,6 +749,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(markdown_table(runs))
+    if args.json:
+        results = {
+            "data": data_name,
+            "instances": expected,
+            "studies": len(study_uids),
+            "source_mb": round(source_mb, 1),
+            "rounds": args.repeat,
+            "plan_seconds": round(plan_seconds, 2),
+            "load_average_before_after": [float(load_before), round(os.getloadavg()[0], 2)],
+            "rows": row_summaries(runs),
+        }
+        write_results(args.json, "retrieval_throughput", argv, results)
     rows = [row for rows in runs for row in rows]
     return 0 if all(row.complete for row in rows if row.method.startswith("ingest")) else 1
 

@@ -15,7 +15,7 @@ Adam) through the same code, so the difference between them is Ray Train's overh
   (``--data-cpus``; Ray Train's worker holds ``--worker-cpus`` more) and run ``--threads`` torch
   threads. Epoch restarts fall inside the timed steps when the split is short: that is end to end.
   ``--repeat-shards N`` lists each train shard N times per epoch, so that a set small enough to
-  carry to a GPU machine still makes epochs of many steps (and N times as many read tasks).
+  copy to a GPU machine still makes epochs of many steps (and N times as many read tasks).
 - ``--mode input`` (with ``--shards``): the same pipeline iterated with no model, in this process:
   the most images/s the input can deliver to one training process on this machine.
 

@@ -107,7 +107,7 @@ def auto_batch_wait(single_forward_s: float) -> float:
     Waiting costs a lone request at most about two forwards' time, while a fuller batch costs far less
     per image than that many single forwards. A fixed short wait left CPU batches at 1–3 images: a
     forward there takes longer than requests take to arrive, the replica's threads then crowd out the
-    proxy and gateway, and the batches stay small (bench/serve_load.py, README "Benchmarks").
+    proxy and gateway, and the batches stay small (bench/serve_load.py, docs/benchmarks.md).
     """
     return min(0.25, max(0.005, 2 * single_forward_s))
 

@@ -1,7 +1,7 @@
 """Served models: what a checkpoint holds (`inspect_checkpoint`) and a typed predictor (`Predictor`).
 
 `inspect_checkpoint` is cheap and runs where the app is built: it checks the checkpoint directory
-(DESIGN.md contract 4), parses ``config.json``, derives the training preprocessing (`Recipe`) and
+(contract 4 of docs/design.md), parses ``config.json``, derives the training preprocessing (`Recipe`) and
 checks that ``model.pt`` holds exactly the tensors the config's model has (shapes included; the model
 is built on the ``meta`` device and the weights are memory-mapped, so nothing is allocated). A missing
 or broken checkpoint therefore stops the app before any replica starts, with a message naming the file.

@@ -5,7 +5,7 @@ a Serve config file, whose ``deploy.app:app`` application's ``args`` are used (s
 `serve run deploy.app:app` read the same settings). Builder arguments come from
 ``serve run deploy.app:app key=value ...`` (strings, converted by field type) or from Python.
 
-Checkpoint fields take a directory (DESIGN.md contract 4) or a glob such as ``demo/runs/smoke-7c-*/best``,
+Checkpoint fields take a directory (docs/design.md, contract 4) or a glob like ``demo/runs/smoke-7c-*/best``,
 which picks the most recently modified match; relative paths are resolved against the working directory
 of the process that builds the app (on a cluster, use absolute paths on shared storage).
 """

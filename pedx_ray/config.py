@@ -1,6 +1,6 @@
 """The pretraining run's configuration: one frozen dataclass, resolved as defaults < YAML < CLI.
 
-Every number of the paper's recipe (DESIGN.md) is a field here, so a run is fully described by
+Every number of the paper's recipe (docs/design.md) is a field here, so a run is fully described by
 the ``config.json`` saved with it and any checkpoint can be rebuilt from that file alone.
 """
 

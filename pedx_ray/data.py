@@ -1,4 +1,4 @@
-"""Shard sets (DESIGN.md contract 3) as Ray Data datasets, and the worker-side batch collation.
+"""Shard sets (contract 3 of docs/design.md) as Ray Data datasets, and the worker-side batch collation.
 
 The driver checks the manifest and every shard's sha256 before any worker starts, so a damaged or
 mismatched shard set fails with a message naming the file, not from inside a Ray task. Reading

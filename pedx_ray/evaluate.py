@@ -2,7 +2,7 @@
 
 ``python -m pedx_ray.evaluate PRED.csv [--compare BASELINE.csv ...] --out DIR``
 
-Each CSV has the columns ``id,target,prediction,sex,age_months,split`` (issue-5 interface 1); its
+Each CSV has the columns ``id,target,prediction,sex,age_months,split`` (what pedx_ray.finetune writes); its
 sidecar ``<csv>.json`` names the task and the checkpoint/init/recipe that produced it. PRED.csv is the
 model under study; every ``--compare`` file is a baseline tested against it on the same cases
 (matched by ``id``): DeLong's test of the AUCs for fracture, a paired t-test of the absolute errors

@@ -1,4 +1,4 @@
-"""PedXnet's upstream model and the checkpoint format (DESIGN.md contract 4).
+"""PedXnet's upstream model and the checkpoint format (contract 4 of docs/design.md).
 
 A checkpoint is a directory with ``model.pt`` (state_dict of the unwrapped model), ``config.json``
 (the resolved `PretrainConfig`, class names in order) and ``metrics.json``. `load_checkpoint`

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The PedXnet transfer experiment on phantoms, on the CPU (issue 5's command sequence):
+# The PedXnet transfer experiment on phantoms, on the CPU:
 #   1. a 7-class PedXnet (the demo's ingest + smoke pretraining), unless a checkpoint is given;
 #   2. a phantom bone-age set (hand PA with known bone age);
 #   3. bone-age fine-tuning on a small training subset, from scratch and from PedXnet-7C;

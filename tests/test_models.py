@@ -1,4 +1,4 @@
-"""The upstream model (1-channel InceptionV3) and the checkpoint contract (DESIGN.md contract 4)."""
+"""The upstream model (1-channel InceptionV3) and the checkpoint contract (contract 4 of docs/design.md)."""
 
 from __future__ import annotations
 

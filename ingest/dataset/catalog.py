@@ -1,4 +1,4 @@
-"""Catalog: one Parquet row per SOP instance, read from DICOM headers (DESIGN.md contract 1).
+"""Catalog: one Parquet row per SOP instance, read from DICOM headers (contract 1 of docs/design.md).
 
 ``python -m ingest scan DIR --out CATALOG`` walks DIR, hashes every file, reads its header and
 writes the catalog as a Parquet dataset directory (one part file per Dask task), labelled with
@@ -6,7 +6,7 @@ the view taxonomy. Files that are not usable radiographs stay in the catalog wit
 ``status=unreadable`` and a reason, so nothing is silently dropped. Patient identifiers are
 stored only as a salted hash.
 
-Beyond DESIGN.md's columns the catalog keeps ``file_size`` and ``file_mtime_ns`` so a re-scan
+Beyond the contract's core columns the catalog keeps ``file_size`` and ``file_mtime_ns`` so a re-scan
 reuses the rows of unchanged files instead of hashing them again.
 """
 

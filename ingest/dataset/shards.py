@@ -1,4 +1,4 @@
-"""Class-balanced WebDataset shards (DESIGN.md contract 3).
+"""Class-balanced WebDataset shards (contract 3 of docs/design.md).
 
 ``python -m ingest shards CATALOG --granularity 7 --out DIR`` balances and splits the catalog
 (`ingest.dataset.balance`), preprocesses every selected image as the paper does

@@ -3,9 +3,9 @@
 Why not pynetdicom's requestor for these two: while a PACS works through a retrieve, pynetdicom's
 two threads per association poll every millisecond and each pending response is decoded through
 its primitive and state machine objects; on a C-GET every instance also crosses its PDU objects.
-On this project's 2-core test machine that cost ~1 ms (C-MOVE) and ~10 ms (C-GET) of GIL-bound CPU
-per instance on top of receiving it, which halved a C-MOVE pull's rate against dcmtk's ``movescu``
-sending the same requests to the same receiver (README "Benchmarks"). This module speaks the upper
+On a 2-core machine that cost ~1 ms (C-MOVE) and ~10 ms (C-GET) of GIL-bound CPU per instance on
+top of receiving it, which halved a C-MOVE pull's rate against dcmtk's ``movescu`` sending the same
+requests to the same receiver (bench/retrieval_throughput.py). This module speaks the upper
 layer protocol itself, as ``ingest.dicom.acceptor`` does for the receiving side: it proposes the
 presentation contexts (and, for C-GET, the SCP role for the storage classes), sends one request at
 a time, and reads the responses on the calling thread, answering the C-STORE sub-operations of a

@@ -204,8 +204,8 @@ def write_spool_file(
     the file system has no hard links, ``os.replace`` still publishes a complete file atomically (a
     racing duplicate then overwrites identical bytes).
 
-    ``fsync=False`` skips the file and directory fsyncs (about 5 ms per instance on this project's
-    test machine). The file still appears only once completely written, so a killed process leaves
+    ``fsync=False`` skips the file and directory fsyncs (about 5 ms per instance on a
+    2-core test machine). The file still appears only once completely written, so a killed process leaves
     nothing partial; but the kernel may write the directory entry before the data, so after an OS
     crash the file can exist empty or cut short. The next pull counts it as present (it goes by
     name) and the catalog scan marks it ``unreadable`` with the reason; delete those files and pull

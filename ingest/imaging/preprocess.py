@@ -3,7 +3,7 @@
 ``python -m ingest preview FILE.dcm --out FILE.png [--size N] [--clahe]`` writes one preprocessed
 image, to look at what training will see. The core functions are pure (arrays in, arrays out).
 
-The recipe (DESIGN.md), in order:
+The recipe (docs/design.md), in order:
 
 1. Decode the first frame's stored values (pydicom 3; JPEG, JPEG-LS, JPEG 2000 and RLE go through the
    installed pylibjpeg / pyjpegls plugins). The unused high bits are masked when BitsStored <
@@ -21,7 +21,7 @@ The recipe (DESIGN.md), in order:
    Presentation LUT Shape is ignored on purpose: in DX objects it restates the photometric
    interpretation (INVERSE with MONOCHROME1), so honouring it would invert those twice.
    VOI LUTs / windows are not applied: the percentile clip replaces windowing in the paper.
-4. Clip and scale. DESIGN.md's "min-max to [0,1] over the stored-bit range" is taken to mean: the
+4. Clip and scale. The recipe's "min-max to [0,1] over the stored-bit range" is taken to mean: the
    0.5th and 99.5th percentiles ``lo``, ``hi`` are computed over the pixel values of the frame at the
    full stored-bit precision (after the modality LUT, before any resize, padding or down-cast), values
    are clipped to [lo, hi] and mapped linearly so lo → 0 and hi → 1. The percentiles are those of the
@@ -100,7 +100,7 @@ _FAST_DECODE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELoss
 
 @dataclass(frozen=True)
 class PreprocessParams:
-    """The preprocessing recipe's numbers (DESIGN.md defaults); stored in every shard manifest."""
+    """The preprocessing recipe's numbers (docs/design.md's defaults); stored in every shard manifest."""
 
     size: int = 512
     clip_low_pct: float = 0.5

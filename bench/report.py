@@ -1,0 +1,192 @@
+"""Render the committed benchmark JSON as the tables of docs/benchmarks.md.
+
+    .venv/bin/python bench/report.py            # rewrite the tables in docs/benchmarks.md
+    .venv/bin/python bench/report.py --check    # exit 1 if a table differs from its JSON
+
+docs/benchmarks.md marks each generated table with a pair of comments naming its JSON file
+(relative to docs/benchmarks/):
+
+    <!-- table: results/catalog_scale.json -->
+    ...generated...
+    <!-- end table -->
+
+Everything between the two comments is replaced; the rest of the page is left as written. A table
+whose file is not there yet says "Not yet measured". Each file
+is rendered by its benchmark's renderer, chosen by the file's ``benchmark`` field (bench/results.py)
+or, for the files train_throughput.py and serve_load.py write, by the start of the file name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "benchmarks.md"
+BLOCK = re.compile(r"(<!-- table: (?P<file>\S+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line(doc: dict) -> str:
+    m = doc.get("machine", {})
+    return (
+        f"Measured {doc.get('date', '(date not recorded)')} on {m.get('cpus', '?')} CPUs "
+        f"({m.get('processor', '?')}, {m.get('platform', '?')}, Python {m.get('python', '?')}), "
+        f"1-minute load average {m.get('load_average_1min', '?')} at the end. Command:\n\n"
+        f"```bash\n{doc.get('command', '(not recorded)')}\n```"
+    )
+
+
+def catalog_scale(doc: dict) -> str:
+    r = doc["results"]
+    rows = [[step, f"{seconds:.1f}"] for step, seconds in r["seconds"].items()]
+    return (
+        f"{r['rows']:,} synthetic header rows; peak resident memory {r['peak_rss_mib']:,} MiB.\n\n"
+        + table(["step", "seconds"], rows)
+    )
+
+
+def preprocess_throughput(doc: dict) -> str:
+    r = doc["results"]
+    s = r["settings"]
+    workers = s["workers"]
+    rows = [
+        [
+            x["transfer_syntax"],
+            f"{x['mb_per_image']:.2f}",
+            f"{x['decode_ms']:.1f}",
+            f"{x['preprocess_ms']:.1f}",
+            f"{x['png_ms']:.1f}",
+            f"{x['full_over_decode']:.2f}",
+            f"{x['scaling']:.2f}×",
+        ]
+        for x in r["syntaxes"]
+    ]
+    header = ["transfer syntax", "MB/image", "decode ms", "preprocess ms", "PNG ms", "full ÷ decode"]
+    return (
+        f"{s['n']} images of {s['cols']}×{s['rows']} per syntax, best of {s['repeat']}, "
+        f"pydicom {s['pydicom']}.\n\n" + table([*header, f"{workers} processes ÷ 1"], rows)
+    )
+
+
+def retrieval_throughput(doc: dict) -> str:
+    r = doc["results"]
+    rows = []
+    for x in r["rows"]:
+        low, high = x["images_per_s_range"]
+        spread = f" ({low:.1f}–{high:.1f})" if r["rounds"] > 1 else ""
+        ratio = "–"
+        if x["over_dcmtk"] is not None:
+            ratio = f"{x['over_dcmtk']:.2f}"
+            if r["rounds"] > 1:
+                ratio += f" ({x['over_dcmtk_range'][0]:.2f}–{x['over_dcmtk_range'][1]:.2f})"
+        count = str(x["instances"]) if x["complete"] else f"{x['instances']} of {x['expected']}"
+        cpu = "–" if x["cpu_ms_per_instance"] is None else f"{x['cpu_ms_per_instance']:.1f}"
+        rows.append([x["method"], x["associations"], count, f"{x['images_per_s']:.1f}{spread}", ratio, cpu])
+    header = ["method", "associations", "instances", "images/s", "÷ dcmtk, same round", "our CPU ms/instance"]
+    notes = [f"- {x['method']} ({x['associations']}): {note}" for x in r["rows"] for note in x["notes"]]
+    return (
+        f"{r['instances']} instances in {r['studies']} studies ({r['data']}, {r['source_mb']} MB), "
+        f"{r['rounds']} round(s); the C-FIND plan took {r['plan_seconds']} s and is not in the rows.\n\n"
+        + table(header, rows)
+        + ("\n\n" + "\n".join(notes) if notes else "")
+    )
+
+
+def train_throughput(doc: dict) -> str:
+    s = doc["settings"]
+    rows = []
+    for mode, x in doc["results"].items():
+        idle = x.get("gpu_idle_fraction")
+        rows.append(
+            [
+                mode,
+                f"{x['images_per_s']:.1f}",
+                f"{x['step_ms']:.1f}",
+                f"{100 * x['data_wait_fraction']:.1f}%",
+                "–" if idle is None else f"{100 * idle:.1f}%",
+            ]
+        )
+    source = f"shards {s['shards']}" if s.get("shards") else "synthetic input"
+    return (
+        f"{s['arch']}, {s['image_size']} px, batch {s['batch_size']}, {source}, {s['steps']} timed steps "
+        f"after {s['warmup']}, device {s['device']} ({doc.get('device_name', '?')}, "
+        f"{doc.get('cpu_count', '?')} CPUs), torch {doc.get('torch', '?')}.\n\n"
+        + table(["mode", "images/s", "ms/step", "waiting for data", "GPU idle"], rows)
+    )
+
+
+def serve_load(doc: dict) -> str:
+    rows = [
+        [
+            x["mode"],
+            f"{x['images_per_s']:.2f}",
+            f"{x.get('p50_ms', float('nan')):.0f}",
+            f"{x.get('p99_ms', float('nan')):.0f}",
+        ]
+        for x in doc["results"]
+    ]
+    settings = doc.get("settings", {})
+    model = settings.get("synthetic") or settings.get("checkpoint")
+    ratio = doc.get("batched_over_direct")
+    after = f"\n\nbatched ÷ direct: {ratio:.2f}" if ratio is not None else ""
+    return (
+        f"model {model}, {settings.get('clients')} clients, device {settings.get('device')}.\n\n"
+        + table(["mode", "images/s", "p50 ms", "p99 ms"], rows)
+        + after
+    )
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {
+    "catalog_scale": catalog_scale,
+    "preprocess_throughput": preprocess_throughput,
+    "retrieval_throughput": retrieval_throughput,
+    "train_throughput": train_throughput,
+    "serve_load": serve_load,
+}
+
+
+def render(path: Path) -> str:
+    if not path.exists():
+        return f"*Not yet measured*: no `{path.name}` committed; the command above writes it.\n"
+    doc = json.loads(path.read_text())
+    name = doc.get("benchmark") or next((n for n in RENDERERS if path.name.startswith(n)), None)
+    if name not in RENDERERS:
+        raise ValueError(f"{path}: no renderer for it; name it after its benchmark ({sorted(RENDERERS)})")
+    body = RENDERERS[name](doc)
+    if "machine" in doc:
+        body += "\n\n" + machine_line(doc)
+    return body + "\n"
+
+
+def rendered_page(text: str, base: Path) -> str:
+    return BLOCK.sub(lambda m: m[1] + render(base / m["file"]) + m[4], text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--page", type=Path, default=PAGE, help="default docs/benchmarks.md")
+    parser.add_argument("--check", action="store_true", help="only check that the page is up to date")
+    args = parser.parse_args(argv)
+    text = args.page.read_text()
+    new = rendered_page(text, args.page.parent / "benchmarks")
+    if args.check:
+        if new != text:
+            print(f"{args.page} is out of date: run python bench/report.py", file=sys.stderr)
+            return 1
+        return 0
+    args.page.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
