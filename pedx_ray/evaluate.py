@@ -9,8 +9,8 @@ model under study; every ``--compare`` file is a baseline tested against it on t
 for bone age. The p-value sits in the baseline's row; the studied model's row shows "—".
 
 Writes to DIR: ``metrics.json``, ``table.md`` and the plots — fracture: ``roc.png``; bone age:
-``predicted_vs_true.png`` and ``bland_altman_<n>.png`` per model. Plots are drawn with OpenCV
-(matplotlib is not a dependency), each file written atomically.
+``predicted_vs_true.png`` and ``bland_altman_<n>.png`` per model. Plots are matplotlib figures
+(``pedx_ray.plots``), each file written atomically.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from ingest.files import write_atomic
-from ingest.imaging.png import write_png
-from pedx_ray import stats
+from pedx_ray import plots, stats
 
 TASKS = ("bone_age", "fracture")
 REQUIRED_COLUMNS = ("id", "target", "prediction", "sex", "age_months", "split")
@@ -253,123 +252,56 @@ def bone_age_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---- plots (OpenCV): white canvas, axes box with ticks, data mapped linearly into the box ----
-
-PALETTE = ((180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148), (75, 86, 140))
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
+# ---- plots ----
 
 
-class _Axes:
-    def __init__(self, xlim, ylim, title: str, xlabel: str, ylabel: str, size=(640, 560)) -> None:
-        self.width, self.height = size
-        self.left, self.right, self.top, self.bottom = 80, 30, 55, 60
-        self.xlim, self.ylim = xlim, ylim
-        self.image = np.full((self.height, self.width, 3), 255, np.uint8)
-        box = (self.left, self.top), (self.width - self.right, self.height - self.bottom)
-        cv2.rectangle(self.image, *box, (0, 0, 0), 1)
-        self.text(title, (self.left, 22), 0.6)
-        self.text(xlabel, (self.width // 2 - 60, self.height - 15), 0.5)
-        for value in np.linspace(*xlim, 6):
-            x, y = self.px(value, ylim[0])
-            cv2.line(self.image, (x, y), (x, y + 5), (0, 0, 0), 1)
-            self.text(f"{value:.3g}", (x - 12, y + 20), 0.4)
-        for value in np.linspace(*ylim, 6):
-            x, y = self.px(xlim[0], value)
-            cv2.line(self.image, (x - 5, y), (x, y), (0, 0, 0), 1)
-            self.text(f"{value:.3g}", (5, y + 4), 0.4)
-        self.text(ylabel, (5, self.top - 8), 0.45)
-
-    def px(self, x: float, y: float) -> tuple[int, int]:
-        (x0, x1), (y0, y1) = self.xlim, self.ylim
-        span_x = self.width - self.left - self.right
-        span_y = self.height - self.top - self.bottom
-        return (
-            int(round(self.left + (x - x0) / (x1 - x0) * span_x)),
-            int(round(self.height - self.bottom - (y - y0) / (y1 - y0) * span_y)),
-        )
-
-    def text(self, text: str, origin, scale: float, color=(0, 0, 0)) -> None:
-        # Hershey fonts are ASCII-only
-        ascii_text = text.replace("–", "-").replace("±", "+/-").encode("ascii", "replace").decode()
-        cv2.putText(self.image, ascii_text, origin, _FONT, scale, color, 1, cv2.LINE_AA)
-
-    def line(self, xs, ys, color, thickness: int = 2) -> None:
-        points = np.array([self.px(x, y) for x, y in zip(xs, ys, strict=True)], np.int32)
-        cv2.polylines(self.image, [points], False, color, thickness, cv2.LINE_AA)
-
-    def dashed_hline(self, y: float, color) -> None:
-        x0, x1 = self.xlim
-        for start in np.linspace(x0, x1, 40)[::2]:
-            self.line([start, min(x1, start + (x1 - x0) / 39)], [y, y], color, 1)
-
-    def points(self, xs, ys, color) -> None:
-        for x, y in zip(xs, ys, strict=True):
-            cv2.circle(self.image, self.px(x, y), 3, color, -1, cv2.LINE_AA)
-
-    def legend(self, entries: list[tuple[str, tuple]]) -> None:
-        for i, (label, color) in enumerate(entries):
-            y = self.height - self.bottom - 15 - 20 * (len(entries) - 1 - i)
-            cv2.line(self.image, (self.width // 2 - 40, y - 4), (self.width // 2 - 15, y - 4), color, 3)
-            self.text(label, (self.width // 2 - 10, y), 0.45)
-
-
-def _limits(*arrays) -> tuple[float, float]:
-    values = np.concatenate([np.asarray(a, float) for a in arrays])
-    low, high = float(values.min()), float(values.max())
-    pad = 0.05 * (high - low) or 1.0
-    return low - pad, high + pad
-
-
-def roc_plot(models: list[Predictions], rows: list[dict]) -> np.ndarray:
-    axes = _Axes((0, 1), (0, 1), "ROC", "1 - specificity", "sensitivity")
-    axes.line([0, 1], [0, 1], (160, 160, 160), 1)
-    legend = []
-    for i, (model, row) in enumerate(zip(models, rows, strict=True)):
-        color = PALETTE[i % len(PALETTE)]
+def roc_plot(models: list[Predictions], rows: list[dict]) -> Figure:
+    figure, axes = plots.new_figure("ROC", "1 − specificity", "sensitivity")
+    axes.plot([0, 1], [0, 1], color="0.6", linewidth=1, linestyle="--", label="chance")
+    for model, row, colour in zip(models, rows, plots.colours(len(models)), strict=True):
         curve = stats.roc_curve(model.frame["target"].astype(int), model.frame["prediction"])
-        axes.line(curve.fpr, curve.tpr, color)
-        legend.append((f"{row['label']} AUC {row['auc']:.3f}", color))
-    axes.legend(legend)
-    return axes.image
+        label = f"{row['label']}: AUC {row['auc']:.3f}"
+        axes.plot(curve.fpr, curve.tpr, color=colour, linewidth=2, label=label)
+    axes.set(xlim=(0, 1), ylim=(0, 1), aspect="equal")
+    axes.legend(loc="lower right")
+    return figure
 
 
-def predicted_vs_true_plot(models: list[Predictions], rows: list[dict]) -> np.ndarray:
+def predicted_vs_true_plot(models: list[Predictions], rows: list[dict]) -> Figure:
     target = models[0].frame["target"]
-    limits = _limits(target, *[m.frame["prediction"] for m in models])
-    axes = _Axes(limits, limits, "Predicted vs true bone age", "true (months)", "predicted (months)")
-    axes.line(limits, limits, (160, 160, 160), 1)
-    legend = []
-    for i, (model, row) in enumerate(zip(models, rows, strict=True)):
-        color = PALETTE[i % len(PALETTE)]
-        axes.points(target, model.frame["prediction"], color)
-        legend.append((f"{row['label']} MAE {row['mae']:.1f}", color))
-    axes.legend(legend)
-    return axes.image
+    figure, axes = plots.new_figure("Predicted vs true bone age", "true (months)", "predicted (months)")
+    axes.axline((0, 0), slope=1, color="0.6", linewidth=1, linestyle="--", label="identity")
+    for model, row, colour in zip(models, rows, plots.colours(len(models)), strict=True):
+        axes.scatter(
+            target,
+            model.frame["prediction"],
+            s=12,
+            color=colour,
+            label=f"{row['label']}: MAE {row['mae']:.1f}",
+        )
+    axes.set_aspect("equal", adjustable="datalim")
+    axes.legend(loc="upper left")
+    return figure
 
 
-def bland_altman_plot(model: Predictions, row: dict) -> np.ndarray:
+def bland_altman_plot(model: Predictions, row: dict) -> Figure:
     target, prediction = model.frame["target"].to_numpy(), model.frame["prediction"].to_numpy()
-    mean, difference = (target + prediction) / 2, prediction - target
     agreement = row["bland_altman"]
-    ylim = _limits(difference, [agreement["loa_low"], agreement["loa_high"]])
-    axes = _Axes(
-        _limits(mean),
-        ylim,
-        f"Bland-Altman: {row['label']}",
-        "mean of true and predicted (months)",
-        "predicted - true (months)",
+    figure, axes = plots.new_figure(
+        f"Bland–Altman: {row['label']}", "mean of true and predicted (months)", "predicted − true (months)"
     )
-    axes.points(mean, difference, PALETTE[0])
-    axes.dashed_hline(agreement["mean_difference"], (0, 0, 0))
+    axes.scatter((target + prediction) / 2, prediction - target, s=12)
+    axes.axhline(
+        agreement["mean_difference"],
+        color="black",
+        linestyle="--",
+        label=f"mean difference {agreement['mean_difference']:.2f}",
+    )
+    loa = f"95% limits of agreement {agreement['loa_low']:.2f} to {agreement['loa_high']:.2f}"
     for key in ("loa_low", "loa_high"):
-        axes.dashed_hline(agreement[key], (40, 39, 214))
-    axes.legend(
-        [
-            (f"mean {agreement['mean_difference']:.2f}", (0, 0, 0)),
-            (f"LoA {agreement['loa_low']:.2f} to {agreement['loa_high']:.2f}", (40, 39, 214)),
-        ]
-    )
-    return axes.image
+        axes.axhline(agreement[key], color="tab:red", linestyle=":", label=loa if key == "loa_low" else None)
+    axes.legend(loc="best")
+    return figure
 
 
 def _jsonable(value):
@@ -399,13 +331,13 @@ def evaluate(
     if task == "fracture":
         rows = evaluate_fracture(models, config)
         table = "Fracture classification (Table 2 layout)\n\n" + fracture_table(rows)
-        write_png(roc_plot(models, rows), out / "roc.png")
+        plots.save_png(roc_plot(models, rows), out / "roc.png")
     else:
         rows = evaluate_bone_age(models, config)
         table = "Bone age assessment, months (Table 3 layout)\n\n" + bone_age_table(rows)
-        write_png(predicted_vs_true_plot(models, rows), out / "predicted_vs_true.png")
+        plots.save_png(predicted_vs_true_plot(models, rows), out / "predicted_vs_true.png")
         for i, (model, row) in enumerate(zip(models, rows, strict=True)):
-            write_png(bland_altman_plot(model, row), out / f"bland_altman_{i}.png")
+            plots.save_png(bland_altman_plot(model, row), out / f"bland_altman_{i}.png")
     result = {"task": task, "split": config.split, "reference": rows[0]["label"], "models": rows}
     write_atomic(out / "metrics.json", json.dumps(_jsonable(result), indent=2, allow_nan=False))
     write_atomic(out / "table.md", table)

@@ -13,8 +13,7 @@ where the model has one, else the model's last ``nn.Conv2d`` (TinyCNN's 1×1 con
   predicted class); a single-output model (fracture logit, bone-age regression) uses its one output.
 - Mean map (the PedXnet paper's figure): mean over channels of the layer's activation, sigmoid,
   upsampled bilinearly; values in (0, 1) without per-image rescaling, so maps are comparable.
-t-SNE is exact (O(n²) memory and time, fine for a few hundred points) in numpy: scikit-learn is not a
-dependency of this project.
+t-SNE is scikit-learn's (``sklearn.manifold.TSNE``), drawn with matplotlib (``pedx_ray.plots``).
 """
 
 from __future__ import annotations
@@ -30,6 +29,9 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm import tqdm
 
@@ -41,6 +43,7 @@ from ingest.imaging.preprocess import (
     preprocess_array,
     preprocess_file,
 )
+from pedx_ray import plots
 
 METHODS = ("gradcam", "mean")
 INCEPTION_LAST_BLOCK = "Mixed_7c"
@@ -208,104 +211,39 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image.astype(np.float32) / 255.0)[None, None]
 
 
-# ---- t-SNE (van der Maaten & Hinton 2008), exact gradient ----
-
-
-def _conditional_probabilities(sq_dist: np.ndarray, perplexity: float, tol: float = 1e-5) -> np.ndarray:
-    """Row-wise P(j|i) with each row's Gaussian precision found by bisection to match the perplexity."""
-    n = len(sq_dist)
-    target = np.log(perplexity)
-    p = np.zeros((n, n))
-    for i in range(n):
-        d = np.delete(sq_dist[i], i)
-        beta, low, high = 1.0, 0.0, np.inf
-        for _ in range(100):
-            w = np.exp(-(d - d.min()) * beta)
-            total = w.sum()
-            entropy = np.log(total) + beta * ((d - d.min()) * w).sum() / total
-            if abs(entropy - target) < tol:
-                break
-            if entropy > target:
-                low, beta = beta, beta * 2 if high == np.inf else (beta + high) / 2
-            else:
-                high, beta = beta, (beta + low) / 2
-        p[i, np.arange(n) != i] = w / total
-    return p
-
-
-def tsne(
-    features: np.ndarray,
-    perplexity: float = 30.0,
-    n_iter: int = 750,
-    seed: int = 0,
-    learning_rate: float | None = None,
-) -> np.ndarray:
-    """2-D t-SNE embedding (n, 2) of ``features`` (n, d); exact, deterministic for a given seed."""
+def tsne(features: np.ndarray, perplexity: float = 30.0, seed: int = 0, max_iter: int = 1000) -> np.ndarray:
+    """2-D t-SNE embedding (n, 2) of ``features`` (n, d) by scikit-learn (Barnes-Hut, PCA start),
+    deterministic for a given seed. The perplexity is lowered to (n − 1) / 3 where it exceeds that,
+    so that each point's 3·perplexity nearest neighbours, which Barnes-Hut uses, are other points."""
     x = np.asarray(features, dtype=np.float64)
-    n = len(x)
-    if x.ndim != 2 or n < 5:
+    if x.ndim != 2 or len(x) < 5:
         raise ExplainError(f"t-SNE needs a (n, d) feature matrix with n ≥ 5, got shape {x.shape}")
-    if not 1 <= perplexity < n:
-        raise ExplainError(
-            f"perplexity must be in [1, n={n}), got {perplexity}; about n/10 works for small n"
-        )
-    x = (x - x.mean(axis=0)) / (x.std() or 1.0)
-    sq = np.square(x).sum(axis=1)
-    sq_dist = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0)
-    p = _conditional_probabilities(sq_dist, perplexity)
-    p = np.maximum((p + p.T) / (2 * n), 1e-12)
-    rate = learning_rate or max(n / 12 / 4, 50.0)  # the "auto" rate of Belkina et al. 2019
-    rng = np.random.default_rng(seed)
-    y = rng.normal(scale=1e-4, size=(n, 2))
-    velocity, gains = np.zeros_like(y), np.ones_like(y)
-    for step in range(n_iter):
-        exaggeration, momentum = (12.0, 0.5) if step < 250 else (1.0, 0.8)
-        sq_y = np.square(y).sum(axis=1)
-        kernel = 1.0 / (1.0 + sq_y[:, None] + sq_y[None, :] - 2 * y @ y.T)
-        np.fill_diagonal(kernel, 0.0)
-        q = np.maximum(kernel / kernel.sum(), 1e-12)
-        pq = (exaggeration * p - q) * kernel
-        gradient = 4 * (np.diag(pq.sum(axis=1)) - pq) @ y
-        same_sign = np.sign(gradient) == np.sign(velocity)
-        gains = np.maximum(np.where(same_sign, gains * 0.8, gains + 0.2), 0.01)
-        velocity = momentum * velocity - rate * gains * gradient
-        y = y + velocity
-        y -= y.mean(axis=0)
-    return y
+    if perplexity <= 0:
+        raise ExplainError(f"perplexity must be positive, got {perplexity}; about n/10 works for small n")
+    model = TSNE(
+        perplexity=min(perplexity, (len(x) - 1) / 3),
+        max_iter=max_iter,
+        init="pca",
+        learning_rate="auto",
+        random_state=seed,
+    )
+    # One OpenMP thread: the gradient's threads busy-wait for each other, so on a loaded machine two
+    # threads took 20-56 s for the 60 points that one thread embeds in 0.8 s (the same embedding).
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return model.fit_transform(x)
 
 
-PALETTE = (
-    (180, 119, 31),
-    (14, 127, 255),
-    (44, 160, 44),
-    (40, 39, 214),
-    (189, 103, 148),
-    (75, 86, 140),
-    (194, 119, 227),
-    (127, 127, 127),
-    (34, 189, 188),
-    (207, 190, 23),
-)
-
-
-def tsne_plot(embedding: np.ndarray, labels: list[str], size: int = 640) -> np.ndarray:
-    """BGR scatter of the embedding, one colour per label, with a legend (labels in sorted order)."""
+def tsne_plot(embedding: np.ndarray, labels: list[str]) -> Figure:
+    """Scatter of the embedding, one colour per label, with a legend beside it (labels sorted)."""
     names = sorted(set(labels))
-    image = np.full((size, size + 200, 3), 255, np.uint8)
-    low, high = embedding.min(axis=0), embedding.max(axis=0)
-    scaled = (embedding - low) / np.where(high > low, high - low, 1.0)
-    for (x, y), label in zip(scaled, labels, strict=True):
-        colour = PALETTE[names.index(label) % len(PALETTE)]
-        cv2.circle(
-            image, (int(20 + x * (size - 40)), int(20 + (1 - y) * (size - 40))), 4, colour, -1, cv2.LINE_AA
-        )
-    for i, name in enumerate(names):
-        cv2.circle(image, (size + 15, 30 + 22 * i), 6, PALETTE[i % len(PALETTE)], -1, cv2.LINE_AA)
-        text = name.encode("ascii", "replace").decode()
-        cv2.putText(
-            image, text, (size + 28, 35 + 22 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA
-        )
-    return image
+    figure, axes = plots.new_figure("t-SNE of pooled features", "t-SNE 1", "t-SNE 2", size=(8.4, 6.4))
+    labels = np.asarray(labels)
+    for name, colour in zip(names, plots.colours(len(names)), strict=True):
+        mine = embedding[labels == name]
+        axes.scatter(mine[:, 0], mine[:, 1], s=16, color=colour, label=f"{name} ({len(mine)})")
+    axes.tick_params(bottom=False, left=False, labelbottom=False, labelleft=False)  # t-SNE axes have no units
+    figure.legend(loc="outside right upper", title="class (n)")
+    return figure
 
 
 @torch.no_grad()
@@ -356,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--alpha", type=float, default=0.4, help="heat-map opacity in the overlay")
     parser.add_argument("--split", default="val", help="shard split for --tsne")
-    parser.add_argument("--samples", type=int, default=300, help="samples for --tsne (exact t-SNE is O(n²))")
+    parser.add_argument("--samples", type=int, default=300, help="samples for --tsne")
     parser.add_argument("--perplexity", type=float, default=30.0)
     return parser
 
@@ -377,10 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             write_png(overlay(image, heat, args.alpha), args.out)
         else:
             images, labels = read_shard_samples(args.tsne, args.split, args.samples, config.image_size)
-            embedding = tsne(
-                extract_features(model, images), perplexity=min(args.perplexity, (len(images) - 1) / 3)
-            )
-            write_png(tsne_plot(embedding, labels), args.out)
+            embedding = tsne(extract_features(model, images), perplexity=args.perplexity)
+            plots.save_png(tsne_plot(embedding, labels), args.out)
     except (ExplainError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

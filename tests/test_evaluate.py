@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgb
 
 from pedx_ray import evaluate, stats
 
@@ -56,10 +57,18 @@ def bone_age_files(tmp_path):
     return target, close, far, model, baseline
 
 
-def read_png(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+def read_plot(path: Path) -> np.ndarray:
+    """The plot as BGR, checked to be a readable PNG of the plots' fixed size."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     assert image is not None, f"{path} is not a readable PNG"
+    assert image.shape == (560, 640, 3)
     return image
+
+
+def pixels_of(image: np.ndarray, colour: str) -> int:
+    """How many pixels are (within anti-aliasing) the matplotlib colour ``colour``."""
+    bgr = np.array([round(255 * c) for c in reversed(to_rgb(colour))])
+    return int((np.abs(image.astype(int) - bgr).max(axis=2) <= 8).sum())
 
 
 def test_fracture_metrics_table_and_roc_plot(fracture_files, tmp_path, capsys):
@@ -81,7 +90,9 @@ def test_fracture_metrics_table_and_roc_plot(fracture_files, tmp_path, capsys):
     assert f"| inception / pedxnet:7C | {studied['auc']:.3f} (" in table
     assert table.splitlines()[-1].startswith("| inception / scratch |")
     assert table in capsys.readouterr().out
-    assert read_png(out / "roc.png").shape[2] == 3
+    roc = read_plot(out / "roc.png")
+    assert pixels_of(roc, "tab:blue") > 200 and pixels_of(roc, "tab:orange") > 200  # both curves drawn
+    assert not list(out.glob(".*partial*"))  # no temporary file left behind
 
 
 def test_bone_age_metrics_table_and_plots(bone_age_files, tmp_path):
@@ -104,8 +115,11 @@ def test_bone_age_metrics_table_and_plots(bone_age_files, tmp_path):
     p = expected.p_value
     baseline_row = next(line for line in table.splitlines() if line.startswith("| scratch |"))
     assert baseline_row.endswith(f"| {'<0.001' if p < 0.001 else f'{p:.3f}'} |")
-    for name in ("predicted_vs_true.png", "bland_altman_0.png", "bland_altman_1.png"):
-        assert read_png(out / name).ndim == 3
+    scatter = read_plot(out / "predicted_vs_true.png")
+    assert pixels_of(scatter, "tab:blue") > 200 and pixels_of(scatter, "tab:orange") > 200
+    for name in ("bland_altman_0.png", "bland_altman_1.png"):
+        agreement = read_plot(out / name)
+        assert pixels_of(agreement, "tab:blue") > 200 and pixels_of(agreement, "tab:red") > 100  # points, LoA
 
 
 def test_task_from_flag_when_no_sidecar(tmp_path):

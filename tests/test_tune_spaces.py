@@ -316,7 +316,8 @@ def test_report_numbers_match_an_independent_computation(fake_results, tmp_path)
     assert "| 7C | 0.750 | 0.790 | 0.500 | 0.320 |" in markdown
     for png in written["png"]:
         image = cv2.imread(str(png))
-        assert image is not None and image.shape[2] == 3
+        assert image is not None and image.shape == (560, 640, 3)
+        assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # drawn on, not a blank canvas
     assert {p.name for p in written["png"]} == {
         "size_bone_age.png", "curves_abl.png", "curves_abl-pretrain.png", "lr_abl.png", "lr_abl-pretrain.png"
     }  # fmt: skip

@@ -32,9 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ingest.files import write_atomic
-from pedx_ray import stats
+from pedx_ray import plots, stats
 from tune_spaces.run import SWEEP_FILE, TRIAL_FILE
 from tune_spaces.spaces import INITS, parse_train_size
 
@@ -347,35 +349,30 @@ def ablation_markdown(table: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- plots
 
 
-def _write_png(image: np.ndarray, path: Path) -> Path:
-    from ingest.imaging.png import write_png
-
-    write_png(image, path)
-    return path
-
-
-def size_plot(table: pd.DataFrame, task: str) -> np.ndarray:
-    from pedx_ray.evaluate import PALETTE, _Axes, _limits
-
+def size_plot(table: pd.DataFrame, task: str) -> Figure:
+    """The primary test metric against the number of training images (log scale), one line per init,
+    error bars ± SD over seeds."""
     metric_label = PRIMARY[task][1]
-    spread = np.nan_to_num(table["sd"].to_numpy(float))
-    ylim = _limits(table["mean"] - spread, table["mean"] + spread)
-    axes = _Axes(_limits(table["n_train"]), ylim, f"{metric_label} vs training size", "training images",
-                 metric_label)  # fmt: skip
-    legend = []
-    for i, init in enumerate(_inits_in_order(table["init"])):
-        color = PALETTE[i % len(PALETTE)]
+    figure, axes = plots.new_figure(f"{metric_label} vs training size", "training images", metric_label)
+    inits = _inits_in_order(table["init"])
+    for i, (init, colour) in enumerate(zip(inits, plots.colours(len(inits)), strict=True)):
         rows = table[table["init"] == init].sort_values("n_train")
-        x, y, sd = rows["n_train"].to_numpy(float), rows["mean"].to_numpy(float), rows["sd"].to_numpy(float)
-        offset = (i - 1) * 0.006 * (axes.xlim[1] - axes.xlim[0])  # keep overlapping error bars apart
-        axes.line(x + offset, y, color)
-        axes.points(x + offset, y, color)
-        for xi, yi, si in zip(x + offset, y, sd, strict=True):
-            if np.isfinite(si):
-                axes.line([xi, xi], [yi - si, yi + si], color, 1)
-        legend.append((init, color))
-    axes.legend(legend)
-    return axes.image
+        shift = 1.02 ** (i - (len(inits) - 1) / 2)  # keep overlapping error bars apart
+        axes.errorbar(
+            rows["n_train"] * shift,
+            rows["mean"],
+            yerr=rows["sd"].fillna(0),
+            color=colour,
+            marker="o",
+            capsize=3,
+            label=init,
+        )
+    sizes = sorted(table["n_train"].unique())
+    axes.set_xscale("log")
+    axes.set_xticks(sizes, labels=[str(n) for n in sizes])
+    axes.minorticks_off()
+    axes.legend()
+    return figure
 
 
 def _group_key(meta: dict, params: dict) -> str:
@@ -396,10 +393,8 @@ def _score_label(meta: dict, progress: list[dict]) -> str:
     return meta["metric"].replace("_", " ")
 
 
-def lr_plot(meta: dict, trials: list[dict], title: str) -> np.ndarray | None:
-    """Best validation score against log10(learning rate), one colour per cell."""
-    from pedx_ray.evaluate import PALETTE, _Axes, _limits
-
+def lr_plot(meta: dict, trials: list[dict], title: str) -> Figure | None:
+    """Best validation score against the learning rate (log scale), one colour per cell."""
     points = []
     for trial in trials:
         scores = [_score(meta, r) for r in trial["progress"]]
@@ -407,27 +402,29 @@ def lr_plot(meta: dict, trials: list[dict], title: str) -> np.ndarray | None:
         lr = trial["params"].get("lr")
         if scores and lr:
             best = min(scores) if "val_mae" in trial["progress"][0] else max(scores)
-            points.append((_group_key(meta, trial["params"]), math.log10(lr), best))
+            points.append((_group_key(meta, trial["params"]), lr, best))
     if len({p[1] for p in points}) < 2:
         return None  # the learning rate was not searched
     label = _score_label(meta, trials[0]["progress"])
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
-    axes = _Axes(_limits(xs), _limits(ys), f"{title}: best {label} vs learning rate", "log10(lr)", label)
+    figure, axes = plots.new_figure(f"{title}: best {label} vs learning rate", "learning rate", label)
     groups = list(dict.fromkeys(p[0] for p in points))
-    for i, group in enumerate(groups):
-        color = PALETTE[i % len(PALETTE)]
-        mine = sorted((x, y) for g, x, y in points if g == group)
-        axes.points([x for x, _ in mine], [y for _, y in mine], color)
-        if len(mine) > 1:
-            axes.line([x for x, _ in mine], [y for _, y in mine], color, 1)
-    axes.legend([(g, PALETTE[i % len(PALETTE)]) for i, g in enumerate(groups)])
-    return axes.image
+    for group, colour in zip(groups, plots.colours(len(groups)), strict=True):
+        mine = sorted((lr, score) for g, lr, score in points if g == group)
+        axes.plot(
+            [lr for lr, _ in mine],
+            [score for _, score in mine],
+            color=colour,
+            marker="o",
+            linewidth=1,
+            label=group,
+        )
+    axes.set_xscale("log")
+    axes.legend()
+    return figure
 
 
-def curves_plot(meta: dict, trials: list[dict], title: str) -> np.ndarray | None:
+def curves_plot(meta: dict, trials: list[dict], title: str) -> Figure | None:
     """Validation score per epoch, mean over the trials of each first grid value (init or granularity)."""
-    from pedx_ray.evaluate import PALETTE, _Axes, _limits
-
     first = meta["grid_axes"][0] if meta["grid_axes"] else None
     series: dict[str, dict[int, list[float]]] = {}
     for trial in trials:
@@ -439,17 +436,19 @@ def curves_plot(meta: dict, trials: list[dict], title: str) -> np.ndarray | None
     if not series:
         return None
     label = _score_label(meta, next(t["progress"] for t in trials if t["progress"]))
-    xs = [e for s in series.values() for e in s]
-    ys = [np.mean(v) for s in series.values() for v in s.values()]
-    axes = _Axes(_limits(xs), _limits(ys), f"{title}: {label} per epoch (mean of trials)", "epoch", label)
-    legend = []
-    for i, (key, by_epoch) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
+    figure, axes = plots.new_figure(f"{title}: {label} per epoch (mean of trials)", "epoch", label)
+    for (key, by_epoch), colour in zip(series.items(), plots.colours(len(series)), strict=True):
         epochs = sorted(by_epoch)
-        axes.line(epochs, [np.mean(by_epoch[e]) for e in epochs], color)
-        legend.append((f"{first}={key}" if first else key, color))
-    axes.legend(legend)
-    return axes.image
+        axes.plot(
+            epochs,
+            [np.mean(by_epoch[e]) for e in epochs],
+            color=colour,
+            marker=".",
+            label=f"{first}={key}" if first else key,
+        )
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.legend()
+    return figure
 
 
 # ---------------------------------------------------------------- the report
@@ -505,12 +504,12 @@ def write_report(
                 ablation_markdown(table),
                 f"![{PRIMARY[task][1]} vs training size](size_{task}.png)", "",
             ]  # fmt: skip
-            written["png"].append(_write_png(size_plot(table, task), out / f"size_{task}.png"))
+            written["png"].append(plots.save_png(size_plot(table, task), out / f"size_{task}.png"))
     for path, meta, trials in experiments:
         for kind, plot in (("lr", lr_plot), ("curves", curves_plot)):
-            image = plot(meta, trials, path.name)
-            if image is not None:
-                png = _write_png(image, out / f"{kind}_{path.name}.png")
+            figure = plot(meta, trials, path.name)
+            if figure is not None:
+                png = plots.save_png(figure, out / f"{kind}_{path.name}.png")
                 written["png"].append(png)
                 sections += [f"![{kind} {path.name}]({png.name})", ""]
     written["markdown"] = write_atomic(out / "report.md", "\n".join(sections))
