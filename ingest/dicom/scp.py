@@ -713,8 +713,8 @@ def setup_cli_logging() -> None:
 
 
 def tune_connection(event: Event) -> None:
-    """EVT_CONN_OPEN handler (our pynetdicom associations: C-ECHO, C-FIND): send each PDU at once and
-    log only what is kept.
+    """EVT_CONN_OPEN handler (our pynetdicom associations: C-ECHO, C-FIND, and on the pynetdicom
+    transport every association): send each PDU at once and log only what is kept.
 
     A DIMSE message goes out as a command PDU then a data set PDU; with Nagle's algorithm the second
     waits for the peer's delayed ACK, about 40 ms per message on Linux, which caps C-FIND at a few
@@ -751,9 +751,9 @@ class _PynetdicomServer(ThreadedAssociationServer):
         super().server_bind()
 
     def shutdown(self) -> None:
-        # Only the accept loop: AssociationServer.shutdown also closes the socket and takes the server
-        # out of the AE's list of those AE.start_server started, a list this one (from
-        # AE.make_server) is not in.
+        # Only the accept loop: AssociationServer.shutdown (pynetdicom 3.0.4, pinned) also closes the
+        # socket and takes the server out of the AE's private list of those AE.start_server
+        # started, a list this one (from AE.make_server) is not in. Re-check on a version bump.
         socketserver.BaseServer.shutdown(self)
 
     def close_connections(self) -> None:

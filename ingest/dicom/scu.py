@@ -344,7 +344,7 @@ def _with_retries(cfg: PacsConfig, what: str, attempt: Callable[[int], object]):
             number += 1
 
 
-class PynetdicomRetrieving:
+class _PynetdicomRetrieving:
     """A pynetdicom association that sends C-MOVE and C-GET requests as a ``RequestorAssociation``
     does (the pynetdicom transport): each ``send_c_*`` returns the final ``(status, identifier)``,
     or ``(Dataset(), None)`` with ``lost_reason`` set once the association is gone."""
@@ -392,7 +392,7 @@ class PynetdicomRetrieving:
         self._assoc.release()
 
 
-_AnyAssociation = Association | RequestorAssociation | PynetdicomRetrieving
+_AnyAssociation = Association | RequestorAssociation | _PynetdicomRetrieving
 
 
 class _Connection:
@@ -400,7 +400,7 @@ class _Connection:
 
     ``opener()`` makes a new established association (pynetdicom's for C-ECHO and C-FIND,
     ``ingest.dicom.requestor``'s for C-MOVE and C-GET, or with the pynetdicom transport pynetdicom's
-    behind ``PynetdicomRetrieving``) or raises AssociationError.
+    behind ``_PynetdicomRetrieving``) or raises AssociationError.
     """
 
     def __init__(self, cfg: PacsConfig, opener: Callable[[], _AnyAssociation]) -> None:
@@ -1261,7 +1261,7 @@ def _retrieve_opener(
     counts: StoreCounts,
     fsync: bool = True,
     transport: str = DEFAULT_TRANSPORT,
-) -> Callable[[], RequestorAssociation | PynetdicomRetrieving]:
+) -> Callable[[], RequestorAssociation | _PynetdicomRetrieving]:
     """What opens a retrieving association (C-GET: one that also stores, into ``spool``)."""
     if method == "move":
         model = StudyRootQueryRetrieveInformationModelMove
@@ -1277,7 +1277,7 @@ def _open_retrieving(
     storage_classes: Sequence[str],
     on_store: StoreHandler | None,
     transport: str = DEFAULT_TRANSPORT,
-) -> RequestorAssociation | PynetdicomRetrieving:
+) -> RequestorAssociation | _PynetdicomRetrieving:
     """An association for C-MOVE or C-GET requests (with ``storage_classes``, one that takes the
     SCP role for them and stores what arrives through ``on_store``) on ``transport``."""
     if transport == "pynetdicom":
@@ -1312,7 +1312,7 @@ def _open_pynetdicom_retrieving(
     query_model: UID,
     storage_classes: Sequence[str],
     on_store: StoreHandler | None,
-) -> PynetdicomRetrieving:
+) -> _PynetdicomRetrieving:
     """``_open_retrieving`` on pynetdicom: the same contexts and roles; its EVT_C_STORE handler
     stores through ``on_store``."""
     ae = _make_ae(cfg)
@@ -1328,7 +1328,7 @@ def _open_pynetdicom_retrieving(
     if not any(context.abstract_syntax == query_model for context in assoc.accepted_contexts):
         assoc.release()
         _raise_model_refused(cfg, query_model)
-    return PynetdicomRetrieving(assoc, cfg)
+    return _PynetdicomRetrieving(assoc, cfg)
 
 
 def _raise_model_refused(cfg: PacsConfig, query_model: UID) -> NoReturn:
