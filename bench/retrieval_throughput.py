@@ -14,6 +14,8 @@ its row, with ``os.sync()`` before the next row so none pays for another's write
 * ingest C-GET with 1 and 4 associations, same plan;
 * ingest C-GET with 1 and 4 associations and C-MOVE with 2, without fsync (``--no-fsync``), as
   ``storescp`` writes;
+* ingest C-GET and C-MOVE on the pynetdicom transport (``--transport pynetdicom``, the fallback
+  for a PACS the fast upper layer does not interoperate with) with 4 associations;
 * ingest C-GET and C-MOVE spread over several processes (``retrieve(..., processes=P, workers=W)``,
   ``--processes P --workers W``): P x W associations, each process receiving on its own core; for
   C-MOVE every process listens on the same port (SO_REUSEPORT). The rows include starting the
@@ -213,6 +215,7 @@ def ingest_cli(
     studies_per_request: int = 50,
     processes: int = 1,
     fsync: bool = True,
+    transport: str = "fast",
 ) -> str:
     """The CLI pull that retrieves the same way (it also runs the C-FIND and the plan)."""
     return (
@@ -220,6 +223,7 @@ def ingest_cli(
         f"--method {method} --workers {workers}"
         + (f" --processes {processes}" if processes != 1 else "")
         + ("" if fsync else " --no-fsync")
+        + ("" if transport == "fast" else f" --transport {transport}")
         + (f" --studies-per-request {studies_per_request}" if studies_per_request != 50 else "")
         + (f" --scp-host {LOOPBACK} --scp-port {scp_port}" if method == "move" else "")
     )
@@ -239,10 +243,13 @@ def measure_ingest(
     processes: int = 1,
     fsync: bool = True,
     plan: str = "",
+    transport: str = "fast",
 ) -> Row:
     """One pull timed in this process; the row shows the CLI pull that retrieves the same way
     (``plan`` says how the items were planned, where the CLI would plan them otherwise)."""
-    command = ingest_cli(cfg, spool, method, workers, scp_port, studies_per_request, processes, fsync)
+    command = ingest_cli(
+        cfg, spool, method, workers, scp_port, studies_per_request, processes, fsync, transport
+    )
     if plan:
         command = f"{command}  # with {plan}"
     note = ""
@@ -251,12 +258,19 @@ def measure_ingest(
         "processes": processes,
         "progress": False,
         "max_studies_per_request": studies_per_request,
+        "transport": transport,
     }
     started, cpu_started = time.monotonic(), process_cpu_seconds()
     try:
         if method == "move":
             with StorageSCP(
-                spool, INGEST_AET, scp_port, [PACS_AET], share_port=processes > 1, fsync=fsync
+                spool,
+                INGEST_AET,
+                scp_port,
+                [PACS_AET],
+                share_port=processes > 1,
+                fsync=fsync,
+                transport=transport,
             ) as scp:
                 summary = run_bounded(
                     lambda: retrieve(cfg, items, method="move", scp=scp, **options), timeout
@@ -520,18 +534,21 @@ def measure_all(
     work = work / f"round-{round_number}"
     work.mkdir()
     rows: list[Row] = []
-    runs = [("move", workers, 1, True) for workers in args.move_workers]
-    runs += [("get", workers, 1, True) for workers in args.get_workers]
+    runs = [("move", workers, 1, True, "fast") for workers in args.move_workers]
+    runs += [("get", workers, 1, True, "fast") for workers in args.get_workers]
+    # What the fallback costs: the same pulls on pynetdicom's associations.
+    runs += [(method, 4, 1, True, "pynetdicom") for method in ("get", "move")]
     for method in ("get", "move"):
-        runs += [(method, workers, processes, True) for processes, workers in args.multi_process]
+        runs += [(method, workers, processes, True, "fast") for processes, workers in args.multi_process]
     # What the two fsyncs per instance cost: the same pulls answering before the data is on disk
     # (one association too, like for like with storescp on movescu's one association).
     no_fsync = [("get", 1, 1, False), ("get", max(args.get_workers), 1, False), ("move", 2, 1, False)]
-    runs += dict.fromkeys(no_fsync)  # once each, also where --get-workers is only 1
-    for method, workers, processes, fsync in runs:
-        spool = work / f"ingest-{method}-{processes}x{workers}-{'fsync' if fsync else 'nofsync'}"
+    runs += dict.fromkeys(run + ("fast",) for run in no_fsync)  # once each, also where --get-workers is 1
+    for method, workers, processes, fsync, transport in runs:
+        spool = work / f"ingest-{method}-{processes}x{workers}-{'fsync' if fsync else 'nofsync'}-{transport}"
         label = f"ingest C-{method.upper()}" + (f", {processes} processes" if processes > 1 else "")
         label += "" if fsync else ", --no-fsync"
+        label += "" if transport == "fast" else f", --transport {transport}"
         row = measure_ingest(
             label,
             cfg,
@@ -544,6 +561,7 @@ def measure_all(
             args.timeout,
             processes=processes,
             fsync=fsync,
+            transport=transport,
         )
         finish_row(rows, row, spool, args.keep)
     # What UID lists save: one C-MOVE per study, and one per series (the plan before them).

@@ -5,9 +5,12 @@ what the spool still lacks, retrieves it (C-MOVE into our own Storage SCP, or C-
 spool into ``DIR/catalog``, then balances and writes the shards of each ``--granularity`` into
 ``DIR/shards-<g>``. ``--processes P --workers N`` retrieves over P x N associations in P processes
 (one core each); ``--no-fsync`` answers each C-STORE before the instance is on disk (faster, not
-crash-safe: see ``ingest.dicom.scp``). Every step is resumable: a second run retrieves only what is
-missing, re-reads only changed files and rewrites only shards whose content changed. Failed
-retrievals are reported and counted, the rest of the run goes on, and nothing already stored is lost.
+crash-safe: see ``ingest.dicom.scp``). ``--transport pynetdicom`` receives and retrieves on
+pynetdicom's own associations instead of this project's faster DICOM upper layer (same spool): the
+switch for a PACS vendor's implementation that does not interoperate with the fast one. Every
+step is resumable: a second run retrieves only what is missing, re-reads only changed files and
+rewrites only shards whose content changed. Failed retrievals are reported and counted, the rest
+of the run goes on, and nothing already stored is lost.
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ from ingest.dataset.shards import (
     write_shards,
 )
 from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
-from ingest.dicom.scp import StorageSCP, setup_cli_logging
+from ingest.dicom.scp import (
+    DEFAULT_TRANSPORT,
+    TRANSPORT_HELP,
+    TRANSPORTS,
+    StorageSCP,
+    check_transport,
+    setup_cli_logging,
+)
 from ingest.dicom.scu import (
     PacsConfig,
     PacsError,
@@ -57,6 +67,7 @@ class PullConfig:
     pacs: PacsConfig
     work_dir: Path
     method: str = "move"
+    transport: str = DEFAULT_TRANSPORT
     scp_host: str = "127.0.0.1"
     scp_port: int = 11112
     date_from: date | None = None
@@ -75,6 +86,7 @@ class PullConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: use 'move' (the PACS pushes to our SCP) or 'get'")
+        check_transport(self.transport)
         if self.date_from and self.date_to and self.date_from > self.date_to:
             raise ValueError(f"--from {self.date_from} is after --to {self.date_to}")
         if not 1 <= self.studies_per_request <= 1000:
@@ -213,6 +225,7 @@ def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) ->
             progress=progress,
             observer=metrics,
             fsync=cfg.fsync,
+            transport=cfg.transport,
         )
     destination = cfg.pacs.move_destination or cfg.pacs.calling_aet
     # Only the PACS we query may push to us: anything else is refused and logged by the SCP. With
@@ -225,6 +238,7 @@ def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) ->
         cfg.scp_host,
         share_port=cfg.processes > 1,
         fsync=cfg.fsync,
+        transport=cfg.transport,
     )
     with scp:
         return retrieve(
@@ -237,6 +251,7 @@ def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) ->
             max_studies_per_request=cfg.studies_per_request,
             progress=progress,
             observer=metrics,
+            transport=cfg.transport,
         )
 
 
@@ -253,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="move",
         help="move: the PACS pushes to our Storage SCP (default); get: over the same association",
     )
+    net.add_argument("--transport", choices=TRANSPORTS, default=DEFAULT_TRANSPORT, help=TRANSPORT_HELP)
     net.add_argument(
         "--scp-host",
         default="127.0.0.1",
@@ -325,6 +341,7 @@ def config_from_args(args: argparse.Namespace) -> PullConfig:
         pacs=pacs,
         work_dir=args.work,
         method=args.method,
+        transport=args.transport,
         scp_host=args.scp_host,
         scp_port=args.scp_port,
         date_from=args.date_from,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
@@ -31,6 +31,7 @@ from ingest.demo.orthanc import (
     port_accepts_connections,
 )
 from ingest.demo.pacs import main as demo_main
+from ingest.dicom.scp import TRANSPORTS, StorageSCP, spooled_uids
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PENDING = (0xFF00, 0xFF01)
@@ -125,20 +126,11 @@ def test_limit_find_results_truncates_with_cancel_status(orthanc_server, pydicom
     assert final_status == CANCEL_MATCHING_TERMINATED
 
 
-def test_c_move_reaches_a_modality_added_at_runtime(orthanc_server, pydicom_testfiles):
-    received: list[str] = []
-
-    def on_store(event):
-        received.append(event.request.AffectedSOPInstanceUID)
-        return 0x0000
-
-    store_scp = AE(ae_title="PEDXRAY")
-    store_scp.supported_contexts = AllStoragePresentationContexts
-    scp_port = free_port()
-    scp = store_scp.start_server(
-        ("127.0.0.1", scp_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
-    try:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_c_move_reaches_a_modality_added_at_runtime(orthanc_server, pydicom_testfiles, tmp_path, transport):
+    # Our Storage SCP on either transport is the destination Orthanc stores to.
+    with StorageSCP(tmp_path / "spool", "PEDXRAY", 0, transport=transport) as scp:
+        scp_port = scp.port
         server = orthanc_server()
         server.upload(pydicom_testfiles[:1], progress=False)
         study_uid = server.study_uids()[0]
@@ -163,10 +155,9 @@ def test_c_move_reaches_a_modality_added_at_runtime(orthanc_server, pydicom_test
         server.add_modality("pedxray", "PEDXRAY", "127.0.0.1", scp_port)
         assert move_status() == 0x0000
         sop_uid = pydicom.dcmread(pydicom_testfiles[0], stop_before_pixels=True).SOPInstanceUID
-        assert received == [sop_uid]
+        assert spooled_uids(scp.spool_dir) == {sop_uid}
+        assert scp.counts.snapshot()["stored"] == 1
         assert "pedxray" in server.modalities()
-    finally:
-        scp.shutdown()
 
 
 def test_delete_all_empties_the_pacs(orthanc_server, pydicom_testfiles):

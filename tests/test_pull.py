@@ -60,12 +60,13 @@ def pacs(orthanc_binary, tmp_path_factory):
         yield server, scp_port, uids
 
 
-def config(pacs, work: Path, method: str, processes: int = 1) -> PullConfig:
+def config(pacs, work: Path, method: str, processes: int = 1, transport: str = "fast") -> PullConfig:
     server, scp_port, _ = pacs
     return PullConfig(
         pacs=PacsConfig("127.0.0.1", server.dicom_port, "TESTPACS", retries=1, backoff_s=0.1),
         work_dir=work,
         method=method,
+        transport=transport,
         scp_port=scp_port,
         workers=2,
         processes=processes,
@@ -81,12 +82,21 @@ def metric(metrics: IngestMetrics, name: str, **labels) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-@pytest.mark.parametrize(("method", "processes"), [("move", 1), ("get", 1), ("move", 2)])
+@pytest.mark.parametrize(
+    ("method", "processes", "transport"),
+    [
+        ("move", 1, "fast"),
+        ("get", 1, "fast"),
+        ("move", 2, "fast"),
+        ("move", 1, "pynetdicom"),
+        ("get", 1, "pynetdicom"),
+    ],
+)
 def test_pull_retrieves_everything_once_and_resumes(
-    pacs, tmp_path: Path, method: str, processes: int
+    pacs, tmp_path: Path, method: str, processes: int, transport: str
 ) -> None:
     _, _, uids = pacs
-    cfg = config(pacs, tmp_path / "work", method, processes)
+    cfg = config(pacs, tmp_path / "work", method, processes, transport)
     metrics = IngestMetrics()
     result = pull(cfg, id_salt="s", metrics=metrics, scheduler="sync", progress=False)
     assert result.ok and result.studies == len(uids)
@@ -107,7 +117,7 @@ def test_pull_retrieves_everything_once_and_resumes(
         assert manifest["counts"]["train"][region] == 3 and manifest["counts"]["finetune"][region] == 1
         assert manifest["counts"]["val"][region] == 1
     saved = json.loads((cfg.work_dir / "pull-config.json").read_text())
-    assert (saved["method"], saved["processes"]) == (method, processes)
+    assert (saved["method"], saved["processes"], saved["transport"]) == (method, processes, transport)
 
     # Interrupted runs resume: delete part of the spool, and only that part is fetched again.
     lost = sorted(cfg.spool_dir.rglob("*.dcm"))[:5]
@@ -121,6 +131,12 @@ def test_pull_retrieves_everything_once_and_resumes(
     done = pull(cfg, id_salt="s", scheduler="sync", progress=False)
     assert done.planned_instances == 0 and done.retrieval.completed == 0
     assert done.manifest["skipped_shards"] == len(manifest["shards"])
+
+
+def test_config_names_the_transports_when_given_another(tmp_path: Path) -> None:
+    pacs = PacsConfig("127.0.0.1", 104, "TESTPACS")
+    with pytest.raises(ValueError, match="transport='dcmtk': use 'fast' .* or 'pynetdicom'"):
+        PullConfig(pacs=pacs, work_dir=tmp_path, transport="dcmtk")
 
 
 @pytest.fixture
@@ -153,11 +169,15 @@ def test_cli_runs_with_metrics_and_fails_clearly_without_a_pacs(
         "2018-07-01",
         "--scheduler",
         "sync",
+        "--transport",
+        "pynetdicom",
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"{len(uids)} studies" in out and "metrics: http://127.0.0.1:" in out and "shards in" in out
-    # pynetdicom at INFO writes every C-FIND match element by element: kept out of the console.
+    assert json.loads((tmp_path / "w" / "pull-config.json").read_text())["transport"] == "pynetdicom"
+    # pynetdicom at INFO writes every C-FIND match (and, on its transport, every DIMSE message)
+    # element by element: kept out of the console.
     chatter = [r for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno < logging.WARNING]
     assert chatter == []
     assert any(r.name.startswith("ingest") and r.levelno == logging.INFO for r in caplog.records)

@@ -7,7 +7,9 @@ import io
 import logging
 import os
 import random
+import shutil
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -44,6 +46,7 @@ from ingest.dicom.scp import (
     STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
+    TRANSPORTS,
     StorageSCP,
     StoreCounts,
     check_convertible,
@@ -83,9 +86,10 @@ def leftover_temp_files(spool: Path) -> list[Path]:
     return [path for path in spool.rglob(".*") if path.is_file()]
 
 
-@pytest.fixture
-def scp(tmp_path):
-    with StorageSCP(tmp_path / "spool", "PEDXRAY", 0, [ALLOWED]) as server:
+@pytest.fixture(params=TRANSPORTS)
+def scp(tmp_path, request):
+    """A running Storage SCP on each transport: both must give the same statuses, spool and counts."""
+    with StorageSCP(tmp_path / "spool", "PEDXRAY", 0, [ALLOWED], transport=request.param) as server:
         yield server
 
 
@@ -148,7 +152,7 @@ def test_stored_instance_lands_at_its_spool_path_byte_for_byte_dataset(scp, tmp_
 def test_unknown_calling_aet_is_rejected_and_logged(scp, caplog):
     # Our requestor, not pynetdicom's: pynetdicom 3.0.4 reports about 1 in 100 quick rejections as an
     # abort (its DUL thread closes the socket on the A-ASSOCIATE-RJ before ACSE checks the socket).
-    caplog.set_level(logging.WARNING, logger="ingest.dicom.acceptor")
+    caplog.set_level(logging.WARNING, logger="ingest.dicom")
     with pytest.raises(AssociationRejected) as rejection:
         RequestorAssociation.open(
             "127.0.0.1",
@@ -269,10 +273,11 @@ def test_a_garbled_number_gets_cannot_understand_though_text_values_are_not_deco
     assert spooled_uids(scp.spool_dir) == set()
 
 
-def test_stop_returns_at_once(tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_stop_returns_at_once(tmp_path, transport):
     # A pull stops its SCP at the end; socketserver's default accept-loop poll made that wait ~0.5 s.
     for _ in range(3):
-        scp = StorageSCP(tmp_path / "spool", "PEDXRAY", 0, [ALLOWED]).start()
+        scp = StorageSCP(tmp_path / "spool", "PEDXRAY", 0, [ALLOWED], transport=transport).start()
         started = time.monotonic()
         scp.stop()
         assert time.monotonic() - started < 0.25
@@ -462,6 +467,39 @@ def test_an_instance_is_on_disk_before_success_unless_fsync_is_off(
     assert leftover_temp_files(tmp_path / "spool") == []
 
 
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk's storescu is not installed")
+def test_dcmtk_stores_compressed_instances_as_they_were_sent(scp):
+    # dcmtk is a second, independent implementation of the sending side; the spool files must not
+    # depend on the transport (the same bytes behind the same file meta).
+    peer = ["-aet", ALLOWED, "-aec", "PEDXRAY", "127.0.0.1", str(scp.port)]
+    for name, options in [("JPEG2000.dcm", ["-R", "-xw"]), ("CT_small.dcm", ["-pdu", "4096"])]:
+        result = subprocess.run(["storescu", *options, *peer, get_testdata_file(name)], capture_output=True)
+        assert result.returncode == 0, result.stderr.decode()
+        source = pydicom.dcmread(get_testdata_file(name))
+        stored = pydicom.dcmread(spool_path(scp.spool_dir, source.SOPInstanceUID))
+        assert stored.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
+        assert stored.file_meta.SourceApplicationEntityTitle == ALLOWED
+        assert stored.PixelData == source.PixelData
+    assert scp.counts.snapshot()["stored"] == 2
+    stranger = ["-aet", "STRANGER", *peer[2:]]
+    assert subprocess.run(["echoscu", *stranger], capture_output=True).returncode != 0
+
+
+def test_both_transports_write_the_same_spool_file(tmp_path):
+    source = pydicom.dcmread(instance(tmp_path, 1))
+    stored = {}
+    for transport in TRANSPORTS:
+        with StorageSCP(tmp_path / transport, "PEDXRAY", 0, [ALLOWED], transport=transport) as server:
+            assoc = associate(server)
+            try:
+                assert assoc.send_c_store(source).Status == STATUS_SUCCESS
+            finally:
+                assoc.release()
+        path = spool_path(server.spool_dir, source.SOPInstanceUID)
+        stored[transport] = (path.relative_to(server.spool_dir), path.read_bytes())
+    assert len(set(stored.values())) == 1, "the spool file depends on the transport"
+
+
 def test_write_spool_file_never_replaces_a_complete_file(tmp_path):
     target = spool_path(tmp_path, "1.2.3.4")
     assert write_spool_file(target, b"first") is True
@@ -572,6 +610,7 @@ def test_spool_path_refuses_what_is_not_a_uid(tmp_path, uid):
         ({"allowed_calling_aets": "GOODPACS"}, "list of AE titles, not one string"),
         ({"allowed_calling_aets": []}, "allowed_calling_aets is empty"),
         ({"maximum_associations": 0}, "maximum_associations must be >= 1"),
+        ({"transport": "dcmtk"}, "use 'fast' .* or 'pynetdicom'"),
     ],
 )
 def test_invalid_scp_settings_say_what_to_fix(tmp_path, kwargs, message):

@@ -1,14 +1,18 @@
-"""Query/retrieve against real associations: Orthanc with a tiny C-FIND cap, and a PACS that aborts.
+"""Query/retrieve against real associations: Orthanc with a tiny C-FIND cap, dcmtk's dcmqrscp, and
+a PACS that aborts.
 
 One Orthanc (LimitFindResults=3) holding the synthetic studies and pydicom's sample files serves
-the whole module; each retrieval test pulls into its own spool.
+the whole module; each retrieval test pulls into its own spool. The representative retrieval tests
+run on both transports (this project's upper layer and pynetdicom's).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -25,8 +29,8 @@ from pynetdicom.sop_class import (
 )
 
 import ingest.dicom.scu as scu
-from ingest.demo.orthanc import OrthancServer, free_port
-from ingest.dicom.scp import StorageSCP, spool_path, spooled_uids
+from ingest.demo.orthanc import OrthancServer, free_port, port_accepts_connections
+from ingest.dicom.scp import TRANSPORTS, StorageSCP, spool_path, spooled_uids
 from ingest.dicom.scu import (
     AssociationError,
     PacsConfig,
@@ -269,18 +273,22 @@ def pull_and_resume(cfg, pacs, originals, spool, monkeypatch, **retrieve_kwargs)
 
 
 @pytest.mark.slow
-def test_c_get_pulls_every_instance_and_resumes(cfg, pacs, originals, tmp_path, monkeypatch):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_c_get_pulls_every_instance_and_resumes(cfg, pacs, originals, tmp_path, monkeypatch, transport):
     spool = tmp_path / "spool"
-    pull_and_resume(cfg, pacs, originals, spool, monkeypatch, method="get", spool_dir=spool)
+    kwargs = {"method": "get", "spool_dir": spool, "transport": transport}
+    pull_and_resume(cfg, pacs, originals, spool, monkeypatch, **kwargs)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_c_move_into_the_storage_scp_pulls_every_instance_and_resumes(
-    cfg, pacs, originals, tmp_path, monkeypatch
+    cfg, pacs, originals, tmp_path, monkeypatch, transport
 ):
-    with StorageSCP(tmp_path / "spool", OUR_AET, 0, [pacs.aet]) as scp:
+    with StorageSCP(tmp_path / "spool", OUR_AET, 0, [pacs.aet], transport=transport) as scp:
         pacs.add_modality("pedxray", OUR_AET, "127.0.0.1", scp.port)
-        pull_and_resume(cfg, pacs, originals, scp.spool_dir, monkeypatch, method="move", scp=scp)
+        kwargs = {"method": "move", "scp": scp, "transport": transport}
+        pull_and_resume(cfg, pacs, originals, scp.spool_dir, monkeypatch, **kwargs)
 
 
 def pull_in_processes(cfg, pacs, spool, observer=None, **retrieve_kwargs):
@@ -292,12 +300,15 @@ def pull_in_processes(cfg, pacs, spool, observer=None, **retrieve_kwargs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["move", "get"])
-def test_pull_in_two_processes_stores_each_instance_once_and_resumes(cfg, pacs, originals, tmp_path, method):
+@pytest.mark.parametrize(("method", "transport"), [("move", "fast"), ("get", "fast"), ("move", "pynetdicom")])
+def test_pull_in_two_processes_stores_each_instance_once_and_resumes(
+    cfg, pacs, originals, tmp_path, method, transport
+):
     spool = tmp_path / "spool"
-    with StorageSCP(spool, OUR_AET, 0, [pacs.aet], share_port=True) as scp:
+    with StorageSCP(spool, OUR_AET, 0, [pacs.aet], share_port=True, transport=transport) as scp:
         pacs.add_modality("pedxray", OUR_AET, "127.0.0.1", scp.port)
         kwargs = {"method": method, "scp": scp} if method == "move" else {"method": "get", "spool_dir": spool}
+        kwargs["transport"] = transport
         observer = CountingObserver()
         _, summary = pull_in_processes(cfg, pacs, spool, observer, **kwargs)
         assert summary.ok, summary.failures
@@ -365,21 +376,78 @@ def test_a_pull_whose_processes_die_reports_what_is_missing_and_the_rerun_fetche
     assert spooled_uids(spool) == set(originals)
 
 
-def test_c_move_of_a_whole_study_counts_the_pacs_sub_operations(cfg, pacs, tmp_path):
+@pytest.fixture(scope="module")
+def dcmtk_pacs(tmp_path_factory, synthetic_files):
+    """dcmtk's dcmqrscp holding the synthetic studies: a second PACS implementation. Yields its
+    config and the port its C-MOVE destination (our AE title) must listen on."""
+    if shutil.which("dcmqrscp") is None or shutil.which("storescu") is None:
+        pytest.skip("dcmtk's dcmqrscp and storescu are not installed")
+    root = tmp_path_factory.mktemp("dcmqrscp")
+    (root / "db").mkdir()
+    port, destination_port = free_port(), free_port()
+    config = root / "dcmqrscp.cfg"
+    config.write_text(
+        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+        f"HostTable BEGIN\npedxray = ({OUR_AET}, 127.0.0.1, {destination_port})\nHostTable END\n"
+        "VendorTable BEGIN\nVendorTable END\n"
+        f"AETable BEGIN\nDCMTKPACS {root / 'db'} RW (200, 1024mb) ANY\nAETable END\n"
+    )
+    # Forking, not --single-process: dcmqrscp 3.6.7 crashed after its first association in that mode.
+    process = subprocess.Popen(
+        ["dcmqrscp", "-c", str(config), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not port_accepts_connections(port):
+            assert process.poll() is None and time.monotonic() < deadline, "dcmqrscp did not start"
+            time.sleep(0.05)
+        load = ["storescu", "-aet", "LOADER", "-aec", "DCMTKPACS", "127.0.0.1", str(port), *synthetic_files]
+        subprocess.run(load, check=True, capture_output=True)
+        yield (
+            PacsConfig("127.0.0.1", port, "DCMTKPACS", calling_aet=OUR_AET, retries=1, backoff_s=0.01),
+            (destination_port),
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("method", ["get", "move"])
+def test_pull_from_dcmtk_stores_every_instance(dcmtk_pacs, synthetic_files, tmp_path, method, transport):
+    cfg, destination_port = dcmtk_pacs
+    originals = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, synthetic_files)}
+    studies = sorted({ds.StudyInstanceUID for ds in originals.values()})
+    spool = tmp_path / "spool"
+    with StorageSCP(spool, OUR_AET, destination_port, ["DCMTKPACS"], transport=transport) as scp:
+        plan = plan_retrieval(cfg, spool, studies)
+        kwargs = {"scp": scp} if method == "move" else {"spool_dir": spool}
+        summary = retrieve(cfg, plan, method=method, progress=False, transport=transport, **kwargs)
+    assert summary.ok, summary.failures
+    assert (summary.requested, summary.completed) == (len(originals),) * 2
+    assert_spool_matches_pacs(spool, originals)
+    assert plan_retrieval(cfg, spool, studies) == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_c_move_of_a_whole_study_counts_the_pacs_sub_operations(cfg, pacs, tmp_path, transport):
     study = "1.2.826.0.1.3680043.10.999.1"
-    with StorageSCP(tmp_path / "spool", OUR_AET, 0, [pacs.aet]) as scp:
+    with StorageSCP(tmp_path / "spool", OUR_AET, 0, [pacs.aet], transport=transport) as scp:
         pacs.add_modality("pedxray", OUR_AET, "127.0.0.1", scp.port)
-        summary = retrieve(cfg, [RetrieveItem(study)], method="move", scp=scp, progress=False)
+        summary = retrieve(
+            cfg, [RetrieveItem(study)], method="move", scp=scp, progress=False, transport=transport
+        )
     assert summary.ok and (summary.requested, summary.completed) == (3, 3)
     assert spooled_uids(scp.spool_dir) == {f"{study}.1.1", f"{study}.2.1", f"{study}.2.2"}
 
 
-def test_c_move_to_an_unknown_destination_fails_with_a_reason(cfg, pacs, tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_c_move_to_an_unknown_destination_fails_with_a_reason(cfg, pacs, tmp_path, transport):
     stranger = PacsConfig(cfg.host, cfg.port, cfg.called_aet, move_destination="NOTKNOWN", retries=0)
-    with StorageSCP(tmp_path / "spool", OUR_AET, 0, [pacs.aet]) as scp:
-        summary = retrieve(
-            stranger, [RetrieveItem("1.2.826.0.1.3680043.10.999.1")], method="move", scp=scp, progress=False
-        )
+    item = RetrieveItem("1.2.826.0.1.3680043.10.999.1")
+    with StorageSCP(tmp_path / "spool", OUR_AET, 0, [pacs.aet], transport=transport) as scp:
+        summary = retrieve(stranger, [item], method="move", scp=scp, progress=False, transport=transport)
     assert not summary.ok
     (failure,) = summary.failures
     assert "C-MOVE study 1.2.826.0.1.3680043.10.999.1" in failure.reason
@@ -412,6 +480,8 @@ def test_retrieve_arguments_are_checked(cfg, tmp_path):
         retrieve(cfg, [], method="get", spool_dir=tmp_path, max_studies_per_request=0)
     with pytest.raises(ValueError, match="use 1 \\(this process\\) or more"):
         retrieve(cfg, [], method="get", spool_dir=tmp_path, processes=0)
+    with pytest.raises(ValueError, match="transport='dcmtk': use 'fast'"):
+        retrieve(cfg, [], method="get", spool_dir=tmp_path, transport="dcmtk")
     with (
         StorageSCP(tmp_path / "spool", OUR_AET, 0) as unshared,
         pytest.raises(ValueError, match="share_port=True"),
@@ -442,8 +512,9 @@ def flaky_pacs(tmp_path):
     pacs.server.shutdown()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_aborted_c_get_reports_the_rest_as_failed_keeps_what_arrived_and_a_retry_completes(
-    flaky_pacs, tmp_path
+    flaky_pacs, tmp_path, transport
 ):
     cfg = PacsConfig("127.0.0.1", flaky_pacs.port, "FLAKYPACS", retries=1, backoff_s=0.01)
     spool = tmp_path / "spool"
@@ -452,7 +523,9 @@ def test_aborted_c_get_reports_the_rest_as_failed_keeps_what_arrived_and_a_retry
     observer = CountingObserver()
     flaky_pacs.abort_after = 1
 
-    summary = retrieve(cfg, [item], method="get", spool_dir=spool, progress=False, observer=observer)
+    summary = retrieve(
+        cfg, [item], method="get", spool_dir=spool, progress=False, observer=observer, transport=transport
+    )
 
     # Two attempts (retries=1), each storing one instance before the abort: four are missing.
     assert flaky_pacs.requests == 2
@@ -465,7 +538,7 @@ def test_aborted_c_get_reports_the_rest_as_failed_keeps_what_arrived_and_a_retry
     kept_bytes = {uid: spool_path(spool, uid).read_bytes() for uid in kept}
 
     flaky_pacs.abort_after = None
-    retried = retrieve(cfg, [item], method="get", spool_dir=spool, progress=False)
+    retried = retrieve(cfg, [item], method="get", spool_dir=spool, progress=False, transport=transport)
     assert retried.ok
     assert (retried.already_present, retried.completed) == (2, 4)
     assert spooled_uids(spool) == set(uids)

@@ -9,13 +9,24 @@ crash. ``fsync=False`` (``ingest pull --no-fsync``) drops the two fsyncs: still 
 crash of this process, but after an OS crash or power loss an instance acknowledged in the last
 seconds may be empty or cut short in the spool; see ``write_spool_file``.
 
-``store_instance`` checks and spools one instance, whichever way it arrived: ``StorageSCP`` (the
-C-MOVE destination) receives on ``ingest.dicom.acceptor``'s associations, and the C-GET client in
-``ingest.dicom.scu`` passes it as the ``on_store`` handler of its ``ingest.dicom.requestor`` associations. Its
-pynetdicom associations (C-ECHO, C-FIND) bind ``tune_connection`` (EVT_CONN_OPEN), which turns
-Nagle off and pynetdicom's per-message log chatter. ``StorageSCP(share_port=True)``
-lets several processes listen on one port (SO_REUSEPORT), so the PACS's C-STORE associations spread
-over them.
+``store_instance`` checks and spools one instance, whichever way it arrived. Two transports carry
+the associations that bring images (``TRANSPORTS``, ``--transport`` on ``ingest pull``, ``ingest scu
+pull`` and ``ingest scp``):
+
+* ``fast`` (the default): ``StorageSCP`` (the C-MOVE destination) receives on
+  ``ingest.dicom.acceptor``'s associations, and the C-GET client in ``ingest.dicom.scu`` passes
+  ``store_instance`` as the ``on_store`` handler of its ``ingest.dicom.requestor`` associations: this
+  project's own DICOM upper layer, measured faster than pynetdicom for bulk transfer.
+* ``pynetdicom``: pynetdicom's own association server and requestor associations, with
+  ``store_event`` bound to ``evt.EVT_C_STORE``. The spool is the same (``store_instance`` writes
+  every instance, so file names, contents, de-duplication, statuses and counts do not change); it
+  is slower. It is the path to switch to when a PACS vendor's implementation does not
+  interoperate with the fast one: pynetdicom is the widely deployed implementation.
+
+Our pynetdicom associations (C-ECHO, C-FIND, and all of them with ``pynetdicom``) bind
+``tune_connection`` (EVT_CONN_OPEN), which turns Nagle off and pynetdicom's per-message log
+chatter. ``StorageSCP(share_port=True)`` lets several processes listen on one port (SO_REUSEPORT),
+so the PACS's C-STORE associations spread over them.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import logging
 import os
 import re
 import socket
+import socketserver
 import struct
 import tempfile
 import threading
@@ -43,12 +55,16 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
-from pynetdicom import AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+
+# Private to pynetdicom (pinned to 3.0.4 in pyproject.toml): the default handlers its associations
+# bind for logging, which tune_connection unbinds. Check them again on a pynetdicom version bump.
 from pynetdicom._handlers import standard_dimse_recv_handler, standard_dimse_sent_handler
 from pynetdicom.dsutils import decode
 from pynetdicom.events import Event
 from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from ingest.dicom.acceptor import StorageAcceptor
 from ingest.dicom.upper_layer import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, ReceivedInstance
@@ -81,6 +97,16 @@ STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_UNABLE_TO_PROCESS = 0xC211
 
+# How the associations that carry images (receiving, C-MOVE and C-GET) run: see the module docstring.
+TRANSPORTS: tuple[str, ...] = ("fast", "pynetdicom")
+DEFAULT_TRANSPORT = "fast"
+TRANSPORT_HELP = (
+    "how the associations that carry images run: fast (default) is this project's own DICOM upper "
+    "layer, measured faster for bulk transfer; pynetdicom uses pynetdicom's own associations and "
+    "C-STORE handling, same spool, slower: switch to it when the PACS vendor's implementation does "
+    "not interoperate with the fast one"
+)
+
 _OUT_OF_RESOURCES_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
 # A DICOM UID: dot-separated digits, at most 64 characters. Checked before it becomes a file name.
 _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -100,6 +126,15 @@ _PARSED_VRS = frozenset({"SQ", "AT"})
 # Temp files without a name (Linux O_TMPFILE) are linked into place through /proc/self/fd. They save
 # the temp name's create and unlink, and a killed writer leaves nothing behind.
 _UNNAMED_TEMP_FILES = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+
+
+def check_transport(transport: str) -> None:
+    """Raise ValueError, saying what to use, unless ``transport`` is one of TRANSPORTS."""
+    if transport not in TRANSPORTS:
+        raise ValueError(
+            f"transport={transport!r}: use 'fast' (the default) or 'pynetdicom' (pynetdicom's own "
+            "associations, for a PACS that does not interoperate with the fast one)"
+        )
 
 
 def spool_path(spool_dir: str | os.PathLike, sop_instance_uid: str) -> Path:
@@ -648,6 +683,28 @@ def store_instance(
     return STATUS_SUCCESS
 
 
+def received_instance(event: Event) -> ReceivedInstance:
+    """The instance of a pynetdicom EVT_C_STORE event, as the fast transport hands one over: the
+    data set as the peer sent it, with who sent it (the PACS, on a C-GET association too)."""
+    request = event.request
+    remote = event.assoc.remote
+    source_aet = str(remote["ae_title"] or "").strip()
+    return ReceivedInstance(
+        sop_class_uid=str(request.AffectedSOPClassUID or ""),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+        transfer_syntax=UID(event.context.transfer_syntax),
+        dataset=event.encoded_dataset(include_meta=False),
+        source_aet=source_aet,
+        peer=f"{source_aet}@{remote['address']}:{remote['port']}",
+    )
+
+
+def store_event(event: Event, on_store: Callable[[ReceivedInstance], int]) -> int:
+    """EVT_C_STORE handler of the pynetdicom transport: the status ``on_store`` (``store_instance``
+    with its spool bound) answers for the event's instance."""
+    return on_store(received_instance(event))
+
+
 def setup_cli_logging() -> None:
     """INFO for this project's loggers; pynetdicom only from WARNING up: at INFO it writes every
     C-FIND match and DIMSE message, thousands of lines per pull."""
@@ -656,8 +713,8 @@ def setup_cli_logging() -> None:
 
 
 def tune_connection(event: Event) -> None:
-    """EVT_CONN_OPEN handler (our pynetdicom associations: C-ECHO, C-FIND): send each PDU at once and
-    log only what is kept.
+    """EVT_CONN_OPEN handler (our pynetdicom associations: C-ECHO, C-FIND, and on the pynetdicom
+    transport every association): send each PDU at once and log only what is kept.
 
     A DIMSE message goes out as a command PDU then a data set PDU; with Nagle's algorithm the second
     waits for the peer's delayed ACK, about 40 ms per message on Linux, which caps C-FIND at a few
@@ -680,6 +737,30 @@ def storage_syntaxes() -> dict[str, tuple[str, ...]]:
     return syntaxes
 
 
+class _PynetdicomServer(ThreadedAssociationServer):
+    """pynetdicom's association server (the pynetdicom transport), on a port other processes of
+    this user may bind too when ``share_port`` (SO_REUSEPORT), and stopped as the fast one is."""
+
+    def __init__(self, *args, share_port: bool = False, **kwargs) -> None:
+        self.share_port = share_port
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.share_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        # Only the accept loop: AssociationServer.shutdown (pynetdicom 3.0.4, pinned) also closes the
+        # socket and takes the server out of the AE's private list of those AE.start_server
+        # started, a list this one (from AE.make_server) is not in. Re-check on a version bump.
+        socketserver.BaseServer.shutdown(self)
+
+    def close_connections(self) -> None:
+        for assoc in self.active_associations:
+            assoc.abort()
+
+
 class StorageSCP:
     """A Storage SCP (C-STORE + C-ECHO) on background threads, spooling into ``spool_dir``.
 
@@ -691,7 +772,9 @@ class StorageSCP:
     disk (see ``write_spool_file``). ``share_port=True`` lets other processes of the same user listen
     on the same port (Linux SO_REUSEPORT), each taking a share of the incoming associations: how
     ``ingest.dicom.scu.retrieve`` spreads a C-MOVE pull over several processes. The associations
-    themselves run in ``ingest.dicom.acceptor``.
+    themselves run in ``ingest.dicom.acceptor`` (``transport="fast"``) or in pynetdicom's association
+    server (``transport="pynetdicom"``, for a PACS that does not interoperate with the fast one);
+    either way ``store_instance`` writes the spool.
     """
 
     def __init__(
@@ -707,7 +790,9 @@ class StorageSCP:
         max_pdu: int = 0,
         share_port: bool = False,
         fsync: bool = True,
+        transport: str = DEFAULT_TRANSPORT,
     ) -> None:
+        check_transport(transport)
         if not 0 <= port < 65536:
             raise ValueError(f"port must be 0 (pick a free one) or 1..65535, got {port}")
         if maximum_associations < 1:
@@ -731,7 +816,8 @@ class StorageSCP:
         self._max_pdu = max_pdu
         self.share_port = share_port
         self.fsync = fsync
-        self._server: StorageAcceptor | None = None
+        self.transport = transport
+        self._server: StorageAcceptor | _PynetdicomServer | None = None
 
     @property
     def port(self) -> int:
@@ -751,6 +837,38 @@ class StorageSCP:
     def _store(self, instance: ReceivedInstance) -> int:
         return store_instance(self.spool_dir, self.counts, instance, self.fsync)
 
+    def _log_rejection(self, event: Event) -> None:
+        """EVT_REJECTED handler (pynetdicom transport): who was turned away and why, as the fast one
+        logs it (pynetdicom itself logs only "Rejecting Association", at INFO)."""
+        requestor = event.assoc.requestor
+        calling_aet = str(requestor.ae_title or "").strip()
+        # pynetdicom rejects for a calling AE title it does not require, or a full house.
+        reason = self._admit(calling_aet) or "too many concurrent associations"
+        where = f"{requestor.address}:{requestor.port}"
+        LOGGER.warning("rejected association from %r at %s: %s", calling_aet, where, reason)
+
+    def _pynetdicom_server(self) -> _PynetdicomServer:
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = self._maximum_associations
+        ae.network_timeout = self._network_timeout
+        ae.maximum_pdu_size = self._max_pdu
+        if self.allowed_calling_aets is not None:
+            ae.require_calling_aet = sorted(self.allowed_calling_aets)
+        syntaxes = storage_syntaxes()
+        contexts = [build_context(abstract, list(accepted)) for abstract, accepted in syntaxes.items()]
+        handlers = [
+            (evt.EVT_C_STORE, store_event, [self._store]),
+            (evt.EVT_REJECTED, self._log_rejection),
+            (evt.EVT_CONN_OPEN, tune_connection),
+        ]
+        return ae.make_server(
+            (self.host, self._requested_port),
+            contexts=contexts,
+            evt_handlers=handlers,
+            server_class=_PynetdicomServer,
+            share_port=self.share_port,
+        )
+
     def start(self) -> StorageSCP:
         if self._server is not None:
             return self
@@ -758,16 +876,19 @@ class StorageSCP:
         remove_stale_parts(self.spool_dir)
         if self.allowed_calling_aets is None:
             LOGGER.warning("Storage SCP %s accepts associations from ANY calling AE title", self.ae_title)
-        self._server = StorageAcceptor(
-            (self.host, self._requested_port),
-            on_store=self._store,
-            admit=self._admit,
-            syntaxes=storage_syntaxes(),
-            maximum_associations=self._maximum_associations,
-            network_timeout=self._network_timeout,
-            max_pdu=self._max_pdu,
-            share_port=self.share_port,
-        )
+        if self.transport == "pynetdicom":
+            self._server = self._pynetdicom_server()
+        else:
+            self._server = StorageAcceptor(
+                (self.host, self._requested_port),
+                on_store=self._store,
+                admit=self._admit,
+                syntaxes=storage_syntaxes(),
+                maximum_associations=self._maximum_associations,
+                network_timeout=self._network_timeout,
+                max_pdu=self._max_pdu,
+                share_port=self.share_port,
+            )
         threading.Thread(
             target=self._server.serve_forever,
             args=(_ACCEPT_LOOP_POLL_S,),
@@ -775,10 +896,11 @@ class StorageSCP:
             daemon=True,
         ).start()
         LOGGER.info(
-            "Storage SCP %s listening on %s:%d, spooling into %s",
+            "Storage SCP %s listening on %s:%d (%s transport), spooling into %s",
             self.ae_title,
             self.host,
             self.port,
+            self.transport,
             self.spool_dir,
         )
         return self
@@ -814,6 +936,7 @@ class StorageSCP:
             "max_pdu": self._max_pdu,
             "share_port": True,
             "fsync": self.fsync,
+            "transport": self.transport,
         }
 
 
@@ -828,9 +951,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--allow", nargs="+", metavar="AET", help="calling AE titles allowed to store (default: any)"
     )
+    parser.add_argument("--transport", choices=TRANSPORTS, default=DEFAULT_TRANSPORT, help=TRANSPORT_HELP)
     args = parser.parse_args(argv)
     setup_cli_logging()
-    with StorageSCP(args.spool, args.aet, args.port, args.allow, args.host) as scp:
+    with StorageSCP(args.spool, args.aet, args.port, args.allow, args.host, transport=args.transport) as scp:
         print(f"listening on {args.host}:{scp.port} as {args.aet}; Ctrl-C to stop", flush=True)
         try:
             while True:

@@ -11,6 +11,10 @@
   (``ingest.dicom.requestor`` for the C-MOVE and C-GET associations and the C-STOREs a C-GET brings,
   ``ingest.dicom.acceptor`` for the C-MOVE C-STOREs), so one process uses at most one core for it however
   many associations it has. C-ECHO and C-FIND run on pynetdicom.
+* ``transport="pynetdicom"`` (``--transport pynetdicom``) runs the C-MOVE and C-GET associations,
+  and the C-STOREs a C-GET brings, on pynetdicom instead (for C-MOVE, the ``StorageSCP`` has its
+  own ``transport``): the same spool, slower. It is what a site switches to when its PACS vendor's
+  implementation does not interoperate with the fast upper layer.
 * ``plan_retrieval`` asks the PACS which instances a study has and leaves out those already spooled,
   so a resumed pull transfers only what is missing. Studies not yet spooled at all are retrieved
   whole, many per request (a StudyInstanceUID list): per request Orthanc opens a C-STORE
@@ -39,7 +43,7 @@ from typing import Literal, NoReturn, Protocol
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -64,12 +68,17 @@ from ingest.dicom.requestor import (
 )
 from ingest.dicom.scp import (
     ACCEPTED_TRANSFER_SYNTAXES,
+    DEFAULT_TRANSPORT,
+    TRANSPORT_HELP,
+    TRANSPORTS,
     StorageSCP,
     StoreCounts,
+    check_transport,
     remove_stale_parts,
     setup_cli_logging,
     spool_path,
     spooled_uids,
+    store_event,
     store_instance,
     tune_connection,
 )
@@ -217,6 +226,11 @@ class _ParkingCheckpoint(threading.Event):
     C-FIND service message", pynetdicom issue #875): a C-FIND silently loses a match, a C-GET or
     C-MOVE its final status. Here ``wait()`` returns only while the flag is set, and ``clear()``
     returns once the reactor sits blocked in ``wait()``, so nothing can be taken while a request runs.
+
+    This patches pynetdicom internals: the private ``Association._reactor_checkpoint`` and how
+    ``Association._run_reactor`` and ``send_c_*()`` use it, as in pynetdicom 3.0.4, the version
+    pyproject.toml pins for that reason. A version bump needs this re-checked against the new
+    ``association.py`` (and dropped once pynetdicom fixes issue #875).
     """
 
     _PARK_TIMEOUT_S = 1.0  # the reactor parks within a loop turn (1 ms); a dead one must not hang us
@@ -249,7 +263,10 @@ class _ParkingCheckpoint(threading.Event):
 
 
 def _install_parking_checkpoint(event: Event) -> None:
-    """EVT_CONN_OPEN handler: runs before the requestor's reactor loop starts, so the swap is safe."""
+    """EVT_CONN_OPEN handler: runs before the requestor's reactor loop starts, so the swap is safe.
+
+    The patch site of pynetdicom's private ``_reactor_checkpoint`` (see ``_ParkingCheckpoint``): pinned
+    pynetdicom==3.0.4; re-check on a version bump."""
     checkpoint = _ParkingCheckpoint()
     checkpoint.set()
     event.assoc._reactor_checkpoint = checkpoint
@@ -281,7 +298,8 @@ def _unread_rejection(assoc: Association) -> A_ASSOCIATE | None:
 
     pynetdicom 3.0.4 does so for about 1 in 100 quick rejections: its DUL thread closes the socket on
     the RJ before ACSE checks that the socket is connected, and ACSE then aborts without reading the
-    RJ, which stays in the DUL's queue for the user.
+    RJ, which stays in the DUL's queue for the user. Reading that queue relies on pynetdicom internals
+    (``Association.dul.to_user_queue``) as of the pinned 3.0.4: re-check on a version bump.
     """
     for primitive in list(assoc.dul.to_user_queue.queue):
         if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
@@ -326,20 +344,72 @@ def _with_retries(cfg: PacsConfig, what: str, attempt: Callable[[int], object]):
             number += 1
 
 
+class _PynetdicomRetrieving:
+    """A pynetdicom association that sends C-MOVE and C-GET requests as a ``RequestorAssociation``
+    does (the pynetdicom transport): each ``send_c_*`` returns the final ``(status, identifier)``,
+    or ``(Dataset(), None)`` with ``lost_reason`` set once the association is gone."""
+
+    def __init__(self, assoc: Association, cfg: PacsConfig) -> None:
+        self._assoc = assoc
+        self._dimse_timeout = cfg.dimse_timeout
+        self.lost_reason: str | None = None
+
+    @property
+    def is_established(self) -> bool:
+        return self._assoc.is_established
+
+    def send_c_move(
+        self, identifier: Dataset, move_aet: str, query_model: str, msg_id: int
+    ) -> tuple[Dataset, Dataset | None]:
+        return self._final(self._assoc.send_c_move(identifier, move_aet, query_model, msg_id=msg_id))
+
+    def send_c_get(
+        self, identifier: Dataset, query_model: str, msg_id: int
+    ) -> tuple[Dataset, Dataset | None]:
+        return self._final(self._assoc.send_c_get(identifier, query_model, msg_id=msg_id))
+
+    def _final(self, responses: Iterator[tuple[Dataset, Dataset | None]]) -> tuple[Dataset, Dataset | None]:
+        final: tuple[Dataset, Dataset | None] | None = None
+        for status, identifier in responses:  # to the end: pynetdicom un-parks its reactor there
+            if not status:
+                self.lost_reason = (
+                    "association aborted (by the PACS, or by us after no response within "
+                    f"dimse_timeout={self._dimse_timeout:g} s)"
+                )
+                return Dataset(), None
+            if status.Status not in _PENDING:
+                final = (status, identifier)
+        if final is None:
+            self.lost_reason = "the PACS ended the retrieve without a final status"
+            self.abort()
+            return Dataset(), None
+        return final
+
+    def abort(self) -> None:
+        self._assoc.abort()
+
+    def release(self) -> None:
+        self._assoc.release()
+
+
+_AnyAssociation = Association | RequestorAssociation | _PynetdicomRetrieving
+
+
 class _Connection:
     """One association reused for many requests, reopened on demand after an abort or a release.
 
     ``opener()`` makes a new established association (pynetdicom's for C-ECHO and C-FIND,
-    ``ingest.dicom.requestor``'s for C-MOVE and C-GET) or raises AssociationError.
+    ``ingest.dicom.requestor``'s for C-MOVE and C-GET, or with the pynetdicom transport pynetdicom's
+    behind ``_PynetdicomRetrieving``) or raises AssociationError.
     """
 
-    def __init__(self, cfg: PacsConfig, opener: Callable[[], Association | RequestorAssociation]) -> None:
+    def __init__(self, cfg: PacsConfig, opener: Callable[[], _AnyAssociation]) -> None:
         self.cfg = cfg
         self._opener = opener
-        self._assoc: Association | RequestorAssociation | None = None
+        self._assoc: _AnyAssociation | None = None
         self._message_ids = itertools.cycle(range(1, 65536))
 
-    def get(self) -> Association | RequestorAssociation:
+    def get(self) -> _AnyAssociation:
         if self._assoc is None or not self._assoc.is_established:
             self._assoc = self._opener()
         return self._assoc
@@ -1031,11 +1101,15 @@ def retrieve(
     observer: RetrieveObserver | None = None,
     max_studies_per_request: int = 50,
     fsync: bool = True,
+    transport: str = DEFAULT_TRANSPORT,
 ) -> RetrieveSummary:
     """Retrieve ``items`` by C-MOVE (into the running ``scp``) or C-GET (into ``spool_dir``).
 
     ``fsync=False`` (C-GET; for C-MOVE it is the ``scp``'s setting) trades crash safety for speed,
-    see ``ingest.dicom.scp.write_spool_file``.
+    see ``ingest.dicom.scp.write_spool_file``. ``transport`` runs the C-MOVE / C-GET associations
+    (and a C-GET's C-STOREs) on this project's upper layer (``"fast"``) or on pynetdicom
+    (``"pynetdicom"``, for a PACS that does not interoperate with the fast one); a C-MOVE's
+    C-STOREs arrive however the ``scp`` was started.
 
     ``workers`` threads each hold one association and reuse it for many requests. Instances listed
     in an item that are already in the spool are skipped and counted as ``already_present``.
@@ -1058,6 +1132,7 @@ def retrieve(
     """
     if method not in ("move", "get"):
         raise ValueError(f"method={method!r}: use 'move' (PACS pushes to our Storage SCP) or 'get'")
+    check_transport(transport)
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: use 1 or more parallel associations")
     if not isinstance(processes, int) or processes < 1:
@@ -1113,19 +1188,20 @@ def retrieve(
     if observer is not None:
         counts.subscribe(observer.on_stored)
     LOGGER.info(
-        "retrieving %d item(s) in %d request(s) by C-%s from %s with %d association(s)%s%s",
+        "retrieving %d item(s) in %d request(s) by C-%s from %s with %d %s association(s)%s%s",
         len(wanted),
         len(requests),
         method.upper(),
         cfg.describe(),
         n_workers * processes,
+        transport,
         f" in {processes} processes" if processes > 1 else "",
         f" into {destination}" if destination else "",
     )
     try:
         with tqdm(total=len(wanted), unit="item", desc=f"C-{method.upper()}", disable=not progress) as bar:
             if processes == 1:
-                opener = _retrieve_opener(cfg, method, sop_classes, spool, counts, fsync)
+                opener = _retrieve_opener(cfg, method, sop_classes, spool, counts, fsync, transport)
                 retriever = _Retriever(cfg, method, destination, spool, counts, opener, observer, bar)
                 work: queue.Queue[list[RetrieveItem]] = queue.Queue()
                 for batch in requests:
@@ -1142,6 +1218,7 @@ def retrieve(
                     sop_classes=tuple(sop_classes),
                     workers=workers,
                     fsync=fsync,
+                    transport=transport,
                 )
                 outcomes, request_warnings, child_bytes = _retrieve_in_processes(
                     job, requests, processes, observer, bar
@@ -1183,13 +1260,15 @@ def _retrieve_opener(
     spool: Path,
     counts: StoreCounts,
     fsync: bool = True,
-) -> Callable[[], RequestorAssociation]:
+    transport: str = DEFAULT_TRANSPORT,
+) -> Callable[[], RequestorAssociation | _PynetdicomRetrieving]:
     """What opens a retrieving association (C-GET: one that also stores, into ``spool``)."""
     if method == "move":
-        return functools.partial(_open_retrieving, cfg, StudyRootQueryRetrieveInformationModelMove, (), None)
+        model = StudyRootQueryRetrieveInformationModelMove
+        return functools.partial(_open_retrieving, cfg, model, (), None, transport)
     on_store = functools.partial(store_instance, spool, counts, fsync=fsync)
     get_model = StudyRootQueryRetrieveInformationModelGet
-    return functools.partial(_open_retrieving, cfg, get_model, sop_classes, on_store)
+    return functools.partial(_open_retrieving, cfg, get_model, sop_classes, on_store, transport)
 
 
 def _open_retrieving(
@@ -1197,7 +1276,12 @@ def _open_retrieving(
     query_model: UID,
     storage_classes: Sequence[str],
     on_store: StoreHandler | None,
-) -> RequestorAssociation:
+    transport: str = DEFAULT_TRANSPORT,
+) -> RequestorAssociation | _PynetdicomRetrieving:
+    """An association for C-MOVE or C-GET requests (with ``storage_classes``, one that takes the
+    SCP role for them and stores what arrives through ``on_store``) on ``transport``."""
+    if transport == "pynetdicom":
+        return _open_pynetdicom_retrieving(cfg, query_model, storage_classes, on_store)
     contexts = [(query_model, REQUEST_SYNTAXES)]
     if storage_classes:
         contexts += [(sop_class, [syntax]) for sop_class, syntax in storage_contexts_for_get(storage_classes)]
@@ -1219,12 +1303,40 @@ def _open_retrieving(
         raise AssociationError(f"no association with {cfg.describe()}: {exc}") from exc
     if not assoc.accepts(query_model):
         assoc.release()
-        raise AssociationError(
-            f"{cfg.describe()} accepted the association but not the {query_model.name} context: "
-            "it does not serve this retrieve model to our calling AE title",
-            retryable=False,
-        )
+        _raise_model_refused(cfg, query_model)
     return assoc
+
+
+def _open_pynetdicom_retrieving(
+    cfg: PacsConfig,
+    query_model: UID,
+    storage_classes: Sequence[str],
+    on_store: StoreHandler | None,
+) -> _PynetdicomRetrieving:
+    """``_open_retrieving`` on pynetdicom: the same contexts and roles; its EVT_C_STORE handler
+    stores through ``on_store``."""
+    ae = _make_ae(cfg)
+    ae.add_requested_context(query_model, list(REQUEST_SYNTAXES))
+    options: dict = {}
+    if storage_classes:
+        for sop_class, syntax in storage_contexts_for_get(storage_classes):
+            ae.add_requested_context(sop_class, syntax)
+        classes = dict.fromkeys(storage_classes)
+        options["ext_neg"] = [build_role(sop_class, scp_role=True) for sop_class in classes]
+        options["evt_handlers"] = [(evt.EVT_C_STORE, store_event, [on_store])]
+    assoc = _associate(cfg, ae, **options)
+    if not any(context.abstract_syntax == query_model for context in assoc.accepted_contexts):
+        assoc.release()
+        _raise_model_refused(cfg, query_model)
+    return _PynetdicomRetrieving(assoc, cfg)
+
+
+def _raise_model_refused(cfg: PacsConfig, query_model: UID) -> NoReturn:
+    raise AssociationError(
+        f"{cfg.describe()} accepted the association but not the {query_model.name} context: "
+        "it does not serve this retrieve model to our calling AE title",
+        retryable=False,
+    )
 
 
 def _next_or_none(work: queue.Queue) -> list[RetrieveItem] | None:
@@ -1297,6 +1409,7 @@ class _ChildJob:
     sop_classes: tuple[str, ...]
     workers: int
     fsync: bool
+    transport: str
 
 
 def _retrieve_process(job: _ChildJob, connection) -> None:
@@ -1308,7 +1421,9 @@ def _retrieve_process(job: _ChildJob, connection) -> None:
     counts = scp.counts if scp is not None else StoreCounts()
     counts.subscribe(link.on_stored)
     try:
-        opener = _retrieve_opener(job.cfg, job.method, job.sop_classes, job.spool, counts, job.fsync)
+        opener = _retrieve_opener(
+            job.cfg, job.method, job.sop_classes, job.spool, counts, job.fsync, job.transport
+        )
         retriever = _Retriever(job.cfg, job.method, job.destination, job.spool, counts, opener, link, link)
         _run_threads(retriever, job.workers, link.next_batch)
         link.done(retriever.outcomes, retriever.request_warnings)
@@ -1521,6 +1636,7 @@ def main(argv: list[str] | None = None) -> int:
         default=50,
         help="whole studies per C-MOVE/C-GET as a StudyInstanceUID list (1: a PACS without list support)",
     )
+    pull.add_argument("--transport", choices=TRANSPORTS, default=DEFAULT_TRANSPORT, help=TRANSPORT_HELP)
     pull.add_argument("--scp-host", default="0.0.0.0", help="address our Storage SCP binds for C-MOVE")
     pull.add_argument("--scp-port", type=int, default=11112, help="port the PACS knows for our AE title")
     args = parser.parse_args(argv)
@@ -1551,6 +1667,7 @@ def main(argv: list[str] | None = None) -> int:
                 processes=args.processes,
                 max_studies_per_request=args.studies_per_request,
                 fsync=args.fsync,
+                transport=args.transport,
             )
         else:
             destination = cfg.move_destination or cfg.calling_aet
@@ -1562,6 +1679,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.scp_host,
                 share_port=args.processes > 1,
                 fsync=args.fsync,
+                transport=args.transport,
             )
             with scp:
                 summary = retrieve(
@@ -1572,6 +1690,7 @@ def main(argv: list[str] | None = None) -> int:
                     workers=args.workers,
                     processes=args.processes,
                     max_studies_per_request=args.studies_per_request,
+                    transport=args.transport,
                 )
     except (PacsError, ValueError) as exc:
         print(f"error: {exc}")
