@@ -337,7 +337,7 @@ def config_from_args(args: argparse.Namespace) -> PullConfig:
         fsync=args.fsync,
         write_shards=not args.no_shards,
         balance=balance_config_from_args(args),
-        preprocessing=PreprocessParams(size=args.image_size),
+        preprocessing=PreprocessParams(size=args.image_size, decode=args.decode),
         shard_size=args.shard_size,
     )
 
