@@ -16,9 +16,11 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 from pydicom.uid import JPEG2000, HTJ2KLossless, JPEG2000Lossless
 
+from ingest.imaging.gpu_decode import GpuDecodeUnavailable, resolve_gpu_decode, unavailable_reason
 from ingest.imaging.jpeg2000 import (
     ReducedDecodeError,
     codestream_levels,
+    decode_on_gpu,
     decode_reduced,
     first_frame_codestream,
     reduction_for,
@@ -147,3 +149,42 @@ def test_preview_decodes_reduced_on_request(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert cv2.imread(str(out), cv2.IMREAD_UNCHANGED).shape == (256, 256)
+
+
+needs_no_gpu_decoder = pytest.mark.skipif(
+    unavailable_reason() is None, reason="nvImageCodec and a CUDA device are present: nothing to refuse"
+)
+
+
+@needs_no_gpu_decoder
+def test_gpu_decode_is_refused_without_cuda_with_what_to_install():
+    with pytest.raises(GpuDecodeUnavailable, match="nvidia-nvimgcodec-cu13.*--gpu-fallback cpu"):
+        resolve_gpu_decode(PreprocessParams(decode="gpu"))
+
+
+@needs_no_gpu_decoder
+def test_gpu_decode_falls_back_to_the_cpu_when_configured_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="ingest.imaging.gpu_decode"):
+        params = resolve_gpu_decode(PreprocessParams(size=256, decode="gpu"), fallback="cpu")
+    assert params == PreprocessParams(size=256, decode="full")  # what the manifest then records
+    assert "decoding on the CPU" in caplog.text
+
+
+@needs_no_gpu_decoder
+def test_preview_refuses_gpu_decode_without_cuda_unless_told_to_fall_back(tmp_path):
+    path = write(compressed(smooth_radiograph(key="gpu"), JPEG2000Lossless), tmp_path)
+    command = [sys.executable, "-m", "ingest", "preview", str(path), "--out", str(tmp_path / "p.png")]
+    refused = subprocess.run(command + ["--decode", "gpu"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "nvidia-nvimgcodec-cu13" in refused.stderr
+    assert not (tmp_path / "p.png").exists()
+    fallback = command + ["--decode", "gpu", "--gpu-fallback", "cpu"]
+    assert subprocess.run(fallback, capture_output=True, timeout=120).returncode == 0
+
+
+@pytest.mark.gpu
+def test_gpu_decode_equals_the_cpu_decode():
+    if unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    for syntax in (JPEG2000Lossless, HTJ2KLossless):
+        ds = compressed(smooth_radiograph(key=f"gpu-{syntax}"), syntax)
+        assert np.array_equal(decode_on_gpu(ds), pixel_array(ds))

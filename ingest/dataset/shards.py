@@ -38,6 +38,7 @@ from ingest.dataset.balance import (
 from ingest.dataset.catalog import read_catalog
 from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
 from ingest.files import replacing, write_atomic, write_json_atomic
+from ingest.imaging.gpu_decode import resolve_gpu_decode
 from ingest.imaging.png import encode_png
 from ingest.imaging.preprocess import PreprocessError, PreprocessParams, add_decode_arguments, preprocess_file
 
@@ -349,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             args.catalog,
             args.out,
             balance_config=balance_config_from_args(args),
-            params=PreprocessParams(size=args.image_size, decode=args.decode),
+            params=resolve_gpu_decode(
+                PreprocessParams(size=args.image_size, decode=args.decode), args.gpu_fallback
+            ),
             shard_size=args.shard_size,
             taxonomy=load_taxonomy(code_table=args.code_table),
             scheduler=args.scheduler,

@@ -29,7 +29,9 @@ from pydicom.uid import HTJ2K, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, JPEG2
 
 JPEG2000_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
 HTJ2K_SYNTAXES = frozenset({HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
-DECODE_MODES = ("reduced", "full")  # PreprocessParams.decode; "full" is pydicom's decode at full size
+# PreprocessParams.decode: "full" is pydicom's decode at full size, "reduced" the pyramid level the output
+# needs (this module), "gpu" nvImageCodec at full size (ingest.imaging.gpu_decode)
+DECODE_MODES = ("full", "reduced", "gpu")
 _SIZ, _COD, _SOC = 0xFF51, 0xFF52, 0xFF4F
 _SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
@@ -110,7 +112,22 @@ def decode_reduced(ds: pydicom.Dataset, size: int) -> np.ndarray | None:
         raise ReducedDecodeError(
             f"the reduced frame is {values.shape}, expected {expected} (one sample per pixel)", "bad_shape"
         )
-    return _as_stored_type(values, ds)
+    return as_stored_type(values, ds)
+
+
+def decode_on_gpu(ds: pydicom.Dataset) -> np.ndarray:
+    """The first frame decoded by nvImageCodec; ``ReducedDecodeError`` when the GPU decoder refuses it."""
+    from ingest.imaging.gpu_decode import decode_frames
+
+    try:
+        (values,) = decode_frames([first_frame_codestream(ds)])
+    except ReducedDecodeError:
+        raise
+    except Exception as exc:  # nvImageCodec reports unsupported or corrupt streams with its own errors
+        raise ReducedDecodeError(f"{type(exc).__name__}: {exc}", "gpu_refused") from exc
+    if values.shape != (int(ds.Rows), int(ds.Columns)):
+        raise ReducedDecodeError(f"the GPU decoded {values.shape}, not Rows × Columns", "bad_shape")
+    return as_stored_type(values, ds)
 
 
 def _openjpeg_reduced(codestream: bytes, reduction: int) -> np.ndarray:
@@ -123,7 +140,7 @@ def _openjpeg_reduced(codestream: bytes, reduction: int) -> np.ndarray:
         return glymur.Jp2k(scratch.name)[::step, ::step]
 
 
-def _as_stored_type(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+def as_stored_type(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     """The dtype pydicom's decode gives (BitsAllocated, PixelRepresentation), so the rest is unchanged."""
     bits_allocated = int(ds.get("BitsAllocated", 8 * values.dtype.itemsize))
     signed = int(ds.get("PixelRepresentation", 0)) == 1

@@ -70,9 +70,11 @@ from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
+from ingest.imaging.gpu_decode import GPU_FALLBACKS, resolve_gpu_decode
 from ingest.imaging.jpeg2000 import (
     DECODE_MODES,
     ReducedDecodeError,
+    decode_on_gpu,
     decode_reduced,
     is_reducible_syntax,
     set_decoder_threads,
@@ -117,7 +119,8 @@ class PreprocessParams:
     clahe_tiles: int = 8
     output_dtype: str = "uint8"
     # JPEG 2000 / HTJ2K: "reduced" decodes the wavelet level the size needs (ingest.imaging.jpeg2000), ~5-10×
-    # faster on CR-size frames; "full" (the default) keeps the full-resolution path's exact output.
+    # faster on CR-size frames; "gpu" decodes on a CUDA device (ingest.imaging.gpu_decode); "full" (the
+    # default) is pydicom's decode at full size.
     decode: str = "full"
 
     def __post_init__(self) -> None:
@@ -158,8 +161,8 @@ class PreprocessParams:
             raise ValueError(f"output_dtype must be one of {OUTPUT_DTYPES}, got {self.output_dtype!r}")
         if self.decode not in DECODE_MODES:
             raise ValueError(
-                f"decode must be one of {DECODE_MODES} (reduced: JPEG 2000 decoded at the resolution "
-                f"size needs; full: every frame at full size), got {self.decode!r}"
+                f"decode must be one of {DECODE_MODES} (full: every frame at full size; reduced: JPEG "
+                f"2000 at the resolution size needs; gpu: nvImageCodec), got {self.decode!r}"
             )
 
     def to_dict(self) -> dict:
@@ -206,14 +209,15 @@ def pixels_to_unit(ds: pydicom.Dataset, clip_low_pct: float = 0.5, clip_high_pct
 
 
 def _modality_values_and_polarity(
-    ds: pydicom.Dataset, reduce_to: int | None = None, notes: list[str] | None = None
+    ds: pydicom.Dataset, decode: str = "full", size: int = 0, notes: list[str] | None = None
 ) -> tuple[np.ndarray, bool, np.ndarray | None]:
     """Steps 1–3: values after the modality LUT, whether they must be flipped, the padding mask.
 
-    ``reduce_to``: decode JPEG 2000 / HTJ2K at the smallest resolution level whose long side is still at
-    least this many pixels; a fallback to the full decode is logged and its reason appended to ``notes``."""
+    ``decode`` (PreprocessParams.decode): for JPEG 2000 / HTJ2K, "reduced" decodes the smallest
+    resolution level whose long side is still at least ``size``, "gpu" decodes on the GPU; a fallback to
+    pydicom's full decode is logged and its reason appended to ``notes``."""
     inverted = _check_photometric(ds)
-    values = _reduced_first_frame(ds, reduce_to, notes) if reduce_to else None
+    values = _codec_first_frame(ds, decode, size, notes) if decode != "full" else None
     if values is None:
         values = _decode_first_frame(ds)
     padding = _padding_mask(values, ds)  # PixelPaddingValue is a stored value: mask before the modality LUT
@@ -247,15 +251,19 @@ def _check_photometric(ds: pydicom.Dataset) -> bool:
     return photometric == "MONOCHROME1"
 
 
-def _reduced_first_frame(ds: pydicom.Dataset, size: int, notes: list[str] | None) -> np.ndarray | None:
+def _codec_first_frame(
+    ds: pydicom.Dataset, decode: str, size: int, notes: list[str] | None
+) -> np.ndarray | None:
     if not is_reducible_syntax(ds) or _header_int(ds, "SamplesPerPixel", default=1) != 1:
         return None
     try:
-        return decode_reduced(ds, size)
+        return decode_on_gpu(ds) if decode == "gpu" else decode_reduced(ds, size)
     except ReducedDecodeError as exc:
-        log.warning("%s: reduced decode failed (%s), full decode instead: %s", _describe(ds), exc.reason, exc)
+        log.warning(
+            "%s: %s decode failed (%s), full decode instead: %s", _describe(ds), decode, exc.reason, exc
+        )
         if notes is not None:
-            notes.append(f"reduced_decode_fallback:{exc.reason}")
+            notes.append(f"{decode}_decode_fallback:{exc.reason}")
         return None
 
 
@@ -537,8 +545,7 @@ def preprocess_dataset(
 ) -> np.ndarray:
     """All steps: a DICOM dataset → size×size uint8/uint16 image. ``notes`` collects what the caller may
     want to record about how it was made (a reduced decode that fell back to the full one)."""
-    reduce_to = params.size if params.decode == "reduced" else None
-    values, flip, padding = _modality_values_and_polarity(ds, reduce_to, notes)
+    values, flip, padding = _modality_values_and_polarity(ds, params.decode, params.size, notes)
     return _stretch_to_output(values, params, flip, padding)
 
 
@@ -628,8 +635,14 @@ def add_decode_arguments(parser: argparse.ArgumentParser, *, threads: int | None
         "--decode",
         choices=DECODE_MODES,
         default=PreprocessParams.decode,
-        help="JPEG 2000/HTJ2K: decode the wavelet level the output size needs (reduced, the default) "
-        "or always at full size",
+        help="JPEG 2000/HTJ2K frames: full (default), reduced (the wavelet level the output size needs, "
+        "5-10× faster on CR-size images) or gpu (nvImageCodec on a CUDA device)",
+    )
+    parser.add_argument(
+        "--gpu-fallback",
+        choices=GPU_FALLBACKS,
+        default="refuse",
+        help="with --decode gpu where no GPU decoder can run: refuse (default) or decode on the CPU",
     )
     if threads is not None:
         parser.add_argument(
@@ -644,8 +657,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        params = PreprocessParams(
-            size=args.size, clahe=args.clahe, output_dtype=args.output_dtype, decode=args.decode
+        params = resolve_gpu_decode(
+            PreprocessParams(
+                size=args.size, clahe=args.clahe, output_dtype=args.output_dtype, decode=args.decode
+            ),
+            args.gpu_fallback,
         )
     except ValueError as exc:
         parser.error(str(exc))
