@@ -52,6 +52,7 @@ from ingest.dicom.scu import (
     retrieve,
 )
 from ingest.files import write_json_atomic
+from ingest.imaging.gpu_decode import resolve_gpu_decode
 from ingest.imaging.preprocess import PreprocessParams
 from ingest.metrics import IngestMetrics
 
@@ -354,7 +355,9 @@ def config_from_args(args: argparse.Namespace) -> PullConfig:
         fsync=args.fsync,
         write_shards=not args.no_shards,
         balance=balance_config_from_args(args),
-        preprocessing=PreprocessParams(size=args.image_size),
+        preprocessing=resolve_gpu_decode(
+            PreprocessParams(size=args.image_size, decode=args.decode), args.gpu_fallback
+        ),
         shard_size=args.shard_size,
     )
 

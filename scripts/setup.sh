@@ -11,6 +11,8 @@ command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 command -v findscu >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+# glymur (reduced-resolution JPEG 2000 decode) binds the system OpenJPEG library
+ldconfig -p 2>/dev/null | grep -q "libopenjp2.so" || need_apt+=(libopenjp2-7)
 if ((${#need_apt[@]})); then
     echo "setup: installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

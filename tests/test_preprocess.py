@@ -90,6 +90,7 @@ def test_params_defaults_are_the_papers_and_round_trip():
         "clahe_clip": 2.0,
         "clahe_tiles": 8,
         "output_dtype": "uint8",
+        "decode": "full",
     }
     assert PreprocessParams(**params.to_dict()) == params
 

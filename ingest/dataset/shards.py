@@ -38,8 +38,9 @@ from ingest.dataset.balance import (
 from ingest.dataset.catalog import read_catalog
 from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
 from ingest.files import replacing, write_atomic, write_json_atomic
+from ingest.imaging.gpu_decode import resolve_gpu_decode
 from ingest.imaging.png import encode_png
-from ingest.imaging.preprocess import PreprocessError, PreprocessParams, preprocess_file
+from ingest.imaging.preprocess import PreprocessError, PreprocessParams, add_decode_arguments, preprocess_file
 
 log = logging.getLogger("ingest.dataset.shards")
 
@@ -162,11 +163,12 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
         return index | {"skipped": True}
     counts: dict[str, int] = {}
     quarantined = []
+    decode_notes: list[str] = []  # reduced decodes that fell back to the full one, with the reason
     with replacing(out / plan.name) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for row in plan.rows:
                 try:
-                    png = encode_png(preprocess_file(row["path"], plan.params))
+                    png = encode_png(preprocess_file(row["path"], plan.params, decode_notes))
                 except PreprocessError as exc:
                     quarantined.append(
                         {
@@ -200,6 +202,7 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
         "sha256": digest,
         "plan_hash": plan.plan_hash,
         "quarantined": quarantined,
+        "decode_fallbacks": len(decode_notes),
     }
     write_atomic(_index_path(out, plan.name), json.dumps(index, sort_keys=True), durable=True)
     return index | {"skipped": False}
@@ -319,6 +322,8 @@ def build_manifest(plans, indexes, balance_report, balance_config, params, taxon
         "counts": counts,
         "samples": {split: sum(c.values()) for split, c in counts.items()},
         "quarantined": sum(len(i["quarantined"]) for i in indexes.values()),
+        # samples whose reduced JPEG 2000 decode failed and were decoded at full size (logged with the reason)
+        "decode_fallbacks": sum(i.get("decode_fallbacks", 0) for i in indexes.values()),
         "shards": [
             {
                 "name": p.name,
@@ -345,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             args.catalog,
             args.out,
             balance_config=balance_config_from_args(args),
-            params=PreprocessParams(size=args.image_size),
+            params=resolve_gpu_decode(
+                PreprocessParams(size=args.image_size, decode=args.decode), args.gpu_fallback
+            ),
             shard_size=args.shard_size,
             taxonomy=load_taxonomy(code_table=args.code_table),
             scheduler=args.scheduler,
@@ -378,6 +385,7 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short-class-policy", choices=SHORT_CLASS_POLICIES, default="keep")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    add_decode_arguments(parser)
     parser.add_argument("--image-size", type=int, default=512, help="side of the square preprocessed image")
 
 

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from .build import generate, generate_task_set
+from .plan import SYNTAX_NAMES
 from .render import render_view
 from .spec import REGISTRY
 
@@ -87,6 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--contact-sheet", type=Path, help="also write a PNG with one labelled example per view"
     )
     parser.add_argument("--bone-age-strip", type=Path, help="also write a PNG of hand PA at 1-18 years")
+    parser.add_argument(
+        "--transfer-syntax",
+        choices=sorted(SYNTAX_NAMES),
+        help="write every instance in this syntax (default: a realistic mix; htj2k only on request)",
+    )
     args = parser.parse_args(argv)
     if args.out is None and args.contact_sheet is None and args.bone_age_strip is None:
         parser.error("nothing to do: give --out DIR (and/or --contact-sheet PNG / --bone-age-strip PNG)")
@@ -97,13 +103,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{png}: image outputs must end in .png")
     if args.out is not None:
         start = time.perf_counter()
+        syntax = str(SYNTAX_NAMES[args.transfer_syntax]) if args.transfer_syntax else None
         if args.task == "views":
             table = generate(
-                args.out, studies=args.studies, seed=args.seed, progress=True, workers=args.workers
+                args.out,
+                studies=args.studies,
+                seed=args.seed,
+                progress=True,
+                workers=args.workers,
+                transfer_syntax=syntax,
             )
         else:
             table = generate_task_set(
-                args.out, args.task, args.studies, seed=args.seed, progress=True, workers=args.workers
+                args.out,
+                args.task,
+                args.studies,
+                seed=args.seed,
+                progress=True,
+                workers=args.workers,
+                transfer_syntax=syntax,
             )
         seconds = time.perf_counter() - start
         print(

@@ -174,11 +174,17 @@ def _reusable(plan: StudyPlan, seed: int, out_dir: Path, previous: dict[str, dic
 
 
 def _run(
-    out_dir: str | os.PathLike, task: str, studies: int, seed: int, progress: bool, workers: int | None
+    out_dir: str | os.PathLike,
+    task: str,
+    studies: int,
+    seed: int,
+    progress: bool,
+    workers: int | None,
+    transfer_syntax: str | None = None,
 ) -> pd.DataFrame:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plans = plan_studies(task, studies, seed)
+    plans = plan_studies(task, studies, seed, transfer_syntax=transfer_syntax)
     previous = _previous_rows(out)
     results: dict[int, list[dict]] = {}
     todo = []
@@ -235,9 +241,11 @@ def generate(
     seed: int = 0,
     progress: bool = False,
     workers: int | None = None,
+    transfer_syntax: str | None = None,
 ) -> pd.DataFrame:
-    """A mixed PACS of ``studies`` studies over all 68 views; returns (and writes) the ground truth."""
-    return _run(out_dir, "views", studies, seed, progress, workers)
+    """A mixed PACS of ``studies`` studies over all 68 views; returns (and writes) the ground truth.
+    ``transfer_syntax`` (a UID) writes every instance in that syntax instead of the realistic mix."""
+    return _run(out_dir, "views", studies, seed, progress, workers, transfer_syntax)
 
 
 def generate_task_set(
@@ -247,6 +255,7 @@ def generate_task_set(
     seed: int = 0,
     progress: bool = False,
     workers: int | None = None,
+    transfer_syntax: str | None = None,
 ) -> pd.DataFrame:
     """A fine-tuning set: ``bone_age`` (one hand PA per study, ages spread over 0-18 y) or ``fracture``
     (wrist / forearm / ankle studies, about half fractured)."""
@@ -254,4 +263,4 @@ def generate_task_set(
         raise ValueError(
             f"task must be 'bone_age' or 'fracture', got {task!r}; use generate() for the view mix"
         )
-    return _run(out_dir, task, n, seed, progress, workers)
+    return _run(out_dir, task, n, seed, progress, workers, transfer_syntax)

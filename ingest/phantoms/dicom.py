@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
@@ -31,7 +33,7 @@ CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 DX_PRESENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.1")
 SOP_CLASS = {"CR": CR_IMAGE_STORAGE, "DX": DX_PRESENTATION_STORAGE}
 UNCOMPRESSED = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}
-COMPRESSED = {str(JPEG2000Lossless), str(JPEGLSLossless), str(RLELossless)}
+COMPRESSED = {str(JPEG2000Lossless), str(JPEGLSLossless), str(RLELossless), str(HTJ2KLossless)}
 PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 
 
@@ -194,7 +196,13 @@ def build_dataset(
 def encode(ds: Dataset, pixels: np.ndarray, transfer_syntax: str) -> None:
     """Set the transfer syntax, compressing the pixel data losslessly where it asks for it."""
     ts = UID(transfer_syntax)
-    if str(ts) in COMPRESSED:
+    if ts == HTJ2KLossless:  # pydicom has no HTJ2K encoder: OpenJPH through imagecodecs
+        import imagecodecs
+
+        ds.PixelData = encapsulate([imagecodecs.htj2k_encode(np.ascontiguousarray(pixels), reversible=True)])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = ts
+    elif str(ts) in COMPRESSED:
         ds.compress(
             ts, pixels, encoding_plugin="pylibjpeg" if ts == RLELossless else "", generate_instance_uid=False
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.uid import (
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
@@ -63,6 +64,16 @@ TRANSFER_SYNTAXES = (
     (JPEGLSLossless, 0.2),
     (RLELossless, 0.15),
 )
+# --transfer-syntax NAME: every instance in one syntax (HTJ2K is never drawn by the mix: Orthanc's DCMTK
+# 3.6.7 does not know its UIDs, so the demo PACS serves it only from an upload of ready files)
+SYNTAX_NAMES = {
+    "explicit": ExplicitVRLittleEndian,
+    "implicit": ImplicitVRLittleEndian,
+    "jpeg2000": JPEG2000Lossless,
+    "jpegls": JPEGLSLossless,
+    "rle": RLELossless,
+    "htj2k": HTJ2KLossless,
+}
 QUIRKS = (
     "no_body_part",
     "wrong_view_position",
@@ -173,19 +184,26 @@ def _patient(rng: np.random.Generator, number: int, seed: int, study_date: dt.da
     return Patient(f"PX{seed % 1000:03d}{number:06d}", name, sex, study_date - dt.timedelta(days=age_days))
 
 
-def _encodings(rng: np.random.Generator, labels: list[str], quirk_rate: float) -> tuple[InstancePlan, ...]:
+def _encodings(
+    rng: np.random.Generator, labels: list[str], quirk_rate: float, transfer_syntax: str | None
+) -> tuple[InstancePlan, ...]:
     syntaxes, weights = zip(*TRANSFER_SYNTAXES, strict=True)
     out = []
     for label in labels:
+        # drawn even when forced, so the rest of the plan is the same whatever the syntax
         ts = syntaxes[int(rng.choice(len(syntaxes), p=np.asarray(weights) / sum(weights)))]
+        ts = transfer_syntax or ts
         quirk = QUIRKS[int(rng.integers(len(QUIRKS)))] if rng.random() < quirk_rate else ""
         lo, hi = (950, 1201) if label in TALL_VIEWS else (600, 1001)
         out.append(InstancePlan(label, str(ts), quirk, int(rng.integers(lo, hi))))
     return tuple(out)
 
 
-def plan_studies(task: str, n: int, seed: int, taxonomy: Taxonomy | None = None) -> list[StudyPlan]:
-    """The studies of a run: ``views`` (all 68 views, realistic skew), ``bone_age`` or ``fracture``."""
+def plan_studies(
+    task: str, n: int, seed: int, taxonomy: Taxonomy | None = None, transfer_syntax: str | None = None
+) -> list[StudyPlan]:
+    """The studies of a run: ``views`` (all 68 views, realistic skew), ``bone_age`` or ``fracture``;
+    ``transfer_syntax`` (a UID) replaces the realistic mix of syntaxes."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if n < 1:
@@ -243,7 +261,7 @@ def plan_studies(task: str, n: int, seed: int, taxonomy: Taxonomy | None = None)
                 laterality,
                 bone_age,
                 fracture,
-                _encodings(rng, chosen, QUIRK_RATE),
+                _encodings(rng, chosen, QUIRK_RATE, transfer_syntax),
             )
         )
     return plans
