@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from pedx_ray.faults import worker_env_vars
+
 
 def connect_ray(
     *,
@@ -52,7 +54,8 @@ def connect_ray(
 
 def train_job_configs(config, *, storage: str, score_metric: str, callbacks=()):
     """(ScalingConfig, RunConfig) of a job config: workers and their resources, failure retries, and the
-    checkpoints kept (the best ``num_to_keep`` by ``score_metric``, higher is better)."""
+    checkpoints kept (the best ``num_to_keep`` by ``score_metric``, higher is better). The workers'
+    environment gets the test-only fault setting (`pedx_ray.faults`) when the driver has it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     scaling = ScalingConfig(
@@ -66,6 +69,7 @@ def train_job_configs(config, *, storage: str, score_metric: str, callbacks=()):
         storage_path=storage,
         failure_config=FailureConfig(max_failures=config.max_failures),
         callbacks=list(callbacks),
+        worker_runtime_env={"env_vars": worker_env_vars()},  # empty outside the recovery test
         checkpoint_config=CheckpointConfig(
             num_to_keep=config.num_to_keep,
             checkpoint_score_attribute=score_metric,

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from pedx_ray.faults import FAULT_ENV
+
 GRANULARITIES = (7, 30, 68)
 ARCHITECTURES = ("inception_v3", "tiny_cnn")
 # InceptionV3's stem and reductions shrink 75 px to 1×1; anything smaller fails inside the network.
@@ -98,8 +100,6 @@ class PretrainConfig:
     name: str = ""
     max_failures: int = 2
     num_to_keep: int = 2
-    # Fault injection for the recovery test: rank 0 dies once, in the epoch after checkpoint N (0 = never).
-    fail_after_epoch: int = 0
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
@@ -141,6 +141,15 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> PretrainConfig:
+        data = dict(data)
+        # Configs saved before fault injection became a test hook carry the field, as 0 (never) in
+        # every real run: those still load; a request for a fault is refused with where it went.
+        if data.pop("fail_after_epoch", 0):
+            raise ConfigError(
+                f"{source}: fail_after_epoch is no longer a config field; remove it. Fault injection is "
+                f"a test-only hook: set the environment variable {FAULT_ENV}=EPOCH:MARKER_FILE "
+                "(see pedx_ray/faults.py)"
+            )
         return from_known_fields(cls, data, source)
 
 

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +43,7 @@ from pedx_ray.datasets import (
     parse_data,
     read_images,
 )
+from pedx_ray.engine import TrainingJob, evaluate, fit
 from pedx_ray.initialize import (
     MODES,
     InitError,
@@ -53,8 +53,8 @@ from pedx_ray.initialize import (
     parse_init,
     set_train_mode,
 )
-from pedx_ray.models import CONFIG_FILE, METRICS_FILE, MODEL_FILE, CheckpointError, unwrap
-from pedx_ray.pretrain import TRAIN_STATE_FILE, _storage_root, fit_and_export_best, report_checkpoint
+from pedx_ray.models import CONFIG_FILE, METRICS_FILE, MODEL_FILE, CheckpointError
+from pedx_ray.pretrain import _storage_root, fit_and_export_best
 from pedx_ray.schedule import lr_factor
 from pedx_ray.tasks import DEFAULT_HEAD, HEADS, TASKS, build_task_model
 
@@ -318,10 +318,23 @@ class _Collate:
         )
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor
+class _ValScores:
+    """The task's val scores (MAE or AUC) from this worker's predictions; fine-tuning scores on rank 0."""
+
+    def __init__(self, task: str, device: torch.device) -> None:
+        self.task, self.device = task, device
+        self.targets: list[torch.Tensor] = []
+        self.predictions: list[torch.Tensor] = []
+
+    def update(self, model, batch) -> None:
+        images, sex, target = batch
+        output = model(to_model_input(images, self.device, False), sex.to(self.device))
+        self.predictions.append(model.predict(output).float().cpu())
+        self.targets.append(target)
+
+    def compute(self) -> dict:
+        target, prediction = torch.cat(self.targets).numpy(), torch.cat(self.predictions).numpy()
+        return split_scores(self.task, target, prediction)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -348,31 +361,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g) for g in gates])
-    start_epoch, best_score = 0, -math.inf
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    if ray.train.get_checkpoint() is None:  # a restart or resume loads the checkpoint's weights instead
         initialize(net, config.init, config.backbone)
-    else:
-        with checkpoint.as_directory() as directory:
-            net.load_state_dict(
-                torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
-            )
-            state = torch.load(Path(directory) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for group, base_lr, rule in zip(
-            optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-        ):
-            group["lr"] = base_lr * rule(
-                state["epoch"]
-            )  # a resume may change epochs: follow the new schedule
-        start_epoch, best_score = state["epoch"], state["best_score"]
-    train_model = ray.train.torch.prepare_model(net)
-    eval_model = unwrap(train_model)
-    for opt_state in optimizer.state.values():
-        for key, value in opt_state.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                opt_state[key] = value.to(device)
 
     # Fine-tuning sets are small (thousands of images at most): each worker holds its split in
     # memory as uint8 and a torch DataLoader (sharded by prepare_data_loader's DistributedSampler)
@@ -390,49 +380,51 @@ def train_loop_per_worker(loop_config: dict) -> None:
             drop_last=len(train_set) >= config.batch_size,
         )
     )
-    val = _Batches(splits["val"]) if rank == 0 else None
-    loss_fn = eval_model.loss
+    val = (
+        DataLoader(
+            _Batches(splits["val"]), batch_size=config.per_worker_batch_size, collate_fn=_Collate(None, 0)
+        )
+        if rank == 0
+        else None
+    )
 
-    for epoch in range(start_epoch, config.epochs):
-        lr = optimizer.param_groups[-1]["lr"]
-        set_train_mode(train_model, config.mode)
+    def epoch_batches(epoch: int):
         collate.epoch = epoch
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        totals = torch.zeros(2, dtype=torch.float64, device=device)
-        started = time.perf_counter()
-        for images, sex, target in loader:
-            output = train_model(to_model_input(images, device, False), sex.to(device))
-            loss = loss_fn(output, target.to(device), sex.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            totals += torch.tensor(
-                [loss.item() * len(target), len(target)], dtype=torch.float64, device=device
-            )
-        elapsed = time.perf_counter() - started
-        scheduler.step()
-        loss_sum, samples = _all_reduce_sum(totals).tolist()
-        metrics = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": loss_sum / max(samples, 1),
-            "train_images_per_s": samples / max(elapsed, 1e-9),
+        return loader
+
+    def loss(model, batch):
+        images, sex, target = batch
+        output = model(to_model_input(images, device, False), sex.to(device))
+        return net.loss(output, target.to(device), sex.to(device)), len(target)
+
+    def evaluate_val(model) -> dict:
+        if val is None:
+            return {}
+        return {
+            f"val_{k}": v for k, v in evaluate(model, val, _ValScores(config.task, device), device).items()
         }
-        if rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            continue
-        prediction = predict(eval_model, val.images, val.sex, config.per_worker_batch_size, device)
-        metrics |= {f"val_{k}": v for k, v in split_scores(config.task, val.target, prediction).items()}
-        best_score = max(best_score, metrics[SCORE_METRIC])
-        metrics["best_" + SCORE_METRIC] = best_score
-        report_checkpoint(eval_model, config, metrics, epoch + 1, best_score, optimizer, scheduler)
-        shown = (
-            f"val MAE {metrics['val_mae']:.2f} months"
-            if config.task == "bone_age"
-            else (f"val AUC {metrics['val_auc']:.4f}, accuracy {metrics['val_accuracy']:.4f}")
+
+    def summary(metrics: dict) -> str:
+        if config.task == "bone_age":
+            return f"val MAE {metrics['val_mae']:.2f} months"
+        return f"val AUC {metrics['val_auc']:.4f}, accuracy {metrics['val_accuracy']:.4f}"
+
+    fit(
+        TrainingJob(
+            config=config,
+            model=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            train_batches=epoch_batches,
+            loss=loss,
+            evaluate=evaluate_val,
+            score_metric=SCORE_METRIC,
+            summary=summary,
+            train_mode=lambda model: set_train_mode(model, config.mode),
         )
-        print(f"epoch {epoch + 1}/{config.epochs}: loss {metrics['train_loss']:.4f}, {shown}", flush=True)
+    )
 
 
 # ---------------------------------------------------------------- driver side

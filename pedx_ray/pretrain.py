@@ -21,8 +21,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,14 +50,13 @@ from pedx_ray.data import (
     train_batches,
     verify_shards,
 )
+from pedx_ray.engine import TrainingJob, all_reduce_sum, evaluate, fit
 from pedx_ray.metrics import classification_metrics, confusion_matrix
-from pedx_ray.models import CONFIG_FILE, METRICS_FILE, MODEL_FILE, build_model, save_checkpoint, unwrap
+from pedx_ray.models import CONFIG_FILE, METRICS_FILE, MODEL_FILE, build_model
 from pedx_ray.schedule import build_scheduler
 
-TRAIN_STATE_FILE = "train_state.pt"
 BEST_DIR = "best"
 SCORE_METRIC = "finetune_f1"
-FAULT_MARKER = ".fault-injected"
 
 
 class PretrainError(RuntimeError):
@@ -77,66 +74,20 @@ class PretrainResult:
 # ---------------------------------------------------------------- worker side
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor
+class SplitConfusion:
+    """Macro metrics of one eval split on all workers: local confusion matrices summed across ranks."""
 
+    def __init__(self, num_classes: int, device: torch.device, channels_last: bool) -> None:
+        self.cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.device, self.channels_last = device, channels_last
 
-def _autocast(device: torch.device, config: PretrainConfig):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16)
+    def update(self, model, batch) -> None:
+        images, labels = batch
+        logits = model(to_model_input(images, self.device, self.channels_last))
+        self.cm += confusion_matrix(labels.to(self.device), logits.argmax(1), len(self.cm))
 
-
-def _evaluate(model, iterator, config: PretrainConfig, device: torch.device, channels_last: bool) -> dict:
-    """Macro metrics over this split on all workers: local confusion matrices summed across ranks."""
-    model.eval()
-    cm = torch.zeros(config.granularity, config.granularity, dtype=torch.int64, device=device)
-    collate = BatchCollator(augment_p=None, seed=config.seed, epoch=0)
-    with torch.no_grad(), _autocast(device, config):
-        for images, labels in iterator.iter_torch_batches(
-            batch_size=config.per_worker_batch_size,
-            collate_fn=collate,
-            prefetch_batches=config.prefetch_batches,
-        ):
-            logits = model(to_model_input(images, device, channels_last))
-            cm += confusion_matrix(labels.to(device), logits.argmax(1), config.granularity)
-    return classification_metrics(_all_reduce_sum(cm).cpu().numpy())
-
-
-def _load_train_state(checkpoint, net, optimizer, scheduler) -> tuple[int, float]:
-    with checkpoint.as_directory() as directory:
-        net.load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True))
-        state = torch.load(Path(directory) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    # The restored rate followed the saved run's schedule; a resume may change epochs, so recompute it.
-    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-        group["lr"] = base_lr * scheduler.lr_lambdas[0](state["epoch"])
-    return state["epoch"], state["best_score"]
-
-
-def report_checkpoint(
-    model, config, metrics: dict, epoch: int, best_score: float, optimizer, scheduler
-) -> None:
-    """Rank 0's epoch end: the model as contract 4 plus the optimizer state for resuming, reported to Ray."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, model, config, metrics)
-        torch.save(
-            {
-                "epoch": epoch,
-                "best_score": best_score,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-            },
-            Path(tmp) / TRAIN_STATE_FILE,
-        )
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
-        )
+    def compute(self) -> dict:
+        return classification_metrics(all_reduce_sum(self.cm).cpu().numpy())
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -146,8 +97,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     config = PretrainConfig.from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
     device = ray.train.torch.get_device()
     on_cuda = device.type == "cuda"
     channels_last = on_cuda and config.channels_last
@@ -160,101 +109,57 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scheduler = build_scheduler(
         optimizer, epochs=config.epochs, warmup_epochs=config.warmup_epochs, power=config.poly_power
     )
-    start_epoch, best_score = 0, -1.0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        start_epoch, best_score = _load_train_state(checkpoint, net, optimizer, scheduler)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    # prepare_model moves the net (and so the optimizer's parameters) to the device and wraps DDP.
-    train_model = ray.train.torch.prepare_model(net)
-    eval_model = unwrap(train_model)  # no DDP in eval: workers may hold unequal eval shards
-    if on_cuda and config.compile:
-        train_model, eval_model = torch.compile(train_model), torch.compile(eval_model)
-    for state in optimizer.state.values():  # restored optimizer moments follow the parameters
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                state[key] = value.to(device)
-
-    writer = None
-    if rank == 0 and config.tensorboard:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-    loss_fn = torch.nn.CrossEntropyLoss()
     train_data = ray.train.get_dataset_shard("train")
     eval_data = {split: ray.train.get_dataset_shard(split) for split in EVAL_SPLITS}
+    eval_collate = BatchCollator(augment_p=None, seed=config.seed, epoch=0)
+    cross_entropy = torch.nn.CrossEntropyLoss()
 
-    for epoch in range(start_epoch, config.epochs):
-        lr = optimizer.param_groups[0]["lr"]
-        train_model.train()
-        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, samples
-        wait_s, started = 0.0, time.perf_counter()
-        batches = iter(train_batches(train_data, config, epoch, pin_memory=on_cuda))
-        while True:
-            fetch = time.perf_counter()
-            batch = next(batches, None)
-            wait_s += time.perf_counter() - fetch
-            if batch is None:
-                break
-            images, labels = batch
-            x, y = to_model_input(images, device, channels_last), labels.to(device, non_blocking=True)
-            with _autocast(device, config):
-                loss = loss_fn(train_model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            totals += torch.stack(
-                [loss.detach().double() * len(y), torch.tensor(len(y), device=device).double()]
-            )
-            if (
-                config.fail_after_epoch
-                and epoch == config.fail_after_epoch
-                and rank == 0
-                and not (run_dir / FAULT_MARKER).exists()
-            ):
-                (run_dir / FAULT_MARKER).touch()
-                time.sleep(5)  # let the controller register the last checkpoint before the worker dies
-                os._exit(1)
-        if on_cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-        scheduler.step()
-        loss_sum, samples = _all_reduce_sum(totals).tolist()
-        timing = _all_reduce_sum(torch.tensor([elapsed, wait_s], dtype=torch.float64, device=device)).tolist()
-        world = context.get_world_size()
-        metrics = {
-            "epoch": epoch + 1,
-            "start_epoch": start_epoch,
-            "lr": lr,
-            "train_loss": loss_sum / max(samples, 1),
-            "train_samples": int(samples),
-            "train_images_per_s": samples / max(timing[0] / world, 1e-9),
-            "train_data_wait_fraction": timing[1] / max(timing[0], 1e-9),
-        }
+    def loss(model, batch):
+        images, labels = batch
+        x, y = to_model_input(images, device, channels_last), labels.to(device, non_blocking=True)
+        return cross_entropy(model(x), y), len(y)
+
+    def evaluate_splits(model) -> dict:
+        metrics = {}
         for split, iterator in eval_data.items():
-            scores = _evaluate(eval_model, iterator, config, device, channels_last)
-            metrics |= {f"{split}_{k}": v for k, v in scores.items()}
-        best_score = max(best_score, metrics[SCORE_METRIC])
-        metrics["best_" + SCORE_METRIC] = best_score
-
-        if rank == 0:
-            report_checkpoint(eval_model, config, metrics, epoch + 1, best_score, optimizer, scheduler)
-            print(
-                f"epoch {epoch + 1}/{config.epochs}: loss {metrics['train_loss']:.4f}, "
-                f"{metrics['train_images_per_s']:.1f} img/s, val F1 {metrics['val_f1']:.4f}, "
-                f"finetune F1 {metrics['finetune_f1']:.4f}",
-                flush=True,
+            batches = iterator.iter_torch_batches(
+                batch_size=config.per_worker_batch_size,
+                collate_fn=eval_collate,
+                prefetch_batches=config.prefetch_batches,
             )
-            if writer is not None:
-                for key, value in metrics.items():
-                    if isinstance(value, int | float):
-                        writer.add_scalar(key, value, epoch + 1)
-                writer.flush()
-        else:
-            ray.train.report(metrics, checkpoint=None)
-    if writer is not None:
-        writer.close()
+            scores = evaluate(
+                model,
+                batches,
+                SplitConfusion(config.granularity, device, channels_last),
+                device,
+                bf16=config.bf16,
+            )
+            metrics |= {f"{split}_{k}": v for k, v in scores.items()}
+        return metrics
+
+    def summary(metrics: dict) -> str:
+        return (
+            f"{metrics['train_images_per_s']:.1f} img/s, val F1 {metrics['val_f1']:.4f}, "
+            f"finetune F1 {metrics['finetune_f1']:.4f}"
+        )
+
+    fit(
+        TrainingJob(
+            config=config,
+            model=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            train_batches=lambda epoch: train_batches(train_data, config, epoch, pin_memory=on_cuda),
+            loss=loss,
+            evaluate=evaluate_splits,
+            score_metric=SCORE_METRIC,
+            summary=summary,
+            bf16=config.bf16,
+            channels_last=config.channels_last,
+            compile=config.compile,
+            tensorboard_dir=run_dir / "tensorboard" if config.tensorboard else None,
+        )
+    )
 
 
 # ---------------------------------------------------------------- driver side

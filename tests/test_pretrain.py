@@ -21,10 +21,10 @@ import torch
 from pedx_ray.augment import augment_images, build_augmentation
 from pedx_ray.config import ConfigError, PretrainConfig, resolve_config
 from pedx_ray.data import ShardSetError
+from pedx_ray.faults import FAULT_ENV, Fault
 from pedx_ray.metrics import classification_metrics, confusion_matrix
 from pedx_ray.models import load_checkpoint
 from pedx_ray.pretrain import (
-    FAULT_MARKER,
     PretrainError,
     build_parser,
     config_from_args,
@@ -174,6 +174,25 @@ def test_config_validation_says_how_to_fix():
         PretrainConfig(epochs=5, warmup_epochs=5)
 
 
+def test_fault_injection_is_a_test_hook_not_a_config_field(tmp_path, monkeypatch):
+    (tmp_path / "old.yaml").write_text("fail_after_epoch: 1\n")
+    args = build_parser().parse_args(["--shards", "S", "--config", str(tmp_path / "old.yaml")])
+    with pytest.raises(ConfigError, match=f"fail_after_epoch is no longer a config field.*{FAULT_ENV}"):
+        config_from_args(args)
+    # Runs and checkpoints saved before carry fail_after_epoch: 0 (never); they still load.
+    saved = PretrainConfig().to_dict() | {"fail_after_epoch": 0}
+    assert PretrainConfig.from_dict(saved) == PretrainConfig()
+
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    assert Fault.from_env() is None
+    monkeypatch.setenv(FAULT_ENV, f"2:{tmp_path / 'marker'}")
+    assert Fault.from_env() == Fault(after_epoch=2, marker=tmp_path / "marker")
+    Fault.from_env().strike(1)  # not its epoch: the process goes on
+    monkeypatch.setenv(FAULT_ENV, "2")
+    with pytest.raises(ValueError, match="expected EPOCH:MARKER"):
+        Fault.from_env()
+
+
 def test_shipped_yaml_configs_are_valid():
     root = Path(__file__).resolve().parents[1] / "configs"
     paths = sorted(root.glob("pretrain_*.yaml"))
@@ -211,9 +230,13 @@ def test_granularity_mismatch_and_damaged_shard_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_cpu_run_survives_a_killed_worker_checkpoints_and_resumes(ray_session, shards, tmp_path, capsys):
+def test_cpu_run_survives_a_killed_worker_checkpoints_and_resumes(
+    ray_session, shards, tmp_path, capsys, monkeypatch
+):
     # One run covers recovery and resume: every Ray Train start costs ~30 s of process spawning on 2 cores.
-    (tmp_path / "run.yaml").write_text("fail_after_epoch: 1\nmax_failures: 1\nwarmup_epochs: 1\n")
+    fault_marker = tmp_path / "fault-injected"
+    monkeypatch.setenv(FAULT_ENV, f"1:{fault_marker}")  # rank 0 dies once, in the epoch after checkpoint 1
+    (tmp_path / "run.yaml").write_text("max_failures: 1\nwarmup_epochs: 1\n")
     storage = tmp_path / "runs"
     argv = [
         "--shards",
@@ -241,10 +264,11 @@ def test_cpu_run_survives_a_killed_worker_checkpoints_and_resumes(ray_session, s
     out = capsys.readouterr().out
     run_dir = storage / "run"
     assert "best checkpoint (epoch" in out and str(run_dir / "best") in out
-    assert (run_dir / FAULT_MARKER).exists()  # rank 0 really died during epoch 2
+    assert fault_marker.exists()  # rank 0 really died during epoch 2
+    monkeypatch.delenv(FAULT_ENV)
 
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["classes"] == CLASSES_7 and saved["epochs"] == 2 and saved["fail_after_epoch"] == 1
+    assert saved["classes"] == CLASSES_7 and saved["epochs"] == 2 and "fail_after_epoch" not in saved
     assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == [
         "checkpoint_epoch_0001",
         "checkpoint_epoch_0002",
