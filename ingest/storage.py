@@ -30,7 +30,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from ingest.files import write_atomic
+from ingest import files
 
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 REGION_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
@@ -202,7 +202,7 @@ def _temporary_key(path: str) -> str:
 def write_bytes(location: str | os.PathLike, data: bytes | str, *, durable: bool = False) -> Path | str:
     """Replace ``location`` with ``data`` (text as UTF-8) atomically: readers see the old or the new one."""
     if not is_uri(location):
-        return write_atomic(location, data, durable=durable)
+        return files.write_atomic(location, data, durable=durable)
     fs, path = filesystem_and_path(location)
     tmp = _temporary_key(path)
     with _translated(location):
@@ -342,3 +342,31 @@ def subdirectories_holding(location: str | os.PathLike, filename: str) -> list[P
         found = fs.get_file_info([f"{path}/{name}/{filename}" for name in names])
     holding = [n for n, info in zip(names, found, strict=True) if info.type == pafs.FileType.File]
     return [join(location, name) for name in holding]
+
+
+def delete_file(location: str | os.PathLike) -> None:
+    """Remove a file or object if it exists."""
+    if not is_uri(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = filesystem_and_path(location)
+    with _translated(location):
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+
+
+@contextmanager
+def replacing(location: str | os.PathLike, *, durable: bool = False) -> Iterator[Path]:
+    """Yield a local temporary path to write; when the block ends without error it replaces ``location``
+    (``ingest.files.replacing`` for a path, fsynced first when ``durable``; an upload for a URI)."""
+    if not is_uri(location):
+        with files.replacing(location) as tmp:
+            yield tmp
+            if durable:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        return
+    with tempfile.TemporaryDirectory(prefix="pedx-upload-") as directory:
+        tmp = Path(directory) / name_of(location)
+        yield tmp
+        upload_file(tmp, location)

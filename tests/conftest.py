@@ -258,14 +258,14 @@ def s3_bucket(tmp_path_factory) -> Iterator[str]:
         deadline = time.monotonic() + 60
         while True:
             try:
-                requests.get(os.environ["AWS_ENDPOINT_URL"], timeout=1)
+                requests.get(os.environ["AWS_ENDPOINT_URL"], timeout=5)
                 break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still importing its handlers
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"the moto S3 server did not start: {log.read_text()[-2000:]}")
                 time.sleep(0.2)
         # One bucket for the session; tests write under their own prefixes.
-        requests.put(f"{os.environ['AWS_ENDPOINT_URL']}/{S3_TEST_BUCKET}", timeout=10).raise_for_status()
+        requests.put(f"{os.environ['AWS_ENDPOINT_URL']}/{S3_TEST_BUCKET}", timeout=30).raise_for_status()
         yield f"s3://{S3_TEST_BUCKET}"
     finally:
         server.terminate()
