@@ -5,6 +5,8 @@
 checks that ``model.pt`` holds exactly the tensors the config's model has (shapes included; the model
 is built on the ``meta`` device and the weights are memory-mapped, so nothing is allocated). A missing
 or broken checkpoint therefore stops the app before any replica starts, with a message naming the file.
+A checkpoint may also be an ``s3://bucket/prefix`` URI (`ingest.storage`); its files are downloaded
+to a temporary directory for each load.
 
 `Predictor` loads the weights with the training code's loaders (`pedx_ray.models.load_checkpoint` for
 a view model, `pedx_ray.finetune.load_finetuned` for bone age and fracture) and predicts batches of
@@ -16,7 +18,6 @@ both also work on the CPU); Grad-CAM always runs in float32 on a CPU copy of the
 from __future__ import annotations
 
 import copy
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch
 
 from deploy.inputs import Recipe
 from deploy.settings import TASK_MODELS, VIEW_MODELS
+from ingest import storage
 from ingest.imaging.preprocess import PreprocessParams
 from pedx_ray.config import ConfigError, PretrainConfig
 from pedx_ray.data import to_model_input
@@ -77,9 +79,9 @@ def task_of(name: str) -> str:
     raise ValueError(f"unknown model {name!r}; models are {(*VIEW_MODELS, *TASK_MODELS)}")
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path | str) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = storage.read_json(path)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not readable JSON ({exc}); re-export the checkpoint") from exc
     if not isinstance(data, dict):
@@ -95,19 +97,20 @@ def inspect_checkpoint(
     fracture_threshold: float = 0.5,
 ) -> ModelSpec:
     """Validate a checkpoint directory for deployment ``name`` and describe it (no weights are loaded)."""
-    path = Path(directory)
+    path = storage.join(directory)
     task = task_of(name)
-    missing = [f for f in (MODEL_FILE, CONFIG_FILE) if not (path / f).is_file()]
+    missing = [f for f in (MODEL_FILE, CONFIG_FILE) if not storage.is_file(storage.join(path, f))]
     if missing:
         raise CheckpointError(
             f"{name}: {path} is not a PedX-Ray checkpoint (missing {', '.join(missing)}); a checkpoint is "
             "the best/ directory a training run exports"
         )
-    config = _read_json(path / CONFIG_FILE)
-    metrics = _read_json(path / METRICS_FILE) if (path / METRICS_FILE).is_file() else {}
+    config_file, metrics_file = storage.join(path, CONFIG_FILE), storage.join(path, METRICS_FILE)
+    config = _read_json(config_file)
+    metrics = _read_json(metrics_file) if storage.is_file(metrics_file) else {}
     try:
         if task == "view":
-            parsed = PretrainConfig.from_dict(config, source=str(path / CONFIG_FILE))
+            parsed = PretrainConfig.from_dict(config, source=str(config_file))
             classes = parsed.classes
             if parsed.granularity != VIEW_MODELS[name] or len(classes) != parsed.granularity:
                 raise CheckpointError(
@@ -120,10 +123,10 @@ def inspect_checkpoint(
 
             if "task" not in config or "backbone" not in config:
                 raise CheckpointError(
-                    f"{name}: {path / CONFIG_FILE} is not a fine-tuning config (no task/backbone); a view "
+                    f"{name}: {config_file} is not a fine-tuning config (no task/backbone); a view "
                     "model goes in view_7 / view_30 / view_68"
                 )
-            parsed = FinetuneConfig.from_dict(config, source=str(path / CONFIG_FILE))
+            parsed = FinetuneConfig.from_dict(config, source=str(config_file))
             if parsed.task != task:
                 raise CheckpointError(f"{name}: {path} is a {parsed.task} model; serve it as {parsed.task}")
             classes = ()
@@ -131,32 +134,32 @@ def inspect_checkpoint(
                 PreprocessParams(size=parsed.image_size, clahe=parsed.enhance == "clahe"),
                 enhance=parsed.enhance,
                 input_size=parsed.image_size,
-                source=f"{path / CONFIG_FILE} (image_size, enhance)",
+                source=f"{config_file} (image_size, enhance)",
             )
     except (ConfigError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{name}: {path / CONFIG_FILE} does not describe a model: {exc}") from exc
+        raise CheckpointError(f"{name}: {config_file} does not describe a model: {exc}") from exc
     spec = ModelSpec(name, task, str(path), config, metrics, recipe, tuple(classes), fracture_threshold)
     _check_weights(spec)
     return spec
 
 
-def _view_recipe(config: PretrainConfig, override: dict | None, checkpoint: Path) -> Recipe:
+def _view_recipe(config: PretrainConfig, override: dict | None, checkpoint: Path | str) -> Recipe:
     """Pretraining read shard PNGs made with the shard manifest's parameters, resized to image_size."""
     if override:
         params, source = PreprocessParams(**override), "settings: view_preprocessing"
     else:
-        manifest = Path(config.shards) / "manifest.json"
-        if not config.shards or not manifest.is_file():
+        manifest = storage.join(config.shards, "manifest.json")
+        if not config.shards or not storage.is_file(manifest):
             raise CheckpointError(
                 f"{checkpoint}: the shard manifest {manifest} named by its config.json is not readable "
                 f"from {Path.cwd()}, so the training preprocessing is unknown; run from the training "
                 "directory, or set view_preprocessing to the manifest's `preprocessing` (e.g. {size: 512})"
             )
         try:
-            params = PreprocessParams(**json.loads(manifest.read_text())["preprocessing"])
+            params = PreprocessParams(**storage.read_json(manifest)["preprocessing"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{manifest} has no valid `preprocessing` entry ({exc})") from exc
-        source = str(manifest.resolve())
+        source = storage.resolve(manifest)
     return Recipe(params, enhance="none", input_size=config.image_size, source=source)
 
 
@@ -174,18 +177,19 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
 
 def _check_weights(spec: ModelSpec) -> None:
     """model.pt must hold exactly the config's tensors, with their shapes (checked without allocating)."""
-    weights = Path(spec.checkpoint) / MODEL_FILE
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises many types for a damaged zip/pickle
-        raise CheckpointError(
-            f"{spec.name}: {weights} is not a readable PyTorch state_dict ({type(exc).__name__}: {exc})"
-        ) from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{spec.name}: {weights} holds a {type(state).__name__}, not a state_dict")
+    weights = storage.join(spec.checkpoint, MODEL_FILE)
+    with storage.local_copy(spec.checkpoint) as local:
+        try:
+            state = torch.load(local / MODEL_FILE, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for a damaged zip/pickle
+            raise CheckpointError(
+                f"{spec.name}: {weights} is not a readable PyTorch state_dict ({type(exc).__name__}: {exc})"
+            ) from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{spec.name}: {weights} holds a {type(state).__name__}, not a state_dict")
+        found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     problems = [f"missing {k}" for k in expected if k not in found]
     problems += [f"unexpected {k}" for k in found if k not in expected]
     problems += [f"{k}: {found[k]} ≠ {v}" for k, v in expected.items() if k in found and found[k] != v]

@@ -7,7 +7,8 @@ a Serve config file, whose ``deploy.app:app`` application's ``args`` are used (s
 
 Checkpoint fields take a directory (docs/design.md, contract 4) or a glob like ``demo/runs/smoke-7c-*/best``,
 which picks the most recently modified match; relative paths are resolved against the working directory
-of the process that builds the app (on a cluster, use absolute paths on shared storage).
+of the process that builds the app (on a cluster, use absolute paths on shared storage, or an
+``s3://bucket/runs/NAME/best`` URI on S3-compatible object storage: docs/guide/storage.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ingest import storage
 from pedx_ray.config import ConfigError, read_yaml
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
@@ -178,8 +180,19 @@ def resolve_settings(args: dict[str, Any] | None = None) -> ServeSettings:
         raise SettingsError(f"invalid setting types: {exc}") from exc
 
 
-def resolve_checkpoint(value: str, name: str) -> Path:
-    """A checkpoint directory (absolute), a glob resolved to its most recently modified match."""
+def resolve_checkpoint(value: str, name: str) -> Path | str:
+    """A checkpoint directory (absolute), a glob resolved to its most recently modified match, or an
+    object-store URI (``s3://bucket/runs/NAME/best``, no glob) that holds files."""
+    if storage.is_uri(value):
+        if glob.has_magic(value):
+            raise SettingsError(f"{name}: {value!r}: give the checkpoint's exact URI (globs need a path)")
+        try:
+            found = storage.is_dir(value)
+        except storage.StorageError as exc:
+            raise SettingsError(f"{name}: {exc}") from exc
+        if not found:
+            raise SettingsError(f"{name}: checkpoint {value!r} holds no files")
+        return storage.resolve(value)
     if glob.has_magic(value):
         matches = [Path(p) for p in glob.glob(value) if Path(p).is_dir()]
         if not matches:

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from ingest.storage import ray_storage
 from pedx_ray.faults import worker_env_vars
 
 
@@ -53,8 +54,9 @@ def connect_ray(
 
 
 def train_job_configs(config, *, storage: str, score_metric: str, callbacks=()):
-    """(ScalingConfig, RunConfig) of a job config: workers and their resources, failure retries, and the
-    checkpoints kept (the best ``num_to_keep`` by ``score_metric``, higher is better). The workers'
+    """(ScalingConfig, RunConfig) of a job config: workers and their resources, failure retries, the run
+    storage (a directory or an object-store URI, ingest.storage), and the checkpoints kept (the best
+    ``num_to_keep`` by ``score_metric``, higher is better). The workers'
     environment gets the test-only fault setting (`pedx_ray.faults`) when the driver has it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -64,9 +66,11 @@ def train_job_configs(config, *, storage: str, score_metric: str, callbacks=()):
         resources_per_worker={"CPU": config.cpus_per_worker}
         | ({"GPU": config.gpus_per_worker} if config.use_gpu else {}),
     )
+    path, filesystem = ray_storage(storage)
     run = RunConfig(
         name=config.name,
-        storage_path=storage,
+        storage_path=path,
+        storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=config.max_failures),
         callbacks=list(callbacks),
         worker_runtime_env={"env_vars": worker_env_vars()},  # empty outside the recovery test

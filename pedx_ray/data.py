@@ -18,6 +18,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig
 from tqdm import tqdm
 
+from ingest import storage
 from pedx_ray.augment import augment_images, build_augmentation
 
 MANIFEST_FORMAT = "pedx-ray-shards/1"
@@ -30,20 +31,21 @@ class ShardSetError(ValueError):
 
 
 def read_manifest(shards_dir: str | Path) -> dict:
-    root = Path(shards_dir)
-    if not root.is_dir():
+    """The shard set's manifest; ``shards_dir`` is a directory or an object-store URI (ingest.storage)."""
+    root = storage.resolve(shards_dir)
+    if not storage.is_dir(root):
         raise ShardSetError(
             f"shard directory {root} does not exist; write it with "
             f"`python -m ingest shards CATALOG --out {root}`"
         )
-    path = root / "manifest.json"
-    if not path.is_file():
+    path = storage.join(root, "manifest.json")
+    if not storage.is_file(path):
         raise ShardSetError(
             f"{path} is missing: the shard set is incomplete or was never written; "
             "re-run `python -m ingest shards` to complete it"
         )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(path))
     except ValueError as exc:
         raise ShardSetError(f"{path} is not valid JSON ({exc}); re-run `python -m ingest shards`") from exc
     if manifest.get("format") != MANIFEST_FORMAT:
@@ -77,16 +79,14 @@ def check_manifest(manifest: dict, granularity: int, shards_dir: str | Path) -> 
 
 def verify_shards(manifest: dict, shards_dir: str | Path, progress: bool = True) -> None:
     """Hash every shard the manifest lists and compare with its recorded sha256."""
-    from ingest.dataset.shards import file_sha256
-
-    root = Path(shards_dir)
+    root = storage.resolve(shards_dir)
     for entry in tqdm(manifest["shards"], desc="verify shards", unit="shard", disable=not progress):
-        path = root / entry["name"]
-        if not path.is_file():
+        path = storage.join(root, entry["name"])
+        if not storage.is_file(path):
             raise ShardSetError(
                 f"shard {path} listed in the manifest is missing; re-run `python -m ingest shards`"
             )
-        if file_sha256(path) != entry["sha256"]:
+        if storage.sha256(path) != entry["sha256"]:
             raise ShardSetError(
                 f"shard {path} does not match its sha256 in manifest.json (damaged or replaced); "
                 "re-run `python -m ingest shards` to rebuild it"
@@ -94,8 +94,13 @@ def verify_shards(manifest: dict, shards_dir: str | Path, progress: bool = True)
 
 
 def shard_paths(manifest: dict, shards_dir: str | Path, split: str) -> list[str]:
-    root = Path(shards_dir).resolve()
-    return [str(root / s["name"]) for s in manifest["shards"] if s["split"] == split and s["samples"] > 0]
+    """Absolute paths or URIs of a split's non-empty shards, as Ray Data's readers take them."""
+    root = storage.resolve(shards_dir)
+    return [
+        str(storage.join(root, s["name"]))
+        for s in manifest["shards"]
+        if s["split"] == split and s["samples"] > 0
+    ]
 
 
 class SampleDecoder:

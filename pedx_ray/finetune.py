@@ -12,7 +12,8 @@ stopped run. The initialisation's transfer report is printed and saved as
 ``STORAGE/NAME/init_report.json``. At the end the best checkpoint is exported to
 ``STORAGE/NAME/best/`` and its predictions for val and test are written to
 ``STORAGE/NAME/predictions_{val,test}.csv`` (columns ``id,target,prediction,sex,age_months,split``,
-with a ``.json`` sidecar) for `pedx_ray.evaluate`.
+with a ``.json`` sidecar) for `pedx_ray.evaluate`. ``--storage`` and the ``pedxnet:`` checkpoint may be
+``s3://bucket/prefix`` URIs on S3-compatible object storage (docs/guide/storage.md).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ingest.files import write_atomic, write_json_atomic
+from ingest import storage
 from pedx_ray.augment import augment_images, build_augmentation
 from pedx_ray.cluster import connect_ray, train_job_configs
 from pedx_ray.config import MIN_INCEPTION_SIZE, ConfigError, from_known_fields, read_yaml, training_checks
@@ -82,7 +83,7 @@ class FinetuneConfig:
     split_seed: int = 0
     train_fraction: float = 1.0  # data-size ablation: subsample train only
     train_size: int = 0  # ... or an absolute number of training images (wins when > 0)
-    cache_dir: str = ""  # preprocessed-image cache; default STORAGE/cache (shared storage on a cluster)
+    cache_dir: str = ""  # preprocessed-image cache; default STORAGE/cache, ./cache for s3:// storage
     # Model and initialisation
     init: str = "scratch"  # scratch | imagenet:PATH | pedxnet:CHECKPOINT
     mode: str = "full"  # full | linear_probe | gradual
@@ -223,16 +224,19 @@ def load_finetune_config(path: str | Path) -> FinetuneConfig:
 def load_finetuned(
     directory: str | Path, map_location: str = "cpu"
 ) -> tuple[torch.nn.Module, FinetuneConfig]:
-    """Rebuild a fine-tuned model from its checkpoint's ``config.json`` and load ``model.pt`` (eval mode)."""
-    path = Path(directory)
-    missing = [name for name in (MODEL_FILE, CONFIG_FILE) if not (path / name).is_file()]
+    """Rebuild a fine-tuned model from its checkpoint's ``config.json`` and load ``model.pt`` (eval mode).
+
+    ``directory`` may be an object-store URI (ingest.storage): its files are downloaded first."""
+    path = storage.join(directory)
+    missing = [name for name in (MODEL_FILE, CONFIG_FILE) if not storage.is_file(storage.join(path, name))]
     if missing:
         raise CheckpointError(f"{path} is not a fine-tuning checkpoint: missing {', '.join(missing)}")
-    config = FinetuneConfig.from_dict(
-        json.loads((path / CONFIG_FILE).read_text()), source=str(path / CONFIG_FILE)
-    )
-    model = build_task_model(config)
-    model.load_state_dict(torch.load(path / MODEL_FILE, map_location=map_location, weights_only=True))
+    with storage.local_copy(path) as local:
+        config = FinetuneConfig.from_dict(
+            json.loads((local / CONFIG_FILE).read_text()), source=str(storage.join(path, CONFIG_FILE))
+        )
+        model = build_task_model(config)
+        model.load_state_dict(torch.load(local / MODEL_FILE, map_location=map_location, weights_only=True))
     return model.eval(), config
 
 
@@ -273,10 +277,10 @@ def predict(model, images: np.ndarray, sex: np.ndarray, batch_size: int, device:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def write_predictions(path: Path, frame: pd.DataFrame, sidecar: dict) -> Path:
-    """The predictions CSV and its ``.json`` sidecar, each written atomically."""
-    write_atomic(path, frame[list(PREDICTION_COLUMNS)].to_csv(index=False))
-    write_json_atomic(path.with_name(path.name + ".json"), sidecar)
+def write_predictions(path: Path | str, frame: pd.DataFrame, sidecar: dict) -> Path | str:
+    """The predictions CSV and its ``.json`` sidecar, each written atomically (a path or a URI)."""
+    storage.write_bytes(path, frame[list(PREDICTION_COLUMNS)].to_csv(index=False))
+    storage.write_json_atomic(f"{path}.json", sidecar)
     return path
 
 
@@ -432,16 +436,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    run_dir: Path
-    best_dir: Path
+    run_dir: Path | str  # a str when the run storage is an object-store URI
+    best_dir: Path | str
     best_metrics: dict
-    predictions: dict[str, Path]  # split → CSV
+    predictions: dict[str, Path | str]  # split → CSV
 
 
 def prepare_data(config: FinetuneConfig, *, progress: bool = True) -> tuple[FinetuneConfig, pd.DataFrame]:
     """The table with cached images, and the config with the bone-age target scale filled in."""
     table = load_table(config)
-    cache_dir = config.cache_dir or str(_storage_root(config) / "cache")
+    cache_dir = config.cache_dir or str(_default_cache_dir(config))
     table = cache_images(
         table, image_size=config.image_size, enhance=config.enhance, cache_dir=cache_dir, progress=progress
     )
@@ -449,6 +453,13 @@ def prepare_data(config: FinetuneConfig, *, progress: bool = True) -> tuple[Fine
         train = table.loc[table["split"] == "train", "target"]
         config = config.replace(target_mean=float(train.mean()), target_std=float(train.std(ddof=0)) or 1.0)
     return config, table
+
+
+def _default_cache_dir(config: FinetuneConfig) -> Path:
+    """STORAGE/cache; with object-store run storage the images are read as files, so ./cache (on a
+    multi-node cluster pass --cache-dir on a shared mount)."""
+    root = _storage_root(config)
+    return Path("cache").resolve() if storage.is_uri(root) else root / "cache"
 
 
 def _records(frame: pd.DataFrame) -> dict:
@@ -460,7 +471,7 @@ def _with_absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
     path the run reads is fixed relative to the directory the job was started from."""
 
     def absolute(path: str) -> str:
-        return str(Path(path).resolve()) if path else path
+        return storage.resolve(path) if path else path
 
     def absolute_spec(spec: str) -> str:
         kind, sep, path = spec.partition(":")
@@ -487,23 +498,24 @@ def run_finetuning(
     config = _with_absolute_paths(
         config.replace(name=config.name or f"{config.task}-{datetime.now():%Y%m%d-%H%M%S}")
     )
-    storage = _storage_root(config)
-    run_dir = storage / config.name
-    if (run_dir / CONFIG_FILE).exists() and not resume:
+    root = _storage_root(config)
+    run_dir = storage.join(root, config.name)
+    saved = storage.exists(storage.join(run_dir, CONFIG_FILE))
+    if saved and not resume:
         raise FinetuneError(
             f"run {run_dir} already exists; pass --resume to continue it or choose another --name"
         )
-    if resume and not (run_dir / CONFIG_FILE).exists():
+    if resume and not saved:
         raise FinetuneError(f"nothing to resume: {run_dir} holds no run (no {CONFIG_FILE})")
     # Apply the initialisation once here: a bad weights file fails before Ray starts, and the
     # transfer report is shown and kept with the run (workers repeat it to get the weights).
     report = initialize(build_task_model(config), config.init, config.backbone)
     config, table = prepare_data(config, progress=progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(run_dir)
     if report is not None:
         print(report.summary())
-        (run_dir / INIT_REPORT).write_text(json.dumps(report.to_dict(), indent=2))
-    write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
+        storage.write_bytes(storage.join(run_dir, INIT_REPORT), json.dumps(report.to_dict(), indent=2))
+    storage.write_json_atomic(storage.join(run_dir, CONFIG_FILE), config.to_dict())
     counts = {split: int((table["split"] == split).sum()) for split in ("train", "val", "test")}
     print("data: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " images")
 
@@ -515,7 +527,7 @@ def run_finetuning(
         error=FinetuneError,
     )
     scaling_config, run_config = train_job_configs(
-        config, storage=str(storage), score_metric=SCORE_METRIC, callbacks=callbacks
+        config, storage=str(root), score_metric=SCORE_METRIC, callbacks=callbacks
     )
     from ray.train.torch import TorchTrainer
 
@@ -533,14 +545,14 @@ def run_finetuning(
     return FinetuneResult(
         run_dir=run_dir,
         best_dir=best_dir,
-        best_metrics=json.loads((best_dir / METRICS_FILE).read_text()),
+        best_metrics=storage.read_json(storage.join(best_dir, METRICS_FILE)),
         predictions=predictions,
     )
 
 
 def predict_splits(
-    checkpoint: Path, table: pd.DataFrame, out_dir: Path, splits=("val", "test")
-) -> dict[str, Path]:
+    checkpoint: Path | str, table: pd.DataFrame, out_dir: Path | str, splits=("val", "test")
+) -> dict[str, Path | str]:
     """Score ``splits`` of the (cached) table with a fine-tuned checkpoint; one CSV per split."""
     model, config = load_finetuned(checkpoint)
     device = torch.device("cuda" if config.use_gpu and torch.cuda.is_available() else "cpu")
@@ -564,7 +576,7 @@ def predict_splits(
             "recipe": config.recipe,
         }
         written[split] = write_predictions(
-            out_dir / f"predictions_{split}.csv", rows.assign(prediction=prediction), sidecar
+            storage.join(out_dir, f"predictions_{split}.csv"), rows.assign(prediction=prediction), sidecar
         )
     return written
 
@@ -610,9 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-worker", type=float)
     parser.add_argument("--use-gpu", action="store_true", default=None)
     parser.add_argument(
-        "--storage", help="directory holding runs (shared storage on a cluster; default ./runs)"
+        "--storage",
+        help="directory or s3://bucket/prefix holding runs (shared storage on a cluster; default ./runs)",
     )
-    parser.add_argument("--cache-dir", help="preprocessed-image cache (default STORAGE/cache)")
+    parser.add_argument(
+        "--cache-dir", help="preprocessed-image cache (default STORAGE/cache; ./cache for s3:// storage)"
+    )
     parser.add_argument("--name", help="run name (default <task>-<timestamp>); the run is STORAGE/NAME")
     parser.add_argument(
         "--resume", action="store_true", help="continue run --name from its latest checkpoint"
@@ -635,13 +650,13 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     base = None
     if args.resume:
         name = cli["name"] or yaml_layer.get("name")
-        storage = cli["storage"] or yaml_layer.get("storage") or FinetuneConfig.storage
+        root = cli["storage"] or yaml_layer.get("storage") or FinetuneConfig.storage
         if not name:
             raise ConfigError("--resume needs --name: the run to continue is STORAGE/NAME")
-        saved = Path(storage) / name / CONFIG_FILE
-        if not saved.is_file():
+        saved = storage.join(root, name, CONFIG_FILE)
+        if not storage.is_file(saved):
             raise ConfigError(f"nothing to resume: {saved} does not exist")
-        base = FinetuneConfig.from_dict(json.loads(saved.read_text()), source=str(saved))
+        base = FinetuneConfig.from_dict(storage.read_json(saved), source=str(saved))
     return resolve_finetune_config(yaml_layer, cli, base=base)
 
 
@@ -651,7 +666,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         result = run_finetuning(config, resume=args.resume)
-    except (ConfigError, DatasetError, InitError, FinetuneError, CheckpointError) as exc:
+    except (
+        ConfigError,
+        DatasetError,
+        InitError,
+        FinetuneError,
+        CheckpointError,
+        storage.StorageError,
+    ) as exc:
         parser.exit(2, f"error: {exc}\n")
     best = result.best_metrics
     score = f"val MAE {best['val_mae']:.2f} months" if "val_mae" in best else f"val AUC {best['val_auc']:.4f}"

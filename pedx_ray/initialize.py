@@ -17,13 +17,12 @@ BatchNorm statistics already follow the new data).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from ingest import storage
 from pedx_ray.config import ConfigError, PretrainConfig
 from pedx_ray.models import CONFIG_FILE, MODEL_FILE, xavier_init
 from pedx_ray.tasks import TaskModel, backbone_blocks
@@ -115,23 +114,24 @@ def transfer_weights(
 
 
 def _pedxnet_state(checkpoint: str, backbone_name: str) -> dict[str, torch.Tensor]:
-    directory = Path(checkpoint)
-    missing = [name for name in (MODEL_FILE, CONFIG_FILE) if not (directory / name).is_file()]
+    directory = storage.join(checkpoint)  # a directory or an object-store URI (ingest.storage)
+    missing = [n for n in (MODEL_FILE, CONFIG_FILE) if not storage.is_file(storage.join(directory, n))]
     if missing:
         raise InitError(
             f"pedxnet:{checkpoint} is not a PedXnet checkpoint directory (missing {', '.join(missing)}); "
             "pass a pretraining run's best/ directory, e.g. pedxnet:runs/pedx-7c/best"
         )
     try:
-        pretrain = PretrainConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        pretrain = PretrainConfig.from_dict(storage.read_json(storage.join(directory, CONFIG_FILE)))
     except (ValueError, ConfigError) as exc:
-        raise InitError(f"{directory / CONFIG_FILE} is not a pretraining config: {exc}") from exc
+        raise InitError(f"{storage.join(directory, CONFIG_FILE)} is not a pretraining config: {exc}") from exc
     if pretrain.arch != backbone_name:
         raise InitError(
             f"pedxnet:{checkpoint} holds a {pretrain.arch} but the run's backbone is {backbone_name}; "
             f"use --backbone {pretrain.arch} or a checkpoint of that architecture"
         )
-    return torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    with storage.local_copy(directory) as local:
+        return torch.load(local / MODEL_FILE, map_location="cpu", weights_only=True)
 
 
 def _imagenet_state(path: str, backbone_name: str) -> dict[str, torch.Tensor]:

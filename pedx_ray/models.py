@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchvision.models.inception import BasicConv2d, Inception3
 
+from ingest import storage
 from ingest.files import replacing, write_json_atomic
 from pedx_ray.config import PretrainConfig, load_config_json
 
@@ -149,18 +150,21 @@ def save_checkpoint(directory: str | Path, model: nn.Module, config: PretrainCon
 def load_checkpoint(
     directory: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, PretrainConfig]:
-    """Rebuild the model from ``config.json`` and load ``model.pt``; returns (model in eval mode, config)."""
-    path = Path(directory)
-    missing = [name for name in (MODEL_FILE, CONFIG_FILE) if not (path / name).is_file()]
+    """Rebuild the model from ``config.json`` and load ``model.pt``; returns (model in eval mode, config).
+
+    ``directory`` may be an object-store URI (ingest.storage): its files are downloaded first."""
+    path = storage.join(directory)
+    missing = [name for name in (MODEL_FILE, CONFIG_FILE) if not storage.is_file(storage.join(path, name))]
     if missing:
         raise CheckpointError(f"{path} is not a PedX-Ray checkpoint: missing {', '.join(missing)}")
-    config = load_config_json(path / CONFIG_FILE)
-    model = build_model(config)
-    state = torch.load(path / MODEL_FILE, map_location=map_location, weights_only=True)
+    with storage.local_copy(path) as local:
+        config = load_config_json(local / CONFIG_FILE)
+        model = build_model(config)
+        state = torch.load(local / MODEL_FILE, map_location=map_location, weights_only=True)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{path / MODEL_FILE} does not match the model its config.json describes: {exc}"
+            f"{storage.join(path, MODEL_FILE)} does not match the model its config.json describes: {exc}"
         ) from exc
     return model.eval(), config

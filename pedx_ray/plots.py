@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ingest.files import replacing
+from ingest import storage
 
 DPI = 100
 SIZE = (6.4, 5.6)  # inches: 640 × 560 px at DPI
@@ -40,14 +40,15 @@ def colours(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def save_png(figure: Figure, path: str | os.PathLike) -> Path:
-    """Render ``figure`` to ``path`` atomically: a temporary PNG beside it, decoded to check its size,
-    then renamed over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_png(figure: Figure, path: str | os.PathLike) -> Path | str:
+    """Render ``figure`` to ``path`` (a file or an object-store URI, ingest.storage) atomically: a
+    temporary PNG, decoded to check its size, then renamed over or uploaded to ``path``."""
+    path = storage.join(path)
+    if not storage.is_uri(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     expected = tuple(round(v) for v in figure.get_size_inches() * DPI)
-    with replacing(path, ".png") as tmp:
-        figure.savefig(tmp, dpi=DPI, metadata={"Software": None})
+    with storage.replacing(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
         image = cv2.imread(str(tmp), cv2.IMREAD_UNCHANGED)
         if image is None or (image.shape[1], image.shape[0]) != expected:
             raise OSError(f"{tmp} did not read back as a {expected[0]}×{expected[1]} PNG")

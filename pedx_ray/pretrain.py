@@ -4,23 +4,24 @@
 
 The same command runs on a laptop (local Ray with the CPUs it needs) and on a cluster
 (``RAY_ADDRESS`` set, or ``ray job submit -- python -m pedx_ray.pretrain ...``; ``--storage`` must
-then be shared storage). Configuration is resolved as defaults < ``--config`` YAML < command-line
-flags (on ``--resume`` the run's saved config.json takes the defaults' place) and saved as
-``STORAGE/NAME/config.json``. Each epoch trains on the train split, evaluates the val and finetune
-splits on all workers, reports the metrics with ``ray.train.report`` and checkpoints from rank 0;
-Ray Train keeps the best checkpoints by the finetune split's macro F1, restarts failed workers from
-the latest checkpoint (``--max-failures``) and ``--resume`` continues a stopped run. At the end the
-best checkpoint is exported to ``STORAGE/NAME/best/`` (contract 4). TensorBoard logs go to
-``STORAGE/NAME/tensorboard/``.
+then be shared storage: a shared mount, or ``s3://bucket/prefix`` on S3-compatible object storage
+configured by the AWS environment variables, see docs/guide/storage.md; ``--shards`` too).
+Configuration is resolved as defaults < ``--config`` YAML < command-line flags (on ``--resume`` the
+run's saved config.json takes the defaults' place) and saved as ``STORAGE/NAME/config.json``. Each
+epoch trains on the train split, evaluates the val and finetune splits on all workers, reports
+the metrics with ``ray.train.report`` and checkpoints from rank 0; Ray Train keeps the best
+checkpoints by the finetune split's macro F1, restarts failed workers from the latest checkpoint
+(``--max-failures``) and ``--resume`` continues a stopped run. At the end the best checkpoint is
+exported to ``STORAGE/NAME/best/`` (contract 4). TensorBoard logs go to ``STORAGE/NAME/tensorboard/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
+import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,13 +29,12 @@ from pathlib import Path
 
 import torch
 
-from ingest.files import write_json_atomic
+from ingest import storage
 from pedx_ray.cluster import connect_ray, train_job_configs
 from pedx_ray.config import (
     GRANULARITIES,
     ConfigError,
     PretrainConfig,
-    load_config_json,
     read_yaml,
     resolve_config,
 )
@@ -65,8 +65,8 @@ class PretrainError(RuntimeError):
 
 @dataclass(frozen=True)
 class PretrainResult:
-    run_dir: Path
-    best_dir: Path
+    run_dir: Path | str  # a str when the run storage is an object-store URI
+    best_dir: Path | str
     best_metrics: dict
     last_metrics: dict
 
@@ -96,7 +96,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     config = PretrainConfig.from_dict(loop_config["config"])
-    run_dir = Path(loop_config["run_dir"])
+    run_dir = loop_config["run_dir"]
     device = ray.train.torch.get_device()
     on_cuda = device.type == "cuda"
     channels_last = on_cuda and config.channels_last
@@ -157,7 +157,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             bf16=config.bf16,
             channels_last=config.channels_last,
             compile=config.compile,
-            tensorboard_dir=run_dir / "tensorboard" if config.tensorboard else None,
+            tensorboard_dir=storage.join(run_dir, "tensorboard") if config.tensorboard else None,
         )
     )
 
@@ -165,17 +165,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 # ---------------------------------------------------------------- driver side
 
 
-def _storage_root(config: PretrainConfig) -> Path:
-    if "://" in config.storage:
-        raise PretrainError(
-            f"--storage {config.storage}: give a filesystem path (a shared mount such as NFS on "
-            "a cluster); URIs are not supported because the run's config and TensorBoard logs are "
-            "written there directly"
-        )
-    return Path(config.storage).expanduser().resolve()
+def _storage_root(config) -> Path | str:
+    """Where runs live: an absolute directory (a shared mount on a cluster) or an object-store URI."""
+    return storage.location(config.storage)
 
 
-def fit_and_export_best(trainer, config, run_dir: Path, score_metric: str, error: type[Exception]):
+def fit_and_export_best(trainer, config, run_dir: Path | str, score_metric: str, error: type[Exception]):
     """Run ``trainer``, export its best checkpoint (by ``score_metric``, higher is better) to
     ``run_dir/best``; returns (the Ray result, the best directory). Failures raise ``error``.
 
@@ -192,23 +187,16 @@ def fit_and_export_best(trainer, config, run_dir: Path, score_metric: str, error
     best = result.get_best_checkpoint(metric=score_metric, mode="max")
     if best is None:
         raise error(f"run {run_dir} finished without a checkpoint")
-    best_dir = run_dir / BEST_DIR
+    best_dir = storage.join(run_dir, BEST_DIR)
     _export_best(best, best_dir)
     return result, best_dir
 
 
-def _export_best(best_checkpoint, best_dir: Path) -> None:
-    """Copy the best checkpoint's contract-4 files to ``best_dir``, replacing it atomically."""
-    staging = best_dir.with_name(f".{best_dir.name}.{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
+def _export_best(best_checkpoint, best_dir: Path | str) -> None:
+    """Copy the best checkpoint's contract-4 files to ``best_dir`` (a directory, replaced atomically,
+    or an object-store prefix, replaced file by file with model.pt first and metrics.json last)."""
     with best_checkpoint.as_directory() as directory:
-        for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE):
-            shutil.copy2(Path(directory) / name, staging / name)
-    old = best_dir.with_name(f".{best_dir.name}.old.{uuid.uuid4().hex[:8]}")
-    if best_dir.exists():
-        os.replace(best_dir, old)
-    os.replace(staging, best_dir)
-    shutil.rmtree(old, ignore_errors=True)
+        storage.replace_tree(directory, best_dir, names=(MODEL_FILE, CONFIG_FILE, METRICS_FILE))
 
 
 def run_pretraining(
@@ -230,16 +218,17 @@ def run_pretraining(
     )
     if config.verify_checksums:
         verify_shards(manifest, config.shards, progress=progress)
-    storage = _storage_root(config)
-    run_dir = storage / config.name
-    if (run_dir / CONFIG_FILE).exists() and not resume:
+    root = _storage_root(config)
+    run_dir = storage.join(root, config.name)
+    saved = storage.exists(storage.join(run_dir, CONFIG_FILE))
+    if saved and not resume:
         raise PretrainError(
             f"run {run_dir} already exists; pass --resume to continue it or choose another --name"
         )
-    if resume and not (run_dir / CONFIG_FILE).exists():
+    if resume and not saved:
         raise PretrainError(f"nothing to resume: {run_dir} holds no run (no {CONFIG_FILE})")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
+    storage.makedirs(run_dir)
+    storage.write_json_atomic(storage.join(run_dir, CONFIG_FILE), config.to_dict())
 
     connect_ray(
         num_workers=config.num_workers,
@@ -251,7 +240,7 @@ def run_pretraining(
         error=PretrainError,
     )
     scaling_config, run_config = train_job_configs(
-        config, storage=str(storage), score_metric=SCORE_METRIC, callbacks=callbacks
+        config, storage=str(root), score_metric=SCORE_METRIC, callbacks=callbacks
     )
     from ray.train.torch import TorchTrainer
 
@@ -269,7 +258,7 @@ def run_pretraining(
     return PretrainResult(
         run_dir=run_dir,
         best_dir=best_dir,
-        best_metrics=json.loads((best_dir / METRICS_FILE).read_text()),
+        best_metrics=storage.read_json(storage.join(best_dir, METRICS_FILE)),
         last_metrics=dict(result.metrics or {}),
     )
 
@@ -285,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         "saved config.json replaces the defaults.",
     )
     # Flags default to None so that only flags actually given override the YAML.
-    parser.add_argument("--shards", help="shard directory written by `python -m ingest shards`")
+    parser.add_argument(
+        "--shards", help="shard directory (or s3://bucket/prefix) written by `python -m ingest shards`"
+    )
     parser.add_argument("--granularity", type=int, choices=GRANULARITIES)
     parser.add_argument("--config", type=Path, help="YAML file of PretrainConfig fields")
     parser.add_argument("--epochs", type=int)
@@ -293,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use-gpu", action="store_true", default=None)
     parser.add_argument("--cpus-per-worker", type=float)
     parser.add_argument(
-        "--storage", help="directory holding runs (shared storage on a cluster; default ./runs)"
+        "--storage",
+        help="directory or s3://bucket/prefix holding runs (shared storage on a cluster; default ./runs)",
     )
     parser.add_argument("--name", help="run name (default pedx-<G>c-<timestamp>); the run is STORAGE/NAME")
     parser.add_argument(
@@ -344,13 +336,13 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     base = None
     if args.resume:
         name = cli["name"] or yaml_layer.get("name")
-        storage = cli["storage"] or yaml_layer.get("storage") or PretrainConfig.storage
+        root = cli["storage"] or yaml_layer.get("storage") or PretrainConfig.storage
         if not name:
             raise ConfigError("--resume needs --name: the run to continue is STORAGE/NAME")
-        saved = Path(storage) / name / CONFIG_FILE
-        if not saved.is_file():
+        saved = storage.join(root, name, CONFIG_FILE)
+        if not storage.is_file(saved):
             raise ConfigError(f"nothing to resume: {saved} does not exist")
-        base = load_config_json(saved)
+        base = PretrainConfig.from_dict(storage.read_json(saved), source=str(saved))
     config = resolve_config(yaml_layer, cli, base=base)
     if not config.shards:
         raise ConfigError("no shard set given: pass --shards DIR or set `shards:` in the --config YAML")
@@ -363,15 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         result = run_pretraining(config, resume=args.resume)
-    except (ConfigError, ShardSetError, PretrainError) as exc:
+    except (ConfigError, ShardSetError, PretrainError, storage.StorageError) as exc:
         parser.exit(2, f"error: {exc}\n")
     best = result.best_metrics
     print(
         f"run: {result.run_dir}\n"
         f"best checkpoint (epoch {best['epoch']}, finetune F1 {best['finetune_f1']:.4f}, "
         f"val F1 {best['val_f1']:.4f}): {result.best_dir}\n"
-        f"metrics: {result.best_dir / METRICS_FILE}\n"
-        f"tensorboard: tensorboard --logdir {result.run_dir / 'tensorboard'}",
+        f"metrics: {storage.join(result.best_dir, METRICS_FILE)}\n"
+        f"tensorboard: tensorboard --logdir {storage.join(result.run_dir, 'tensorboard')}",
         file=sys.stdout,
     )
     return 0

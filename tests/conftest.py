@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from factories import write_synthetic_studies
 
-from ingest.demo.orthanc import INSTALL_HINT, ORTHANC_BINARY, OrthancServer
+from ingest.demo.orthanc import INSTALL_HINT, ORTHANC_BINARY, OrthancServer, free_port
 
 # pydicom's bundled image files (none is downloaded): one study each, six transfer syntaxes.
 PYDICOM_TEST_FILES = (
@@ -94,3 +94,54 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------- S3-compatible object storage
+# A moto S3 server on loopback. Its address and test credentials go into the environment when the
+# test session starts, before any Ray starts, so Ray workers (which inherit the environment of the
+# raylet that `ray.init` spawns) reach the same server; the server itself starts only when a test
+# asks for `s3_bucket`.
+S3_PORT = free_port()
+S3_TEST_BUCKET = "pedx-test"
+os.environ |= {
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+}
+for _name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    os.environ.pop(_name, None)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(tmp_path_factory) -> Iterator[str]:
+    """``s3://pedx-test`` on a moto S3 server (``python -m moto.server``) at AWS_ENDPOINT_URL."""
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(os.environ["AWS_ENDPOINT_URL"], timeout=5)
+                break
+            except requests.RequestException:  # not listening yet, or still importing its handlers
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the moto S3 server did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        # One bucket for the session; tests write under their own prefixes.
+        requests.put(f"{os.environ['AWS_ENDPOINT_URL']}/{S3_TEST_BUCKET}", timeout=30).raise_for_status()
+        yield f"s3://{S3_TEST_BUCKET}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -6,6 +6,7 @@ small phantom sets: the architecture is not what they test.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -278,3 +279,48 @@ def test_imagenet_file_loads_the_whole_backbone_with_a_one_channel_stem(tmp_path
     assert report.missing == [] and not report.skipped
     stem = model.backbone.state_dict()["conv1.weight"]
     torch.testing.assert_close(stem, weights["conv1.weight"].sum(dim=1, keepdim=True))
+
+
+# ---------------------------------------------------------------- object storage (S3 on loopback)
+
+
+def test_pedxnet_checkpoint_on_object_storage_initialises_like_the_local_one(pedxnet_checkpoint, s3_bucket):
+    from ingest import storage
+
+    remote = f"{s3_bucket}/finetune-init/best"
+    storage.copy_tree(pedxnet_checkpoint, remote)
+    local_model, remote_model = build_task_model(tiny()), build_task_model(tiny())
+    local_report = initialize(local_model, f"pedxnet:{pedxnet_checkpoint}", "tiny_cnn")
+    remote_report = initialize(remote_model, f"pedxnet:{remote}", "tiny_cnn")
+    assert remote_report.loaded == local_report.loaded
+    for name, tensor in local_model.backbone.state_dict().items():
+        torch.testing.assert_close(remote_model.backbone.state_dict()[name], tensor)
+    with pytest.raises(InitError, match=r"pedxnet:s3://.*not a PedXnet checkpoint directory"):
+        initialize(build_task_model(tiny()), f"pedxnet:{s3_bucket}/finetune-init", "tiny_cnn")
+
+
+@pytest.mark.slow
+def test_fracture_run_on_object_storage(ray_session, fracture_set, pedxnet_checkpoint, s3_bucket, tmp_path):
+    from ingest import storage
+
+    remote = f"{s3_bucket}/{tmp_path.name}"
+    storage.copy_tree(pedxnet_checkpoint, f"{remote}/pedxnet/best")
+    config = tiny(
+        task="fracture",
+        data=f"phantom:{fracture_set}",
+        init=f"pedxnet:{remote}/pedxnet/best",
+        storage=f"{remote}/runs",
+        cache_dir=str(tmp_path / "cache"),
+        name="fx",
+        epochs=1,
+        warmup_epochs=0,
+        val_fraction=0.3,
+    )
+    result = run_finetuning(config, progress=False)
+    assert result.best_dir == f"{remote}/runs/fx/best"
+    model, saved = load_finetuned(result.best_dir)
+    assert saved.init == f"pedxnet:{remote}/pedxnet/best"
+    predictions = pd.read_csv(io.BytesIO(storage.read_bytes(result.predictions["val"])))
+    assert tuple(predictions.columns) == PREDICTION_COLUMNS and predictions["prediction"].between(0, 1).all()
+    assert storage.read_json(f"{result.predictions['val']}.json")["task"] == "fracture"
+    assert storage.read_json(f"{remote}/runs/fx/init_report.json")["loaded"]

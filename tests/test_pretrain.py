@@ -303,3 +303,49 @@ def test_cpu_run_survives_a_killed_worker_checkpoints_and_resumes(
 def test_resume_without_a_run_is_refused(shards, tmp_path):
     with pytest.raises(PretrainError, match="nothing to resume"):
         run_pretraining(tiny_config(shards, tmp_path / "runs"), resume=True)
+
+
+# ---------------------------------------------------------------- object storage (S3 on loopback)
+
+
+def test_shard_set_on_object_storage_is_read_and_verified(s3_bucket, tmp_path):
+    from ingest import storage
+    from pedx_ray.data import check_manifest, read_manifest, shard_paths, verify_shards
+
+    remote = f"{s3_bucket}/{tmp_path.name}/shards"
+    storage.copy_tree(write_tiny_shards(tmp_path / "shards"), remote)
+    manifest = read_manifest(remote)
+    check_manifest(manifest, 7, remote)
+    verify_shards(manifest, remote, progress=False)
+    assert shard_paths(manifest, remote, "val") == [f"{remote}/val-000000.tar"]
+
+    storage.write_bytes(f"{remote}/val-000000.tar", b"not the shard")
+    with pytest.raises(ShardSetError, match=r"s3://.*val-000000\.tar does not match its sha256"):
+        verify_shards(manifest, remote, progress=False)
+    with pytest.raises(ShardSetError, match="does not exist"):
+        read_manifest(f"{s3_bucket}/{tmp_path.name}/nowhere")
+
+
+@pytest.mark.slow
+def test_run_on_object_storage_exports_best_and_resumes(ray_session, shards, s3_bucket, tmp_path):
+    from ingest import storage
+
+    remote_shards = f"{s3_bucket}/{tmp_path.name}/shards"
+    storage.copy_tree(shards, remote_shards)
+    runs = f"{s3_bucket}/{tmp_path.name}/runs"
+    result = run_pretraining(tiny_config(remote_shards, runs, epochs=1), progress=False)
+    run_dir = f"{runs}/run"
+    assert (result.run_dir, result.best_dir) == (run_dir, f"{run_dir}/best")
+    assert storage.list_files(result.best_dir) == ["config.json", "metrics.json", "model.pt"]
+    assert storage.is_file(f"{run_dir}/checkpoint_epoch_0001/train_state.pt")
+    assert any("events.out.tfevents" in name for name in storage.list_files(f"{run_dir}/tensorboard"))
+    model, config = load_checkpoint(result.best_dir)
+    assert config.classes == tuple(CLASSES_7) and config.shards == remote_shards
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 96, 96)).shape == (1, 7)
+
+    args = build_parser().parse_args(["--resume", "--name", "run", "--storage", runs, "--epochs", "2"])
+    resumed = run_pretraining(config_from_args(args), resume=True, progress=False)
+    assert resumed.last_metrics["start_epoch"] == 1 and resumed.last_metrics["epoch"] == 2
+    assert storage.read_json(f"{run_dir}/best/metrics.json")["epoch"] in (1, 2)
+    assert storage.is_file(f"{run_dir}/checkpoint_epoch_0002/model.pt")

@@ -734,3 +734,31 @@ def test_web_page_uploads_a_radiograph_and_shows_prediction_and_heat_map(base, t
         assert "sex" in driver.find_element(By.ID, "status").text
     finally:
         driver.quit()
+
+
+def test_checkpoints_on_object_storage_are_inspected_and_loaded(tmp_path, checkpoints, s3_bucket):
+    from ingest import storage
+
+    remote = f"{s3_bucket}/{tmp_path.name}"
+    # The view model's config.json names a shard set on object storage too (its preprocessing).
+    storage.write_json_atomic(f"{remote}/shards/manifest.json", {"preprocessing": SHARD_PARAMS.to_dict()})
+    view_config = json.loads((checkpoints["view_7"] / "config.json").read_text())
+    storage.copy_tree(checkpoints["view_7"], f"{remote}/view_7/best")
+    view_config["shards"] = f"{remote}/shards"
+    storage.write_json_atomic(f"{remote}/view_7/best/config.json", view_config)
+    storage.copy_tree(checkpoints["bone_age"], f"{remote}/bone_age/best")
+
+    assert resolve_checkpoint(f"{remote}/view_7/best/", "view_7") == f"{remote}/view_7/best"
+    with pytest.raises(SettingsError, match="holds no files"):
+        resolve_checkpoint(f"{remote}/missing", "view_7")
+    with pytest.raises(CheckpointError, match=r"s3://.*missing model\.pt"):
+        inspect_checkpoint("view_7", f"{remote}/shards")
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    for task in ("view_7", "bone_age"):
+        spec = inspect_checkpoint(task, f"{remote}/{task}/best")
+        assert spec.checkpoint == f"{remote}/{task}/best"
+        local = Predictor(inspect_checkpoint(task, checkpoints[task]))
+        sex = np.array([1.0, 0.0, 1.0])
+        assert Predictor(spec).predict(images, sex) == local.predict(images, sex)
+    recipe = inspect_checkpoint("view_7", f"{remote}/view_7/best").recipe
+    assert recipe.source == f"{remote}/shards/manifest.json"

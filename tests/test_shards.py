@@ -199,3 +199,24 @@ def test_granularity_mismatch_and_cli(catalog, tmp_path: Path, capsys) -> None:
     ]
     assert main(args) == 0
     assert "train=28" in capsys.readouterr().out
+
+
+def test_a_shard_set_written_to_object_storage_is_verified_and_completed_on_rerun(
+    catalog, s3_bucket, tmp_path: Path
+) -> None:
+    from ingest import storage
+    from pedx_ray.data import read_manifest, verify_shards
+
+    _, catalog_path, taxonomy = catalog
+    remote = f"{s3_bucket}/{tmp_path.name}/s7"
+    first = make_shards(remote, catalog_path, taxonomy)
+    local = make_shards(tmp_path / "s7", catalog_path, taxonomy)
+    assert first["shards"] == local["shards"], "the same bytes as on a disk"
+    verify_shards(read_manifest(remote), remote, progress=False)
+    damaged, deleted = first["shards"][0]["name"], first["shards"][1]["name"]
+    storage.write_bytes(f"{remote}/{damaged}", b"damaged")
+    storage.delete_file(f"{remote}/{deleted}")
+    repaired = make_shards(remote, catalog_path, taxonomy)
+    assert repaired["skipped_shards"] == len(first["shards"]) - 2 and repaired["shards"] == first["shards"]
+    assert storage.read_bytes(f"{remote}/{damaged}") == (tmp_path / "s7" / damaged).read_bytes()
+    assert not [name for name in storage.list_files(remote) if ".partial" in name], "no temporary keys left"

@@ -401,3 +401,18 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
     for trial in outcome["trials"]:
         assert trial["n_train"] > 0 and trial["test"]["mae"] > 0
         assert Path(trial["dir"]).name.split("_")[0] == trial["trial_id"].split("_")[0]  # named by id
+
+
+def test_report_reads_results_from_and_writes_to_object_storage(fake_results, s3_bucket, tmp_path):
+    from ingest import storage
+
+    remote = f"{s3_bucket}/{tmp_path.name}/results"
+    storage.copy_tree(fake_results, remote)
+    local = write_report(fake_results, tmp_path / "report")
+    written = write_report(remote, f"{remote}/report")
+    assert written["markdown"] == f"{remote}/report/report.md"
+    assert [storage.name_of(p) for p in written["csv"]] == [p.name for p in local["csv"]]
+    for path in local["csv"]:
+        assert storage.read_text(f"{remote}/report/{path.name}") == path.read_text()
+    assert storage.read_text(written["markdown"]) == local["markdown"].read_text()
+    assert len(written["png"]) == len(local["png"])

@@ -24,6 +24,7 @@ How the numbers are made:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -35,7 +36,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ingest.files import write_atomic
+from ingest import storage
 from pedx_ray import plots, stats
 from tune_spaces.run import SWEEP_FILE, TRIAL_FILE
 from tune_spaces.spaces import INITS, parse_train_size
@@ -53,37 +54,36 @@ class ReportError(ValueError):
 # ---------------------------------------------------------------- reading
 
 
-def find_experiments(root: str | os.PathLike) -> list[Path]:
-    """Experiment directories (holding ``sweep.json``) at or directly under ``root``."""
-    root = Path(root)
-    if (root / SWEEP_FILE).is_file():
+def find_experiments(root: str | os.PathLike) -> list[Path | str]:
+    """Experiment directories (holding ``sweep.json``) at or directly under ``root`` (a path or a URI)."""
+    root = storage.join(root)
+    if storage.is_file(storage.join(root, SWEEP_FILE)):
         return [root]
-    found = sorted(p.parent for p in root.glob(f"*/{SWEEP_FILE}"))
+    found = storage.subdirectories_holding(root, SWEEP_FILE)
     if not found:
         raise ReportError(f"{root} holds no sweep results (no {SWEEP_FILE}); run `python -m tune_spaces.run`")
     return found
 
 
-def _read_progress(trial_dir: Path) -> list[dict]:
-    path = trial_dir / "result.json"
-    if not path.is_file():
+def _read_progress(trial_dir: Path | str) -> list[dict]:
+    path = storage.join(trial_dir, "result.json")
+    if not storage.is_file(path):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
-def read_experiment(path: Path) -> tuple[dict, list[dict]]:
+def read_experiment(path: Path | str) -> tuple[dict, list[dict]]:
     """The sweep's metadata and one record per trial directory: its parameters, per-epoch progress
     (Tune's ``result.json``) and, when it finished, its ``trial.json``."""
-    meta = json.loads((path / SWEEP_FILE).read_text())
+    meta = storage.read_json(storage.join(path, SWEEP_FILE))
     trials = []
-    for params_file in sorted(path.glob("*/params.json")):
-        trial_dir = params_file.parent
-        summary_file = trial_dir / TRIAL_FILE
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    for trial_dir in storage.subdirectories_holding(path, "params.json"):
+        summary_file = storage.join(trial_dir, TRIAL_FILE)
+        summary = storage.read_json(summary_file) if storage.is_file(summary_file) else None
         trials.append(
             {
                 "dir": trial_dir,
-                "params": json.loads(params_file.read_text()),
+                "params": storage.read_json(storage.join(trial_dir, "params.json")),
                 "progress": [r for r in _read_progress(trial_dir) if "epoch" in r],
                 "summary": summary,
             }
@@ -96,7 +96,7 @@ def _size_key(token: str) -> tuple:
     return (parsed["train_size"] or math.inf, parsed["train_fraction"])
 
 
-def finetune_frame(experiments: list[tuple[Path, dict, list[dict]]]) -> pd.DataFrame:
+def finetune_frame(experiments: list[tuple[Path | str, dict, list[dict]]]) -> pd.DataFrame:
     """One row per finished fine-tuning trial."""
     rows = []
     for path, meta, trials in experiments:
@@ -111,8 +111,8 @@ def finetune_frame(experiments: list[tuple[Path, dict, list[dict]]]) -> pd.DataF
             init = params.get("init") or config["init"]
             rows.append(
                 {
-                    "experiment": path.name,
-                    "trial": trial["dir"].name,
+                    "experiment": storage.name_of(path),
+                    "trial": storage.name_of(trial["dir"]),
                     "dir": str(trial["dir"]),
                     "task": summary["task"],
                     "init": init,
@@ -121,7 +121,7 @@ def finetune_frame(experiments: list[tuple[Path, dict, list[dict]]]) -> pd.DataF
                     "seed": summary["seed"],
                     "lr": summary["lr"],
                     "val_score": summary["best"]["best_val_score"],
-                    "predictions": str(trial["dir"] / summary["predictions"]["test"])
+                    "predictions": str(storage.join(trial["dir"], summary["predictions"]["test"]))
                     if "test" in summary.get("predictions", {})
                     else "",
                     **{f"test_{k}": v for k, v in summary["test"].items()},
@@ -156,7 +156,7 @@ def _seed_averaged(paths: list[str], column: str) -> pd.Series:
     """Per test image, the mean over runs of ``column`` (``abs_error`` or ``prediction``)."""
     frames = []
     for path in paths:
-        frame = pd.read_csv(path, dtype={"id": str})
+        frame = pd.read_csv(io.BytesIO(storage.read_bytes(path)), dtype={"id": str})
         frame["abs_error"] = (frame["prediction"] - frame["target"]).abs()
         frames.append(frame.set_index("id")[[column, "target"]])
     ids = set(frames[0].index)
@@ -247,7 +247,7 @@ def ablation_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
-def upstream_table(experiments: list[tuple[Path, dict, list[dict]]]) -> pd.DataFrame:
+def upstream_table(experiments: list[tuple[Path | str, dict, list[dict]]]) -> pd.DataFrame:
     """Table 1: per granularity, the best trial's validation macro metrics."""
     best: dict[int, dict] = {}
     counts: dict[int, int] = {}
@@ -261,7 +261,8 @@ def upstream_table(experiments: list[tuple[Path, dict, list[dict]]]) -> pd.DataF
             g = int(summary["granularity"])
             counts[g] = counts.get(g, 0) + 1
             if g not in best or summary["best"]["finetune_f1"] > best[g]["best"]["finetune_f1"]:
-                best[g] = summary | {"experiment": path.name, "trial": trial["dir"].name}
+                names = {"experiment": storage.name_of(path), "trial": storage.name_of(trial["dir"])}
+                best[g] = summary | names
     out = []
     for g in sorted(best):
         m = best[g]["best"]
@@ -458,21 +459,24 @@ def write_report(
     results: str | os.PathLike | list, out_dir: str | os.PathLike, size: str | None = None
 ) -> dict:
     """Read the experiments under ``results`` (a directory or a list of experiment directories),
-    write the tables and plots to ``out_dir``; returns the written paths and the tables."""
+    write the tables and plots to ``out_dir``; returns the written paths and the tables. Each location
+    may be a directory or an object-store URI (ingest.storage)."""
     paths = (
-        [Path(p) for p in results]
+        [storage.join(p) for p in results]
         if isinstance(results, list)
         else find_experiments(results)
     )  # fmt: skip
     experiments = [(p, *read_experiment(p)) for p in paths]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.join(out_dir)
+    storage.makedirs(out)
     written: dict = {"csv": [], "png": [], "tables": {}}
-    sections = ["# Sweep report", "", "Experiments: " + ", ".join(f"`{p.name}`" for p in paths), ""]
+    names = [storage.name_of(p) for p in paths]
+    sections = ["# Sweep report", "", "Experiments: " + ", ".join(f"`{name}`" for name in names), ""]
 
     upstream = upstream_table(experiments)
     if not upstream.empty:
-        written["csv"].append(write_atomic(out / "table1_upstream.csv", upstream.to_csv(index=False)))
+        csv = storage.write_bytes(storage.join(out, "table1_upstream.csv"), upstream.to_csv(index=False))
+        written["csv"].append(csv)
         written["tables"]["upstream"] = upstream
         sections += ["## Table 1: upstream view classification (validation split, macro)", "",
                      upstream_markdown(upstream)]  # fmt: skip
@@ -483,7 +487,7 @@ def write_report(
             continue
         table = downstream_table(frame, task, size)
         name = f"table{number}_{task}.csv"
-        written["csv"].append(write_atomic(out / name, table.to_csv(index=False)))
+        written["csv"].append(storage.write_bytes(storage.join(out, name), table.to_csv(index=False)))
         written["tables"][task] = table
         runs_note = "mean ± SD over seeds"
         sections += [
@@ -495,7 +499,8 @@ def write_report(
     if not frame.empty:
         ablations = [ablation_table(frame, task) for task in frame["task"].unique()]
         long = pd.concat(ablations, ignore_index=True)
-        written["csv"].append(write_atomic(out / "ablation.csv", long.to_csv(index=False)))
+        csv = storage.write_bytes(storage.join(out, "ablation.csv"), long.to_csv(index=False))
+        written["csv"].append(csv)
         written["tables"]["ablation"] = long
         for table in ablations:
             task = table["task"].iloc[0]
@@ -504,15 +509,15 @@ def write_report(
                 ablation_markdown(table),
                 f"![{PRIMARY[task][1]} vs training size](size_{task}.png)", "",
             ]  # fmt: skip
-            written["png"].append(plots.save_png(size_plot(table, task), out / f"size_{task}.png"))
+            written["png"].append(plots.save_png(size_plot(table, task), storage.join(out, f"size_{task}.png")))
     for path, meta, trials in experiments:
         for kind, plot in (("lr", lr_plot), ("curves", curves_plot)):
-            figure = plot(meta, trials, path.name)
+            figure = plot(meta, trials, storage.name_of(path))
             if figure is not None:
-                png = plots.save_png(figure, out / f"{kind}_{path.name}.png")
+                png = plots.save_png(figure, storage.join(out, f"{kind}_{storage.name_of(path)}.png"))
                 written["png"].append(png)
-                sections += [f"![{kind} {path.name}]({png.name})", ""]
-    written["markdown"] = write_atomic(out / "report.md", "\n".join(sections))
+                sections += [f"![{kind} {storage.name_of(path)}]({storage.name_of(png)})", ""]
+    written["markdown"] = storage.write_bytes(storage.join(out, "report.md"), "\n".join(sections))
     return written
 
 
@@ -527,11 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        written = write_report(args.results, args.out or Path(args.results) / "report", args.size)
-    except (ReportError, stats.StatsError) as exc:
+        written = write_report(args.results, args.out or storage.join(args.results, "report"), args.size)
+    except (ReportError, stats.StatsError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(Path(written["markdown"]).read_text(), end="")
+    print(storage.read_text(written["markdown"]), end="")
     print(f"wrote {written['markdown']}, {len(written['csv'])} CSV, {len(written['png'])} PNG")
     return 0
 

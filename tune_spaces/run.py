@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import io
 import os
 import sys
 from dataclasses import dataclass, field
@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from ingest.files import write_json_atomic
+from ingest import storage
 from pedx_ray.config import ConfigError, PretrainConfig, from_known_fields, read_yaml, resolve_config
 from pedx_ray.finetune import FinetuneConfig, resolve_finetune_config
 from tune_spaces.spaces import (
@@ -107,7 +107,6 @@ class SweepConfig:
                 self.mode == "pretrain" or bool(self.data or self.finetune_base.get("data")),
                 f"{self.mode} needs fine-tuning data: pass --data KIND:PATH (e.g. phantom:DIR)",
             ),
-            ("://" not in self.results, "--results must be a filesystem path (a shared mount on a cluster)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -125,8 +124,9 @@ class SweepConfig:
     def scheduler_name(self) -> str:
         return self.scheduler or ("fifo" if self.mode == "ablation" else "asha")
 
-    def results_dir(self) -> Path:
-        return Path(self.results).expanduser().resolve()
+    def results_dir(self) -> Path | str:
+        """An absolute directory, or an object-store URI (ingest.storage)."""
+        return storage.location(self.results)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,15 +142,18 @@ class SweepConfig:
 def _job(sweep: SweepConfig, mode: str, pedxnet: dict[int, str]) -> dict[str, Any]:
     """Everything a trial needs besides its own parameters (plain data: it travels to the trial)."""
     base = dict(sweep.pretrain_base if mode == "pretrain" else sweep.finetune_base)
+    results = sweep.results_dir()
     if mode != "pretrain" and sweep.data:
         base["data"] = sweep.data
     return {
         "mode": mode,
         "base": base,
-        "shards": {int(g): str(Path(p).resolve()) for g, p in sweep.shards.items()},
-        "pedxnet": {int(g): str(Path(p).resolve()) for g, p in pedxnet.items()},
-        "imagenet": str(Path(sweep.imagenet).resolve()) if sweep.imagenet else "",
-        "cache_dir": str(sweep.results_dir() / "cache"),
+        "shards": {int(g): storage.resolve(p) for g, p in sweep.shards.items()},
+        "pedxnet": {int(g): storage.resolve(p) for g, p in pedxnet.items()},
+        "imagenet": storage.resolve(sweep.imagenet) if sweep.imagenet else "",
+        # Images are cached as files: beside the results, or in ./cache when those are in object storage.
+        "cache_dir": str(Path("cache").resolve() if storage.is_uri(results) else results / "cache"),
+        "results": str(results),
     }
 
 
@@ -202,14 +205,14 @@ def trial_label(config: dict[str, Any], axes: tuple[str, ...]) -> str:
 # ---------------------------------------------------------------- the trial (a Tune function)
 
 
-def score_test_split(task: str, predictions_csv: Path) -> dict[str, float]:
+def score_test_split(task: str, predictions_csv: Path | str) -> dict[str, float]:
     """The best checkpoint's scores on the test split (NaN where a split cannot give one)."""
     import numpy as np
     import pandas as pd
 
     from pedx_ray import stats
 
-    frame = pd.read_csv(predictions_csv)
+    frame = pd.read_csv(io.BytesIO(storage.read_bytes(predictions_csv)))
     target, prediction = frame["target"].to_numpy(float), frame["prediction"].to_numpy(float)
     try:
         if task == "bone_age":
@@ -237,15 +240,16 @@ def run_trial(params: dict[str, Any], job: dict) -> None:
     context = ray.tune.get_context()
     # The trial's directory under --results (get_trial_dir() is a local staging copy that Tune
     # syncs its own logs from; the Train run and trial.json must live in the persistent one).
-    trial_dir = Path(context.get_storage().trial_fs_path)
-    done = trial_dir / TRIAL_FILE
-    if done.is_file():
+    trial_storage = context.get_storage()
+    trial_dir = storage.join(job["results"], trial_storage.experiment_dir_name, trial_storage.trial_dir_name)
+    done = storage.join(trial_dir, TRIAL_FILE)
+    if storage.is_file(done):
         # Finished, but interrupted before Tune recorded it: report the saved results, train nothing.
-        ray.tune.report(json.loads(done.read_text())["final"])
+        ray.tune.report(storage.read_json(done)["final"])
         return
     config = job_config(job, params, str(trial_dir))
     # A restarted or restored trial continues its own Train run from the latest checkpoint.
-    resume = (trial_dir / RUN_NAME / CONFIG_FILE).is_file()
+    resume = storage.is_file(storage.join(trial_dir, RUN_NAME, CONFIG_FILE))
     summary: dict[str, Any] = {
         "trial_id": context.get_trial_id(),
         "experiment": context.get_experiment_name(),
@@ -270,14 +274,14 @@ def run_trial(params: dict[str, Any], job: dict) -> None:
             "n_train": n_train,
             "best": result.best_metrics,
             "test": test,
-            "predictions": {s: str(p.relative_to(trial_dir)) for s, p in result.predictions.items()},
+            "predictions": {s: str(p).removeprefix(f"{trial_dir}/") for s, p in result.predictions.items()},
         }
         final = {"n_train": n_train} | {f"test_{k}": v for k, v in test.items()}
     # The last result repeats the best epoch's metrics (Tune checks every result has the sweep's
     # metric) under "best_epoch" instead of "epoch", so the scheduler does not take it for an epoch.
     best = {k: v for k, v in result.best_metrics.items() if isinstance(v, int | float) and k != "epoch"}
     final = best | {"best_epoch": result.best_metrics["epoch"]} | final
-    write_json_atomic(done, summary | {"config": config.to_dict(), "final": final})
+    storage.write_json_atomic(done, summary | {"config": config.to_dict(), "final": final})
     ray.tune.report(final)
 
 
@@ -375,7 +379,8 @@ def run_experiment(
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     results = sweep.results_dir()
-    path = results / name
+    path = storage.join(results, name)
+    storage_path, filesystem = storage.ray_storage(results)
     num_samples = sweep.num_samples or space.num_samples
     # Fail on a bad field, path or missing checkpoint here, before any trial starts.
     configs = [job_config(job, params, str(path)) for params in sample(space, 1, seed=sweep.seed)]
@@ -383,15 +388,17 @@ def run_experiment(
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, job=job), {"CPU": sweep.trial_cpus}
     )
-    if ray.tune.Tuner.can_restore(path):
+    if ray.tune.Tuner.can_restore(str(path), storage_filesystem=filesystem):
         if not resume:
             raise SweepError(
                 f"experiment {path} exists; pass --resume to continue it or choose another --name"
             )
         print(f"resuming {path}", flush=True)
-        tuner = ray.tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = ray.tune.Tuner.restore(
+            str(path), trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
     else:
-        path.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(path)
         meta = {
             "mode": job["mode"] if job["mode"] == "pretrain" else sweep.mode,
             "space": {"name": space.name, "description": space.description, "params": repr(space.params)},
@@ -402,7 +409,7 @@ def run_experiment(
             "scheduler": scheduler,
             "sweep": sweep.to_dict(),
         }
-        write_json_atomic(path / SWEEP_FILE, meta)
+        storage.write_json_atomic(storage.join(path, SWEEP_FILE), meta)
         epochs = configs[0].epochs
         chosen = (
             CellASHA(
@@ -435,7 +442,8 @@ def run_experiment(
             ),
             run_config=ray.tune.RunConfig(
                 name=name,
-                storage_path=str(results),
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
                 failure_config=ray.tune.FailureConfig(max_failures=sweep.max_failures),
             ),
         )
@@ -444,18 +452,18 @@ def run_experiment(
     if failed:
         print(
             f"{len(failed)} trial(s) of {name} failed; see error.txt in their directories: "
-            + ", ".join(Path(r.path).name for r in failed[:5]),
+            + ", ".join(storage.name_of(r.path) for r in failed[:5]),
             file=sys.stderr,
         )
     return collect_trials(path)
 
 
-def collect_trials(path: Path) -> list[dict]:
+def collect_trials(path: Path | str) -> list[dict]:
     """The ``trial.json`` of every finished trial of an experiment, with its directory."""
-    trials = []
-    for file in sorted(path.glob(f"*/{TRIAL_FILE}")):
-        trials.append(json.loads(file.read_text()) | {"dir": str(file.parent)})
-    return trials
+    return [
+        storage.read_json(storage.join(trial, TRIAL_FILE)) | {"dir": str(trial)}
+        for trial in storage.subdirectories_holding(path, TRIAL_FILE)
+    ]
 
 
 def best_checkpoints(trials: list[dict]) -> dict[int, str]:
@@ -465,7 +473,7 @@ def best_checkpoints(trials: list[dict]) -> dict[int, str]:
         g = trial["granularity"]
         if g not in best or trial["best"]["finetune_f1"] > best[g]["best"]["finetune_f1"]:
             best[g] = trial
-    return {g: str(Path(t["dir"]) / t["checkpoint"]) for g, t in best.items()}
+    return {g: str(storage.join(t["dir"], t["checkpoint"])) for g, t in best.items()}
 
 
 def run_sweep(sweep: SweepConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -476,7 +484,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False) -> dict[str, Any]:
         trials = run_experiment(
             sweep, space, _job(sweep, "pretrain", {}), sweep.experiment, sweep.scheduler_name, resume
         )
-        return {"trials": trials, "experiments": [sweep.results_dir() / sweep.experiment]}
+        return {"trials": trials, "experiments": [storage.join(sweep.results_dir(), sweep.experiment)]}
     pedxnet = dict(sweep.pedxnet)
     experiments = []
     if sweep.mode == "ablation":
@@ -493,24 +501,25 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False) -> dict[str, Any]:
             trials = run_experiment(
                 sweep, stage, _job(sweep, "pretrain", {}), name, sweep.scheduler or "fifo", resume
             )
-            experiments.append(sweep.results_dir() / name)
+            experiments.append(storage.join(sweep.results_dir(), name))
             found = best_checkpoints(trials)
             missing = [g for g in to_pretrain if g not in found]
             if missing:
                 raise SweepError(
                     f"pretraining produced no checkpoint for granularity {missing}; see the trials' "
-                    f"error.txt under {sweep.results_dir() / name} and rerun with --resume"
+                    f"error.txt under {storage.join(sweep.results_dir(), name)} and rerun with --resume"
                 )
             pedxnet |= found
     trials = run_experiment(
         sweep, space, _job(sweep, "finetune", pedxnet), sweep.experiment, sweep.scheduler_name, resume
     )
-    experiments.append(sweep.results_dir() / sweep.experiment)
+    experiments.append(storage.join(sweep.results_dir(), sweep.experiment))
     outcome: dict[str, Any] = {"trials": trials, "experiments": experiments}
     if sweep.mode == "ablation":
         from tune_spaces.report import write_report
 
-        outcome["report"] = write_report(experiments, sweep.results_dir() / sweep.experiment / "report")
+        report_dir = storage.join(sweep.results_dir(), sweep.experiment, "report")
+        outcome["report"] = write_report(experiments, report_dir)
     return outcome
 
 

@@ -7,7 +7,9 @@ writes ``DIR/{split}-{n:06d}.tar`` with ``<key>.png`` + ``<key>.json`` per sampl
 ``DIR/manifest.json``. Each shard is written under a temporary name, hashed and renamed, and its
 index (the plan it was built from and its sha256) is kept in ``DIR/.index/``: a re-run skips every
 shard whose file still matches its index and plan, and rebuilds the rest. Images that fail to
-decode are left out of the shard and listed in ``DIR/quarantine.csv`` with the reason.
+decode are left out of the shard and listed in ``DIR/quarantine.csv`` with the reason. ``--out``
+may be an ``s3://bucket/prefix`` URI (ingest.storage): each shard is built in a local temporary
+file, then uploaded under a temporary key and moved into place.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import tarfile
 from dataclasses import dataclass
 from datetime import date
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ingest import storage
 from ingest.dask_runner import add_scheduler_argument, run_tasks
 from ingest.dataset.balance import (
     BALANCE_COLUMNS,
@@ -37,7 +39,6 @@ from ingest.dataset.balance import (
 )
 from ingest.dataset.catalog import read_catalog
 from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
-from ingest.files import replacing, write_atomic, write_json_atomic
 from ingest.imaging.gpu_decode import resolve_gpu_decode
 from ingest.imaging.png import encode_png
 from ingest.imaging.preprocess import PreprocessError, PreprocessParams, add_decode_arguments, preprocess_file
@@ -121,29 +122,21 @@ def sample_record(row: dict, plan: ShardPlan) -> dict:
     }
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _index_path(out_dir: Path | str, name: str) -> Path | str:
+    return storage.join(out_dir, ".index", f"{name}.json")
 
 
-def _index_path(out_dir: Path, name: str) -> Path:
-    return out_dir / ".index" / f"{name}.json"
-
-
-def verified_index(out_dir: Path, plan: ShardPlan) -> dict | None:
-    """The shard's index if the shard on disk was built from this plan and is intact, else None."""
+def verified_index(out_dir: Path | str, plan: ShardPlan) -> dict | None:
+    """The shard's index if the stored shard was built from this plan and is intact, else None."""
     try:
-        index = json.loads(_index_path(out_dir, plan.name).read_text())
-    except (OSError, ValueError):
+        index = storage.read_json(_index_path(out_dir, plan.name))
+    except (OSError, ValueError):  # StorageError is an OSError
         return None
-    shard = out_dir / plan.name
+    shard = storage.join(out_dir, plan.name)
     if (
         index.get("plan_hash") != plan.plan_hash
-        or not shard.is_file()
-        or file_sha256(shard) != index.get("sha256")
+        or not storage.is_file(shard)
+        or storage.sha256(shard) != index.get("sha256")
     ):
         return None
     return index
@@ -156,15 +149,17 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(plan: ShardPlan, out_dir: str) -> dict:
-    """Dask task: build one shard unless a verified one exists; returns its index."""
-    out = Path(out_dir)
+    """Dask task: build one shard unless a verified one exists; returns its index.
+
+    The tar is built in a local temporary file, hashed, then renamed or uploaded into place."""
+    out = storage.join(out_dir)
     index = verified_index(out, plan)
     if index is not None:
         return index | {"skipped": True}
     counts: dict[str, int] = {}
     quarantined = []
     decode_notes: list[str] = []  # reduced decodes that fell back to the full one, with the reason
-    with replacing(out / plan.name) as tmp:
+    with storage.replacing(storage.join(out, plan.name), durable=True) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for row in plan.rows:
                 try:
@@ -191,9 +186,7 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
                 _add_member(tar, f"{record['key']}.png", png)
                 _add_member(tar, f"{record['key']}.json", json.dumps(record, sort_keys=True).encode())
                 counts[record["label_name"]] = counts.get(record["label_name"], 0) + 1
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = file_sha256(tmp)
+        digest = storage.sha256(tmp)
     index = {
         "name": plan.name,
         "split": plan.split,
@@ -204,7 +197,7 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
         "quarantined": quarantined,
         "decode_fallbacks": len(decode_notes),
     }
-    write_atomic(_index_path(out, plan.name), json.dumps(index, sort_keys=True), durable=True)
+    storage.write_bytes(_index_path(out, plan.name), json.dumps(index, sort_keys=True), durable=True)
     return index | {"skipped": False}
 
 
@@ -252,15 +245,16 @@ def write_shards(
     client=None,
     progress: bool = True,
 ) -> dict:
-    """Balance the catalog and write (or complete) the shard set in ``out_dir``; returns the manifest."""
+    """Balance the catalog and write (or complete) the shard set in ``out_dir`` (a directory or an
+    object-store URI, ingest.storage); returns the manifest."""
     params = params or PreprocessParams()
     taxonomy = taxonomy or load_taxonomy()
     if shard_size < 1:
         raise ShardError(f"shard_size must be at least 1, not {shard_size}")
-    out = Path(out_dir)
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        existing = json.loads(manifest_path.read_text())
+    out = storage.join(out_dir)
+    manifest_path = storage.join(out, "manifest.json")
+    if storage.exists(manifest_path):
+        existing = storage.read_json(manifest_path)
         if existing.get("granularity") != balance_config.granularity:
             raise ShardError(
                 f"{out} holds {existing.get('granularity')}-class shards; write "
@@ -274,13 +268,13 @@ def write_shards(
         params=params,
         taxonomy=taxonomy,
     )
-    (out / ".index").mkdir(parents=True, exist_ok=True)
+    storage.makedirs(storage.join(out, ".index"))
     planned = {p.name for p in plans}
-    for stale in out.glob("*.tar"):
-        if stale.name not in planned:  # left from an earlier, larger plan
-            stale.unlink()
-            _index_path(out, stale.name).unlink(missing_ok=True)
-    manifest_path.unlink(missing_ok=True)  # an incomplete set must not look whole
+    for stale in storage.list_files(out):
+        if stale.endswith(".tar") and "/" not in stale and stale not in planned:  # from a larger plan
+            storage.delete_file(storage.join(out, stale))
+            storage.delete_file(_index_path(out, stale))
+    storage.delete_file(manifest_path)  # an incomplete set must not look whole
     indexes = {}
     for index in run_tasks(
         write_shard,
@@ -299,8 +293,8 @@ def write_shards(
         writer = csv.DictWriter(buf, fieldnames=["sop_instance_uid", "path", "reason"])
         writer.writeheader()
         writer.writerows(quarantined)
-        write_atomic(out / "quarantine.csv", buf.getvalue(), durable=True)
-    write_json_atomic(manifest_path, manifest, durable=True)
+        storage.write_bytes(storage.join(out, "quarantine.csv"), buf.getvalue(), durable=True)
+    storage.write_json_atomic(manifest_path, manifest, durable=True)
     return manifest | {"skipped_shards": sum(1 for i in indexes.values() if i["skipped"])}
 
 
@@ -340,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ingest shards", description=__doc__.split("\n\n")[0])
     add_shard_arguments(parser)
     parser.add_argument("catalog", type=Path, help="catalog written by `python -m ingest scan`")
-    parser.add_argument("--out", type=Path, required=True, help="shard directory")
+    parser.add_argument("--out", required=True, help="shard directory or s3://bucket/prefix")
     parser.add_argument("--code-table", type=Path, help="site code table used when the catalog was labelled")
     add_scheduler_argument(parser)
     args = parser.parse_args(argv)
@@ -357,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             taxonomy=load_taxonomy(code_table=args.code_table),
             scheduler=args.scheduler,
         )
-    except (ShardError, ValueError) as exc:
+    except (ShardError, ValueError, storage.StorageError) as exc:
         parser.exit(2, f"error: {exc}\n")
     print(format_manifest_summary(manifest, args.out))
     return 0
@@ -401,7 +395,7 @@ def balance_config_from_args(args: argparse.Namespace) -> BalanceConfig:
     )
 
 
-def format_manifest_summary(manifest: dict, out: Path) -> str:
+def format_manifest_summary(manifest: dict, out: Path | str) -> str:
     lines = [
         f"shards in {out}: "
         + ", ".join(f"{s}={n}" for s, n in manifest["samples"].items())
