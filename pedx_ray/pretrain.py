@@ -91,7 +91,7 @@ def _evaluate(model, iterator, config: PretrainConfig, device: torch.device, cha
     """Macro metrics over this split on all workers: local confusion matrices summed across ranks."""
     model.eval()
     cm = torch.zeros(config.granularity, config.granularity, dtype=torch.int64, device=device)
-    collate = BatchCollator(augment_p=None, seed=config.seed, epoch=0)
+    collate = BatchCollator()
     with torch.no_grad(), _autocast(device, config):
         for images, labels in iterator.iter_torch_batches(
             batch_size=config.per_worker_batch_size,
