@@ -2,14 +2,19 @@
 
 The driver checks the manifest and every shard's sha256 before any worker starts, so a damaged or
 mismatched shard set fails with a message naming the file, not from inside a Ray task. Reading
-and decoding (PNG -> uint8, resize to the configured size) run as Ray Data read tasks; training
-augmentation runs in each worker's batch collation, where the epoch is known (see augment.py).
+and decoding (PNG -> uint8, resize to the configured size) run as Ray Data read tasks, and so does
+training augmentation: each epoch's train split is the decoded split mapped with that epoch's
+augmentation (``epoch_dataset``), so any CPU of the cluster (CPU-only nodes too) prepares the
+batches and the training workers only stack them into tensors.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -151,51 +156,125 @@ def build_datasets(
     return datasets
 
 
+def augment_batch(batch: dict[str, np.ndarray], *, p: float, seed: int, epoch: int) -> dict[str, np.ndarray]:
+    """Ray Data map: the paper's augmentations of ``epoch``; sample i depends on (seed, epoch, key) only."""
+    batch["image"] = augment_images(_augmentation(p), batch["image"], batch["key"], seed=seed, epoch=epoch)
+    return batch
+
+
+@functools.lru_cache(maxsize=4)
+def _augmentation(p: float):
+    return build_augmentation(p)  # once per Ray worker process: the pipeline is reseeded per sample
+
+
+def epoch_dataset(decoded, config, epoch: int):
+    """The train split as epoch ``epoch`` trains on it: ``decoded`` (from ``build_datasets``) mapped with
+    that epoch's augmentation in Ray Data tasks, or as decoded when ``config.augment`` is off."""
+    if not config.augment:
+        return decoded
+    return decoded.map_batches(
+        augment_batch,
+        batch_format="numpy",
+        fn_kwargs={"p": config.augment_p, "seed": config.seed, "epoch": epoch},
+    )
+
+
+class EpochSplitter:
+    """One per Ray Train worker group (a 0-CPU actor): splits each epoch's augmented train dataset
+    across the workers once, and hands every rank its share of that epoch.
+
+    A dataset split once, as Ray Train does by default, replays one fixed pipeline every epoch; the
+    augmentation depends on the epoch, so the split is made per epoch from ``epoch_dataset``."""
+
+    def __init__(self, decoded, world_size: int, locality_hints, execution_options) -> None:
+        self.decoded, self.world_size = decoded, world_size
+        self.locality_hints, self.execution_options = locality_hints, execution_options
+        self.epoch, self.splits = None, []
+
+    def split(self, epoch: int, rank: int, config):
+        # All ranks ask for epoch e before any can finish it (the split's start is a barrier), so
+        # only the latest epoch's split is needed.
+        if epoch != self.epoch:
+            dataset = epoch_dataset(self.decoded, config, epoch)
+            dataset = dataset.copy(dataset)
+            dataset.context.execution_options = self.execution_options
+            self.splits = dataset.streaming_split(
+                self.world_size, equal=True, locality_hints=self.locality_hints
+            )
+            self.epoch = epoch
+        return self.splits[rank]
+
+
+@dataclass(frozen=True)
+class TrainShard:
+    """What ``ray.train.get_dataset_shard("train")`` gives a worker: its share of any epoch's train split."""
+
+    splitter: Any  # ActorHandle of an EpochSplitter
+    rank: int
+
+    def epoch_iterator(self, config, epoch: int):
+        import ray
+
+        return ray.get(self.splitter.split.remote(epoch, self.rank, config))
+
+
 class PretrainDataConfig(DataConfig):
-    """Train split: equal row counts per worker (DDP steps in lockstep). Eval splits: split without
-    dropping rows (``equal=False``), since every sample must be scored once and eval has no collectives."""
+    """Train split: one split per epoch (``EpochSplitter``), with equal row counts per worker (DDP steps
+    in lockstep). Eval splits: split once without dropping rows (``equal=False``), since every sample
+    must be scored once and eval has no collectives."""
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        import ray
+
         output = [{} for _ in range(world_size)]
         for name, dataset in datasets.items():
+            if name == "train":
+                splitter = (
+                    ray.remote(EpochSplitter)
+                    .options(num_cpus=0)
+                    .remote(dataset, world_size, worker_node_ids, self._resolve_execution_options(name))
+                )
+                for rank in range(world_size):
+                    output[rank][name] = TrainShard(splitter, rank)
+                continue
             dataset = dataset.copy(dataset)
             dataset.context.execution_options = self._resolve_execution_options(name)
-            splits = dataset.streaming_split(
-                world_size, equal=name == "train", locality_hints=worker_node_ids
-            )
+            splits = dataset.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
             for rank, split in enumerate(splits):
                 output[rank][name] = split
         return output
 
 
 class BatchCollator(NumpyBatchCollateFn):
-    """Worker-side: numpy batch -> (images (N,1,S,S) uint8, labels int64), augmented when training.
+    """Worker-side: numpy batch -> (images (N,1,S,S) uint8, labels int64).
 
     Images stay uint8 so the host-to-device copy is a quarter of float32's; `to_model_input`
     converts on the device.
     """
 
-    def __init__(self, *, augment_p: float | None, seed: int, epoch: int) -> None:
-        self.transform = build_augmentation(augment_p) if augment_p is not None else None
-        self.seed, self.epoch = seed, epoch
-
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch["image"]
-        if self.transform is not None:
-            images = augment_images(self.transform, images, batch["key"], seed=self.seed, epoch=self.epoch)
-        x = torch.from_numpy(np.array(images, dtype=np.uint8)).unsqueeze(1)  # a writable copy
+        x = torch.from_numpy(np.array(batch["image"], dtype=np.uint8)).unsqueeze(1)  # a writable copy
         return x, torch.from_numpy(np.array(batch["label"], dtype=np.int64))
 
 
 def train_batches(data, config, epoch: int, *, pin_memory: bool):
     """One epoch of the train split as pretraining feeds it: (images, labels) batches of the per-worker
-    size, augmented for ``epoch``, locally shuffled. ``data`` is a Ray Dataset or a worker's DataIterator."""
-    collate = BatchCollator(
-        augment_p=config.augment_p if config.augment else None, seed=config.seed, epoch=epoch
-    )
-    return data.iter_torch_batches(
+    size, augmented for ``epoch`` in Ray Data tasks, locally shuffled. ``data`` is a worker's
+    ``TrainShard`` (``PretrainDataConfig``) or the decoded train Ray Dataset of ``build_datasets``."""
+    from ray.data import Dataset
+
+    if isinstance(data, TrainShard):
+        iterator = data.epoch_iterator(config, epoch)
+    elif isinstance(data, Dataset):
+        iterator = epoch_dataset(data, config, epoch)
+    else:
+        raise TypeError(
+            f"train_batches needs the train split as PretrainDataConfig hands it to a worker, or a Ray "
+            f"Dataset, not {type(data).__name__}: give the TorchTrainer dataset_config=PretrainDataConfig()"
+        )
+    return iterator.iter_torch_batches(
         batch_size=config.per_worker_batch_size,
-        collate_fn=collate,
+        collate_fn=BatchCollator(),
         prefetch_batches=config.prefetch_batches,
         local_shuffle_buffer_size=config.shuffle_buffer or None,
         local_shuffle_seed=config.seed + epoch,

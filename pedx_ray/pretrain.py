@@ -18,11 +18,7 @@ exported to ``STORAGE/NAME/best/`` (contract 4). TensorBoard logs go to ``STORAG
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
-import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -111,7 +107,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     train_data = ray.train.get_dataset_shard("train")
     eval_data = {split: ray.train.get_dataset_shard(split) for split in EVAL_SPLITS}
-    eval_collate = BatchCollator(augment_p=None, seed=config.seed, epoch=0)
+    eval_collate = BatchCollator()
     cross_entropy = torch.nn.CrossEntropyLoss()
 
     def loss(model, batch):

@@ -509,7 +509,9 @@ def write_report(
                 ablation_markdown(table),
                 f"![{PRIMARY[task][1]} vs training size](size_{task}.png)", "",
             ]  # fmt: skip
-            written["png"].append(plots.save_png(size_plot(table, task), storage.join(out, f"size_{task}.png")))
+            written["png"].append(
+                plots.save_png(size_plot(table, task), storage.join(out, f"size_{task}.png"))
+            )
     for path, meta, trials in experiments:
         for kind, plot in (("lr", lr_plot), ("curves", curves_plot)):
             figure = plot(meta, trials, storage.name_of(path))
