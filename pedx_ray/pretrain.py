@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from ingest.files import write_json_atomic
-from pedx_ray.cluster import connect_ray, train_job_configs
+from pedx_ray.cluster.connect import connect_ray, train_job_configs
+from pedx_ray.cluster.placement import record_worker_start
 from pedx_ray.config import (
     GRANULARITIES,
     ConfigError,
@@ -164,6 +165,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         start_epoch, best_score = _load_train_state(checkpoint, net, optimizer, scheduler)
+    record_worker_start(run_dir, rank, start_epoch)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     # prepare_model moves the net (and so the optimizer's parameters) to the device and wraps DDP.
