@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from pedx_ray.cluster import connect_ray
+from pedx_ray.cluster.connect import connect_ray
 from pedx_ray.config import PretrainConfig
 from pedx_ray.data import build_datasets, check_manifest, read_manifest, to_model_input, train_batches
 from pedx_ray.models import build_model

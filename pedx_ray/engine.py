@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pedx_ray.cluster.placement import record_worker_start
 from pedx_ray.faults import Fault
 from pedx_ray.models import MODEL_FILE, save_checkpoint, unwrap
 
@@ -48,7 +49,8 @@ class TrainingJob:
     bf16: bool = False  # autocast (CUDA only)
     channels_last: bool = False  # CUDA only
     compile: bool = False  # CUDA only
-    tensorboard_dir: Path | None = None  # rank 0 logs every numeric metric there
+    tensorboard_dir: Path | str | None = None  # rank 0 logs every numeric metric there
+    run_dir: Path | str | None = None  # each worker records its node and start epoch there (placement)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -193,6 +195,8 @@ def fit(job: TrainingJob) -> None:
     fault = Fault.from_env() if rank == 0 else None
 
     start_epoch, best_score = resume(job.model, job.optimizer, job.scheduler)
+    if job.run_dir is not None:
+        record_worker_start(job.run_dir, rank, start_epoch)
     net = job.model
     if on_cuda and job.channels_last:
         net = net.to(memory_format=torch.channels_last)

@@ -33,7 +33,7 @@ import torch
 
 from ingest import storage
 from pedx_ray.augment import augment_images, build_augmentation
-from pedx_ray.cluster import connect_ray, train_job_configs
+from pedx_ray.cluster.connect import connect_ray, train_job_configs
 from pedx_ray.config import MIN_INCEPTION_SIZE, ConfigError, from_known_fields, read_yaml, training_checks
 from pedx_ray.data import to_model_input
 from pedx_ray.datasets import (

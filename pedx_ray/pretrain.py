@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ingest import storage
-from pedx_ray.cluster import connect_ray, train_job_configs
+from pedx_ray.cluster.connect import connect_ray, train_job_configs
 from pedx_ray.config import (
     GRANULARITIES,
     ConfigError,
@@ -154,6 +154,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             channels_last=config.channels_last,
             compile=config.compile,
             tensorboard_dir=storage.join(run_dir, "tensorboard") if config.tensorboard else None,
+            run_dir=run_dir,
         )
     )
 

@@ -145,3 +145,13 @@ def s3_bucket(tmp_path_factory) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_multinode():
+    """A 3-node Ray cluster on this machine (head + worker-1 + worker-2, 1 CPU each, token auth on),
+    shared by the cluster tests: each node's start-up costs ~20 s on 2 cores. Tests may replace nodes."""
+    from pedx_ray.cluster.local import LocalRayCluster
+
+    with LocalRayCluster(cwd=Path(__file__).parent.parent) as cluster:
+        yield cluster

@@ -199,6 +199,16 @@ PHANTOM_PRETRAIN = Space(
     metric="finetune_f1",
 )
 
+CLUSTER_SMOKE = Space(
+    name="CLUSTER_SMOKE",
+    mode="pretrain",
+    description="Two learning rates on a 7-class shard set: a sweep small enough to show its trials "
+    "spread over a cluster's nodes (scripts/cluster_demo.sh).",
+    params={"granularity": 7, "lr": tune.grid_search([1e-3, 3e-4])},
+    grid_axes=("lr",),
+    metric="finetune_f1",
+)
+
 PHANTOM_TRANSFER = Space(
     name="PHANTOM_TRANSFER",
     mode="transfer",
@@ -229,7 +239,16 @@ PHANTOM_ABLATION = Space(
 )
 
 SPACES = {
-    s.name: s for s in (PRETRAIN, TRANSFER, ABLATION, PHANTOM_PRETRAIN, PHANTOM_TRANSFER, PHANTOM_ABLATION)
+    s.name: s
+    for s in (
+        PRETRAIN,
+        TRANSFER,
+        ABLATION,
+        PHANTOM_PRETRAIN,
+        CLUSTER_SMOKE,
+        PHANTOM_TRANSFER,
+        PHANTOM_ABLATION,
+    )
 }
 DEFAULT_SPACE = {"pretrain": "PRETRAIN", "transfer": "TRANSFER", "ablation": "ABLATION"}
 

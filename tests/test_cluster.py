@@ -1,0 +1,144 @@
+"""Jobs on a real multi-node Ray cluster (``ray_multinode``: head + 2 worker nodes, token auth on),
+submitted through ``JobSubmissionClient`` as `ray job submit` does; plus the local-cluster library and the
+entry points' dependency check without a cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_pretrain import write_tiny_shards
+
+from pedx_ray.cluster.local import NODE_LABEL, LocalDaskCluster, NodeSpec
+from pedx_ray.cluster.placement import read_worker_starts
+from pedx_ray.dependencies import EXIT_MISSING
+from pedx_ray.models import MODEL_FILE
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB_DEADLINE_S = 240
+
+
+@pytest.fixture
+def run_storage(tmp_path) -> str:
+    """Where cluster jobs keep their runs (--storage): shared by every node. A local directory for now;
+    point it at an object store URI once the runs' storage supports one."""
+    return str(tmp_path / "runs")
+
+
+@pytest.fixture(scope="module")
+def cluster_shards(tmp_path_factory) -> Path:
+    return write_tiny_shards(tmp_path_factory.mktemp("cluster-shards"), size=64)
+
+
+def job_runtime_env() -> dict:
+    """configs/runtime_env.yaml with the project root as the working_dir, as `ray job submit` run from it."""
+    runtime_env = yaml.safe_load((ROOT / "configs" / "runtime_env.yaml").read_text())
+    return runtime_env | {"working_dir": str(ROOT)}
+
+
+def submit_pretraining(cluster, shards: Path, storage: str, name: str, *extra: str) -> tuple:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard_url, headers=cluster.auth_headers)
+    entrypoint = (
+        f"python -m pedx_ray.pretrain --shards {shards} --arch tiny_cnn --image-size 64 --batch-size 14 "
+        f"--lr 1e-3 --warmup-epochs 1 --num-workers 2 --cpus-per-worker 1 --storage {storage} --name {name} "
+        + " ".join(extra)
+    )
+    return client, client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env())
+
+
+def wait_for_job(client, job_id: str, deadline_s: float = JOB_DEADLINE_S) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            return status
+        time.sleep(1)
+    client.stop_job(job_id)
+    raise AssertionError(f"job {job_id} still running after {deadline_s} s:\n{client.get_job_logs(job_id)}")
+
+
+def poll(predicate, deadline_s: float, what: str):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_pretraining_job_runs_its_workers_on_two_nodes(ray_multinode, cluster_shards, run_storage):
+    client, job_id = submit_pretraining(ray_multinode, cluster_shards, run_storage, "two-nodes", "--epochs 2")
+    status = wait_for_job(client, job_id)
+    logs = client.get_job_logs(job_id)
+    assert status == "SUCCEEDED", logs
+    run_dir = Path(run_storage) / "two-nodes"
+    starts = read_worker_starts(run_dir)
+    assert sorted(starts) == [0, 1]
+    nodes = {rank: s[-1]["node_id"] for rank, s in starts.items()}
+    assert nodes[0] != nodes[1]  # one 1-CPU worker per node: Ray had to spread them
+    assert set(nodes.values()) <= set(ray_multinode.node_ids().values())
+    assert (run_dir / "best" / MODEL_FILE).is_file() and "best checkpoint (epoch" in logs
+
+
+@pytest.mark.slow
+def test_killed_worker_node_resumes_the_run_from_its_last_checkpoint(
+    ray_multinode, cluster_shards, run_storage
+):
+    client, job_id = submit_pretraining(
+        ray_multinode, cluster_shards, run_storage, "node-lost", "--epochs 5", "--max-failures 2"
+    )
+    run_dir = Path(run_storage) / "node-lost"
+    poll(lambda: (run_dir / "checkpoint_epoch_0001").is_dir(), JOB_DEADLINE_S, "the first checkpoint")
+    # A node that runs a worker but is not the head (losing the head ends the job: it runs the driver).
+    nodes = {start[-1]["node_labels"][NODE_LABEL] for start in read_worker_starts(run_dir).values()}
+    victim = sorted(nodes - {ray_multinode.head_spec.name})[0]
+    os.kill(ray_multinode.node(victim).raylet_pid(), signal.SIGKILL)
+    # A replacement node, as an autoscaler would add: the restarted run needs two worker CPUs again.
+    ray_multinode.add_worker(NodeSpec(f"{victim}-replacement"))
+
+    status = wait_for_job(client, job_id)
+    assert status == "SUCCEEDED", client.get_job_logs(job_id)
+    starts = read_worker_starts(run_dir)
+    restarts = [s[-1]["start_epoch"] for s in starts.values() if len(s) > 1]
+    assert restarts and all(epoch >= 1 for epoch in restarts)  # resumed from a checkpoint, not epoch 0
+    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_epoch_*"))
+    assert checkpoints[-1] == "checkpoint_epoch_0005"
+    assert (run_dir / "best" / MODEL_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_dask_cluster_runs_tasks_on_its_workers_and_stops_them():
+    from distributed import Client
+
+    with LocalDaskCluster(n_workers=2) as dask_cluster:
+        processes = [dask_cluster.scheduler, *dask_cluster.workers]
+        with Client(dask_cluster.address) as client:
+            assert len(client.scheduler_info()["workers"]) == 2
+            assert client.submit(sum, [1, 2, 3]).result(timeout=30) == 6
+        temp_dir = dask_cluster.temp_dir
+    assert all(p.poll() is not None for p in processes) and not temp_dir.exists()
+
+
+def test_entry_point_on_a_python_without_the_dependencies_says_what_is_missing():
+    # -S: this interpreter without its site-packages, i.e. a node's Python lacking the project's packages.
+    result = subprocess.run(
+        [sys.executable, "-S", "-m", "pedx_ray.pretrain", "--help"],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert result.returncode == EXIT_MISSING, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # one line, no traceback
+    assert "lacks torch" in result.stderr and "pip install" in result.stderr
