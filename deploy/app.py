@@ -45,6 +45,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve import Application
 
+from deploy.gate import accepted_classes, check_gate_views, gate_verdict
 from deploy.inputs import (
     FEMALE,
     InputError,
@@ -59,7 +60,8 @@ from deploy.inputs import (
 )
 from deploy.metrics import GatewayMetrics, ModelMetrics
 from deploy.models import ModelSpec, Predictor, encode_overlay, inspect_checkpoint
-from deploy.settings import VIEW_MODELS, ServeSettings, resolve_checkpoint, resolve_settings
+from deploy.settings import VIEW_MODELS, ServeSettings, SettingsError, resolve_checkpoint, resolve_settings
+from ingest.dataset.taxonomy import load_taxonomy
 from ingest.files import write_atomic
 
 log = logging.getLogger("ray.serve")
@@ -124,6 +126,7 @@ class ModelServer:
             device=device,
             bf16=on_cuda and settings.bf16,
             channels_last=on_cuda and settings.channels_last,
+            tta=settings.bone_age_tta,
         )
         self.metrics = ModelMetrics(spec.name)
         self.metrics.loaded(self.predictor.load_seconds)
@@ -180,6 +183,15 @@ class Gateway:
         self.limits = Limits(settings.max_upload_bytes, settings.max_pixels)
         self.metrics = GatewayMetrics()
         self.page = PAGE.read_text()
+        # the finest served view model is the gate; each task's accepted views at its granularity
+        views = [name for name in ("view_68", "view_30", "view_7") if name in models]
+        self.gate_model = views[0] if views else None
+        taxonomy = load_taxonomy()
+        self.accepted = {
+            task: accepted_classes(tuple(names), VIEW_MODELS[self.gate_model], taxonomy)
+            for task, names in check_gate_views(settings.gate_views, taxonomy).items()
+            if self.gate_model
+        }
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -212,6 +224,39 @@ class Gateway:
         if explain:
             return await self.models[name].explain.remote(image, sex)
         return await self.models[name].predict.remote(image, sex), None
+
+    async def check_view(self, upload: Upload, task: str, requested: bool) -> dict:
+        """The view gate's verdict for an upload to ``task``; raises 422 ``wrong_view`` when it fails."""
+        if not requested or not self.settings.gate or task not in self.accepted:
+            reason = (
+                "gate=off in the request"
+                if not requested
+                else "the gate is off in the settings"
+                if not self.settings.gate
+                else "no view model is served to check the view"
+                if self.gate_model is None
+                else f"no views are configured for {task}"
+            )
+            self.metrics.gate(task, "bypassed" if not requested else "unavailable")
+            return {"applied": False, "reason": reason}
+        image = await self.model_input(upload, self.gate_model)
+        result = await self.models[self.gate_model].predict.remote(image, FEMALE)
+        probabilities = dict(zip(self.specs[self.gate_model].classes, result["probabilities"], strict=True))
+        verdict = gate_verdict(
+            probabilities, self.accepted[task], self.settings.gate_min_probability, self.gate_model
+        )
+        self.metrics.gate(task, "accepted" if verdict.passed else "refused")
+        if not verdict.passed:
+            raise InputError(
+                422,
+                "wrong_view",
+                f"{task} reads {', '.join(self.settings.gate_views[task])}; the view model "
+                f"({self.gate_model}) sees {verdict.view} (p={verdict.probability:.2f}) and the accepted "
+                f"views at p={verdict.accepted_probability:.2f} < {self.settings.gate_min_probability}; "
+                "pass gate=off to predict anyway (research use)",
+                {k: v for k, v in verdict.to_dict().items() if k not in ("applied", "passed")},
+            )
+        return verdict.to_dict()
 
     def model_for(self, name: str, what: str) -> str:
         if name not in self.models:
@@ -264,7 +309,8 @@ def build_api(gw: Gateway) -> FastAPI:
     @api.exception_handler(InputError)
     async def refused(_: Request, exc: InputError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"error": exc.code, "message": exc.message}, exc.status, headers=headers)
+        body = {"error": exc.code, "message": exc.message} | exc.details
+        return JSONResponse(body, exc.status, headers=headers)
 
     def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         if gw.key_digest is None:
@@ -275,6 +321,11 @@ def build_api(gw: Gateway) -> FastAPI:
 
     predict_route = {"dependencies": [Depends(authorize)], "openapi_extra": {"requestBody": UPLOAD_BODY}}
     explain_query = Query(False, description="add the Grad-CAM overlay (PNG) of the prediction")
+    gate_query = Query(
+        "on",
+        pattern="^(on|off)$",
+        description="off: skip the view gate (research use; the answer records it)",
+    )
 
     @api.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -319,9 +370,11 @@ def build_api(gw: Gateway) -> FastAPI:
         request: Request,
         sex: str | None = Query(None, description="M or F; default: the DICOM header's PatientSex"),
         explain: bool = explain_query,
+        gate: str = gate_query,
     ) -> Response:
         name = gw.model_for("bone_age", "bone age")
         upload = await gw.read_upload(request)
+        verdict = await gw.check_view(upload, "bone_age", gate == "on")
         given = parse_sex(upload.fields.get("sex") or sex)
         decoded = await asyncio.to_thread(decode, upload, gw.limits)
         if given is None and decoded.header_sex is None:
@@ -338,21 +391,35 @@ def build_api(gw: Gateway) -> FastAPI:
         value = given if given is not None else decoded.header_sex
         image = await asyncio.to_thread(prepare, decoded, gw.specs[name].recipe)
         result, overlay = await gw.run(name, image, value, explain)
-        months = result["bone_age_months"]
+        months, sd = result["bone_age_months"], result["bone_age_sd_months"]
+        limit = gw.settings.bone_age_max_sd_months
+        if limit and sd is not None and sd > limit:
+            gw.metrics.gate("bone_age", "low_confidence")
+            raise InputError(
+                422,
+                "low_confidence",
+                f"the model is unsure of this image: bone age {months:.0f} ± {sd:.1f} months over "
+                f"{result['tta_views']} augmented views, above the service's limit of {limit} months",
+                {"bone_age_months": months, "bone_age_sd_months": sd, "max_sd_months": limit},
+            )
         body = {
             "model": name,
             "task": "bone_age",
             "bone_age_months": months,
             "bone_age_years": months / 12,
+            "bone_age_sd_months": sd,
+            "tta_views": result["tta_views"],
             "sex": "F" if value == FEMALE else "M",
             "sex_source": "request" if given is not None else "dicom",
+            "gate": verdict,
         }
         return _answer(body, overlay, request.headers.get("accept", ""))
 
     @api.post("/v1/fracture", **predict_route)
-    async def fracture(request: Request, explain: bool = explain_query) -> Response:
+    async def fracture(request: Request, explain: bool = explain_query, gate: str = gate_query) -> Response:
         name = gw.model_for("fracture", "fracture")
         upload = await gw.read_upload(request)
+        verdict = await gw.check_view(upload, "fracture", gate == "on")
         result, overlay = await gw.run(name, await gw.model_input(upload, name), FEMALE, explain)
         body = {
             "model": name,
@@ -360,6 +427,7 @@ def build_api(gw: Gateway) -> FastAPI:
             "probability": result["probability"],
             "label": "fracture" if result["fracture"] else "no_fracture",
             "threshold": result["threshold"],
+            "gate": verdict,
         }
         return _answer(body, overlay, request.headers.get("accept", ""))
 
@@ -382,6 +450,10 @@ def build_app(settings: ServeSettings, deployment_options: dict[str, dict] | Non
     ``deployment_options`` maps a deployment name (``Gateway``, ``view_7``, ...) to Serve options that
     override the defaults (as a Serve config file's ``deployments:`` section does).
     """
+    try:
+        check_gate_views(settings.gate_views, load_taxonomy())
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
     specs = {
         name: inspect_checkpoint(
             name,

@@ -52,11 +52,13 @@ SEX_VALUES = {"m": MALE, "male": MALE, "1": MALE, "f": FEMALE, "female": FEMALE,
 
 
 class InputError(ValueError):
-    """A request the service refuses: ``status`` (4xx), a stable ``code`` and a message saying why."""
+    """A request the service refuses: ``status`` (4xx), a stable ``code``, a message saying why, and
+    ``details`` the answer carries beside them (what the view gate saw, the bone-age SD)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, details: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.details = details or {}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ Serve tags ``application``, ``deployment`` and ``replica``:
 - ``ray_pedx_serve_request_latency_seconds{endpoint}``: gateway latency histogram;
 - ``ray_pedx_serve_batch_size{model}`` and ``ray_pedx_serve_batch_latency_seconds{model}``: the dynamic
   batches a model ran and how long each took;
+- ``ray_pedx_serve_gate_total{task, decision}``: the view gate's decisions (``deploy.gate``);
 - ``ray_pedx_serve_model_load_seconds{model}``: time to load the checkpoint, one observation per replica
   start (a histogram: Ray stops exporting gauges that are not updated).
 Ray's exported histogram ``_sum`` is an estimate; the bucket counts are exact.
@@ -38,6 +39,16 @@ class GatewayMetrics:
             boundaries=LATENCY_BOUNDARIES,
             tag_keys=("endpoint",),
         )
+
+        self.gate_decisions = Counter(
+            "pedx_serve_gate_total",
+            description="View-gate decisions per task: accepted, refused (wrong_view), bypassed (gate=off), "
+            "unavailable (no view model, or off in the settings), low_confidence (bone-age SD too large).",
+            tag_keys=("task", "decision"),
+        )
+
+    def gate(self, task: str, decision: str) -> None:
+        self.gate_decisions.inc(tags={"task": task, "decision": decision})
 
     def record(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.inc(tags={"endpoint": endpoint, "status": str(status)})

@@ -31,9 +31,11 @@ from deploy.inputs import Recipe
 from deploy.settings import TASK_MODELS, VIEW_MODELS
 from ingest import storage
 from ingest.imaging.preprocess import PreprocessParams
+from pedx_ray.calibration import read_temperature
 from pedx_ray.config import ConfigError, PretrainConfig
 from pedx_ray.data import to_model_input
 from pedx_ray.models import CONFIG_FILE, METRICS_FILE, MODEL_FILE, CheckpointError
+from pedx_ray.recalibrate import read_recalibration
 
 
 @dataclass(frozen=True)
@@ -200,11 +202,39 @@ def _check_weights(spec: ModelSpec) -> None:
         )
 
 
+def tta_views(images: np.ndarray, views: int) -> np.ndarray:
+    """(N·views, S, S): each image as is, flipped, and shifted by ~2% diagonally (test-time augmentation).
+
+    The first ``views`` of: identity, horizontal flip, shift (+d, +d), (-d, -d), (+d, -d), (-d, +d), and
+    the flip shifted (+d, +d), (-d, -d); grouped per image, so a reshape (N, views) undoes it."""
+    size = images.shape[-1]
+    d = max(1, round(0.02 * size))
+    shifts = [(0, 0, False), (0, 0, True), (d, d, False), (-d, -d, False), (d, -d, False), (-d, d, False)]
+    shifts += [(d, d, True), (-d, -d, True)]
+    out = []
+    for image in images:
+        for dy, dx, flip in shifts[:views]:
+            view = image[:, ::-1] if flip else image
+            matrix = np.float32([[1, 0, dx], [0, 1, dy]])
+            out.append(cv2.warpAffine(np.ascontiguousarray(view), matrix, (size, size)) if dx or dy else view)
+    return np.ascontiguousarray(np.stack(out))
+
+
 class Predictor:
-    """A loaded model that predicts batches of preprocessed uint8 images (N, S, S)."""
+    """A loaded model that predicts batches of preprocessed uint8 images (N, S, S).
+
+    Applies what the checkpoint carries besides its weights: a view or fracture model's fitted
+    temperature (``calibration.json``), a bone-age model's site recalibration (``recalibration.json``).
+    Bone age is predicted on ``tta`` augmented views of each image: the answer is their mean ± SD."""
 
     def __init__(
-        self, spec: ModelSpec, *, device: str = "cpu", bf16: bool = False, channels_last: bool = False
+        self,
+        spec: ModelSpec,
+        *,
+        device: str = "cpu",
+        bf16: bool = False,
+        channels_last: bool = False,
+        tta: int = 1,
     ) -> None:
         started = time.perf_counter()
         if spec.task == "view":
@@ -216,6 +246,9 @@ class Predictor:
 
             model, _ = load_finetuned(spec.checkpoint)
         self.spec, self.bf16, self.channels_last = spec, bf16, channels_last
+        self.tta = tta if spec.task == "bone_age" else 1
+        self.temperature = read_temperature(spec.checkpoint) if spec.task != "bone_age" else 1.0
+        self.recalibration = read_recalibration(spec.checkpoint) if spec.task == "bone_age" else (1.0, 0.0)
         self._device = torch.device(device)
         # Grad-CAM hooks the module it explains: it gets its own float32 CPU copy and lock, so an
         # explanation never sees a concurrent batch's activations.
@@ -236,20 +269,29 @@ class Predictor:
         """One result per image; ``sex`` (1 male, 0 female) is used by bone age only."""
         if images.ndim != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 (N, S, S), got {images.dtype} {images.shape}")
+        count = len(images)
+        sex = np.zeros(count, np.float32) if sex is None else np.asarray(sex, np.float32)
+        if self.tta > 1:
+            images, sex = tta_views(images, self.tta), np.repeat(sex, self.tta)
         images = np.require(images, requirements=["C", "W"])  # arrays from Ray's object store are read-only
         x = to_model_input(torch.from_numpy(images).unsqueeze(1), self._device, self.channels_last)
-        s = torch.as_tensor(np.zeros(len(images)) if sex is None else sex, dtype=torch.float32)
-        s = s.to(self._device)
+        s = torch.as_tensor(sex, dtype=torch.float32).to(self._device)
         with (
             self._lock,
             torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self.bf16),
         ):
             output = self._forward(self.model, x, s)
             if self.spec.task == "view":
-                scores = torch.softmax(output.float(), dim=1)
+                scores = torch.softmax(output.float() / self.temperature, dim=1)
+            elif self.spec.task == "fracture":
+                scores = self.model.predict(output.float() / self.temperature).float()
             else:
                 scores = self.model.predict(output).float()
-        return self._results(scores.cpu().numpy())
+        scores = scores.cpu().numpy()
+        if self.spec.task == "bone_age":
+            slope, intercept = self.recalibration
+            scores = (slope * scores.astype(np.float64) + intercept).reshape(count, self.tta)
+        return self._results(scores)
 
     def _results(self, scores: np.ndarray) -> list[dict]:
         if self.spec.task == "view":
@@ -258,7 +300,14 @@ class Predictor:
                 for row in scores
             ]
         if self.spec.task == "bone_age":
-            return [{"bone_age_months": float(v)} for v in scores]
+            return [
+                {
+                    "bone_age_months": float(views.mean()),
+                    "bone_age_sd_months": float(views.std(ddof=1)) if len(views) > 1 else None,
+                    "tta_views": len(views),
+                }
+                for views in scores
+            ]
         threshold = self.spec.fracture_threshold
         return [
             {"probability": float(p), "fracture": bool(p >= threshold), "threshold": threshold}
@@ -298,6 +347,9 @@ class Predictor:
             "bf16": self.bf16,
             "channels_last": self.channels_last,
             "load_seconds": round(self.load_seconds, 3),
+            "temperature": self.temperature,
+            "recalibration": dict(zip(("slope", "intercept"), self.recalibration, strict=True)),
+            "tta_views": self.tta,
         }
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from deploy.gate import DEFAULT_GATE_VIEWS
 from ingest import storage
 from pedx_ray.config import ConfigError, read_yaml
 
@@ -33,6 +34,7 @@ VIEW_MODELS = {"view_7": 7, "view_30": 30, "view_68": 68}
 TASK_MODELS = ("bone_age", "fracture")
 MODEL_FIELDS = (*VIEW_MODELS, *TASK_MODELS)
 DEVICES = ("auto", "cpu", "cuda")
+MAX_TTA_VIEWS = 8
 
 
 class SettingsError(ValueError):
@@ -51,6 +53,17 @@ class ServeSettings:
     # readable where the app is built; by default it is read from the manifest named in config.json.
     view_preprocessing: dict = field(default_factory=dict)
     fracture_threshold: float = 0.5
+    # The view gate (deploy.gate): a bone_age / fracture upload is first classified by the finest served
+    # view model and refused (422 wrong_view) unless the task's views hold gate_min_probability of it.
+    gate: bool = True  # no effect when no view model is served (the answer says so)
+    gate_min_probability: float = 0.5
+    gate_views: dict = field(
+        default_factory=lambda: {task: list(v) for task, v in DEFAULT_GATE_VIEWS.items()}
+    )
+    # Bone-age uncertainty: test-time augmentation views per image (identity, flip, small shifts; 1 = off)
+    # and the largest standard deviation answered (0 = always answer; above it: 422 low_confidence).
+    bone_age_tta: int = 4
+    bone_age_max_sd_months: float = 0.0
     # Inference
     max_batch_size: int = 16  # 1 turns dynamic batching off
     # auto: twice a warm single-image forward, 5–250 ms (deploy.app.auto_batch_wait)
@@ -71,6 +84,7 @@ class ServeSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         object.__setattr__(self, "view_preprocessing", dict(self.view_preprocessing or {}))
+        object.__setattr__(self, "gate_views", dict(self.gate_views or {}))
         checks = [
             (
                 any(getattr(self, name) for name in MODEL_FIELDS),
@@ -80,6 +94,18 @@ class ServeSettings:
             (
                 0 < self.fracture_threshold < 1,
                 f"fracture_threshold must be in (0, 1), not {self.fracture_threshold}",
+            ),
+            (
+                0 < self.gate_min_probability <= 1,
+                f"gate_min_probability must be in (0, 1], not {self.gate_min_probability}",
+            ),
+            (
+                1 <= self.bone_age_tta <= MAX_TTA_VIEWS,
+                f"bone_age_tta must be 1 (off) to {MAX_TTA_VIEWS} views, not {self.bone_age_tta}",
+            ),
+            (
+                self.bone_age_max_sd_months >= 0,
+                f"bone_age_max_sd_months must be >= 0 (0 = always answer), not {self.bone_age_max_sd_months}",
             ),
             (self.max_batch_size >= 1, f"max_batch_size must be at least 1, not {self.max_batch_size}"),
             (
