@@ -146,8 +146,28 @@ def serve_load(doc: dict) -> str:
     )
 
 
+def decode_levels(doc: dict) -> str:
+    r = doc["results"]
+    s = r["settings"]
+    rows = [
+        [
+            name.split(" ")[0],
+            f"{row['noise']:g}",
+            row["ms_per_image"]["full"],
+            row["ms_per_image"]["reduced"],
+            f"{row['speedup']:.1f}×",
+            f"{row['mad_mean']:.2f} (max {row['mad_max']:.2f})",
+            f"{row['psnr_min_db']:.1f}",
+        ]
+        for name, row in r["rows"].items()
+    ]
+    header = ["transfer syntax", "noise σ", "full ms", "reduced ms", "speed-up", "MAD", "min PSNR dB"]
+    return f"{s['n']} images of {s['cols']}×{s['rows']} per row, to {s['size']} px.\n\n" + table(header, rows)
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "catalog_scale": catalog_scale,
+    "decode_levels": decode_levels,
     "preprocess_throughput": preprocess_throughput,
     "retrieval_throughput": retrieval_throughput,
     "train_throughput": train_throughput,

@@ -287,6 +287,11 @@ def write_shards(
         progress=progress,
     ):
         indexes[index["name"]] = index
+    # A worker killed mid-shard (its task then reruns elsewhere) leaves its temporary file behind.
+    for name in storage.list_files(out):
+        folder, _, base = name.rpartition("/")
+        if folder in ("", ".index") and base.startswith(".") and ".partial" in base:
+            storage.delete_file(storage.join(out, name))
     manifest = build_manifest(plans, indexes, report.to_dict(), balance_config, params, taxonomy)
     quarantined = [q for i in indexes.values() for q in i["quarantined"]]
     with io.StringIO() as buf:
