@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
-import platform
 import secrets
 import subprocess
 import sys
@@ -43,6 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python bench/cluster_scaling.py` from anywhere
     sys.path.insert(0, str(REPO))
+
+from results import write_results  # noqa: E402
 
 from ingest.demo.orthanc import free_port  # noqa: E402
 
@@ -403,19 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
     finally:
         children.stop()
-    summary = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "workdir": str(workdir),
-        "stages": results,
-        "goals": {name: GOALS[name] for name in results},
-        "cpu_count": os.cpu_count(),
-        "load_average_1m": os.getloadavg()[0],
-        "machine": platform.processor() or platform.machine(),
-    }
     print_table(results)
-    print(f"load average at the end: {summary['load_average_1m']:.2f} on {os.cpu_count()} cores")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"}
+        summary = {"settings": settings, "stages": results, "goals": {name: GOALS[name] for name in results}}
+        write_results(args.json, "cluster_scaling", argv, summary)
     return 0
 
 

@@ -146,6 +146,19 @@ def serve_load(doc: dict) -> str:
     )
 
 
+def cluster_scaling(doc: dict) -> str:
+    r = doc["results"]
+    rows = []
+    for name, stage in r["stages"].items():
+        key = "total_s" if name == "dask" else "images_per_s"
+        one, two = stage["runs"]["1"][key], stage["runs"]["2"][key]
+        figure = "seconds" if name == "dask" else "images/s"
+        verdict = "met" if stage["ratio"] >= r["goals"][name] else "not met"
+        rows.append([name, stage["unit"], f"{one:.2f} {figure}", f"{two:.2f} {figure}",
+                     f"{stage['ratio']:.2f}×", f"≥ {r['goals'][name]}× ({verdict})"])  # fmt: skip
+    return table(["stage", "units", "1 unit", "2 units", "2 ÷ 1", "goal"], rows)
+
+
 def decode_levels(doc: dict) -> str:
     r = doc["results"]
     s = r["settings"]
@@ -167,6 +180,7 @@ def decode_levels(doc: dict) -> str:
 
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "catalog_scale": catalog_scale,
+    "cluster_scaling": cluster_scaling,
     "decode_levels": decode_levels,
     "preprocess_throughput": preprocess_throughput,
     "retrieval_throughput": retrieval_throughput,

@@ -110,7 +110,8 @@ def test_killed_worker_node_resumes_the_run_from_its_last_checkpoint(
         ray_multinode, cluster_shards, run_storage, "node-lost", "--epochs 5", "--max-failures 2"
     )
     run_dir = Path(run_storage) / "node-lost"
-    poll(lambda: (run_dir / "checkpoint_epoch_0001").is_dir(), JOB_DEADLINE_S, "the first checkpoint")
+    # The second checkpoint's directory appears once the first is registered with the controller.
+    poll(lambda: (run_dir / "checkpoint_epoch_0002").is_dir(), JOB_DEADLINE_S, "the second checkpoint")
     # A node that runs a worker but is not the head (losing the head ends the job: it runs the driver).
     nodes = {start[-1]["node_labels"][NODE_LABEL] for start in read_worker_starts(run_dir).values()}
     victim = sorted(nodes - {ray_multinode.head_spec.name})[0]
@@ -130,9 +131,9 @@ def test_killed_worker_node_resumes_the_run_from_its_last_checkpoint(
 
 @pytest.mark.slow
 def test_a_run_cut_short_by_a_head_restart_continues_with_resume(ray_multinode, cluster_shards, run_storage):
-    client, job_id = submit_pretraining(ray_multinode, cluster_shards, run_storage, "head-lost", "--epochs 4")
+    client, job_id = submit_pretraining(ray_multinode, cluster_shards, run_storage, "head-lost", "--epochs 6")
     run_dir = Path(run_storage) / "head-lost"
-    poll(lambda: (run_dir / "checkpoint_epoch_0002").is_dir(), JOB_DEADLINE_S, "the second checkpoint")
+    poll(lambda: (run_dir / "checkpoint_epoch_0003").is_dir(), JOB_DEADLINE_S, "the third checkpoint")
     # The whole cluster goes, head first in effect: the job's driver dies with it.
     ray_multinode.stop()
     ray_multinode.start()
@@ -144,7 +145,7 @@ def test_a_run_cut_short_by_a_head_restart_continues_with_resume(ray_multinode, 
     starts = read_worker_starts(run_dir)
     assert all(s[0]["start_epoch"] == 0 for s in starts.values())
     assert all(s[-1]["start_epoch"] >= 2 for s in starts.values()), starts  # from a checkpoint, not epoch 0
-    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*"))[-1] == "checkpoint_epoch_0004"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*"))[-1] == "checkpoint_epoch_0006"
 
 
 @pytest.mark.slow
