@@ -12,7 +12,8 @@ command -v findscu >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 # glymur (reduced-resolution JPEG 2000 decode) binds the system OpenJPEG library
-ldconfig -p 2>/dev/null | grep -q "libopenjp2.so" || need_apt+=(libopenjp2-7)
+# (not grep -q: under pipefail its early exit fails ldconfig with SIGPIPE)
+ldconfig -p 2>/dev/null | grep "libopenjp2.so" >/dev/null || need_apt+=(libopenjp2-7)
 if ((${#need_apt[@]})); then
     echo "setup: installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
