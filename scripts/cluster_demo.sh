@@ -74,7 +74,8 @@ step "4. Tune sweep job: 2 trials at once"
 ray job submit --runtime-env configs/runtime_env.yaml -- \
     python -m tune_spaces.run pretrain --space CLUSTER_SMOKE --shards "7=$shards" \
     --results "$work/tune" --name "sweep-$run" --max-concurrent 2 --trial-cpus 0.1 --cpus-per-worker 0.9 \
-    --set epochs=1 --set arch=tiny_cnn --set image_size=64 --set batch_size=16 --set num_workers=1
+    --set epochs=1 --set warmup_epochs=0 --set arch=tiny_cnn --set image_size=64 --set batch_size=16 \
+    --set num_workers=1
 python - "$work/tune/sweep-$run" <<'EOF'
 import sys
 from pathlib import Path
