@@ -7,7 +7,10 @@ writes ``DIR/{split}-{n:06d}.tar`` with ``<key>.png`` + ``<key>.json`` per sampl
 ``DIR/manifest.json``. Each shard is written under a temporary name, hashed and renamed, and its
 index (the plan it was built from and its sha256) is kept in ``DIR/.index/``: a re-run skips every
 shard whose file still matches its index and plan, and rebuilds the rest. Images that fail to
-decode are left out of the shard and listed in ``DIR/quarantine.csv`` with the reason. ``--out``
+decode are left out of the shard and listed in ``DIR/quarantine.csv`` with the reason. Sample records
+and the quarantine list are de-identified (``ingest.dataset.deid``): UIDs are pseudonyms, study dates
+are shifted per patient, and no path is written; ``--mask-text`` also blacks out burned-in text that a
+classical detector finds in each image (``ingest.imaging.textmask``). ``--out``
 may be an ``s3://bucket/prefix`` URI (ingest.storage): each shard is built in a local temporary
 file, then uploaded under a temporary key and moved into place.
 """
@@ -37,15 +40,19 @@ from ingest.dataset.balance import (
     BalanceConfig,
     balance,
 )
-from ingest.dataset.catalog import read_catalog
+from ingest.dataset.catalog import catalog_info, id_salt_from_env, read_catalog
+from ingest.dataset.deid import OPTIONS_APPLIED, PROFILE, pseudonymise_rows, salt_fingerprint
 from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
 from ingest.imaging.gpu_decode import resolve_gpu_decode
 from ingest.imaging.png import encode_png
 from ingest.imaging.preprocess import PreprocessError, PreprocessParams, add_decode_arguments, preprocess_file
+from ingest.imaging.textmask import mask_text
 
 log = logging.getLogger("ingest.dataset.shards")
 
 MANIFEST_FORMAT = "pedx-ray-shards/1"
+# The sample record contract (docs/design.md, contract 3); 2: UIDs and dates are pseudonyms.
+RECORD_VERSION = 2
 SHARD_COLUMNS = BALANCE_COLUMNS + [
     "series_instance_uid",
     "path",
@@ -82,13 +89,25 @@ class ShardPlan:
     class_names: tuple[str, ...]
     params: PreprocessParams
     taxonomy_version: str
+    # Secret salt of the pseudonyms; None when the catalog is already de-identified (an export).
+    id_salt: str | None = None
+    mask_text: bool = False
 
     @property
     def plan_hash(self) -> str:
         h = hashlib.sha256()
+        salt = salt_fingerprint(self.id_salt) if self.id_salt is not None else None
         h.update(
             json.dumps(
-                [self.granularity, self.class_names, self.params.to_dict(), self.taxonomy_version]
+                [
+                    self.granularity,
+                    self.class_names,
+                    self.params.to_dict(),
+                    self.taxonomy_version,
+                    RECORD_VERSION,
+                    salt,
+                    self.mask_text,
+                ]
             ).encode()
         )
         for r in self.rows:
@@ -112,6 +131,9 @@ def _json_value(value):
 
 
 def sample_record(row: dict, plan: ShardPlan) -> dict:
+    """The sample's JSON record: catalog values with UIDs and the study date as pseudonyms."""
+    if plan.id_salt is not None:
+        row = pseudonymise_rows([row], plan.id_salt)[0]
     record = {f: _json_value(row.get(f)) for f in SAMPLE_FIELDS}
     name = row[f"label_{plan.granularity}"]
     return record | {
@@ -158,31 +180,33 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
         return index | {"skipped": True}
     counts: dict[str, int] = {}
     quarantined = []
+    text_regions = 0
     decode_notes: list[str] = []  # reduced decodes that fell back to the full one, with the reason
     with storage.replacing(storage.join(out, plan.name), durable=True) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for row in plan.rows:
-                try:
-                    png = encode_png(preprocess_file(row["path"], plan.params, decode_notes))
-                except PreprocessError as exc:
-                    quarantined.append(
-                        {
-                            "sop_instance_uid": row["sop_instance_uid"],
-                            "path": row["path"],
-                            "reason": exc.reason,
-                        }
-                    )
-                    continue
-                except OSError as exc:
-                    quarantined.append(
-                        {
-                            "sop_instance_uid": row["sop_instance_uid"],
-                            "path": row["path"],
-                            "reason": f"io_error: {exc}",
-                        }
-                    )
-                    continue
                 record = sample_record(row, plan)
+                try:
+                    image = preprocess_file(row["path"], plan.params, decode_notes)
+                except (PreprocessError, OSError) as exc:
+                    # The operator finds the file by its sha256 in the catalog; no path leaves the site.
+                    reason = (
+                        exc.reason
+                        if isinstance(exc, PreprocessError)
+                        else f"io_error: {exc.strerror or type(exc).__name__}"
+                    )
+                    quarantined.append(
+                        {
+                            "sop_instance_uid": record["sop_instance_uid"],
+                            "sha256": row["sha256"],
+                            "reason": reason,
+                        }
+                    )
+                    continue
+                if plan.mask_text:
+                    image, regions = mask_text(image)
+                    text_regions += regions
+                png = encode_png(image)
                 _add_member(tar, f"{record['key']}.png", png)
                 _add_member(tar, f"{record['key']}.json", json.dumps(record, sort_keys=True).encode())
                 counts[record["label_name"]] = counts.get(record["label_name"], 0) + 1
@@ -196,13 +220,21 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
         "plan_hash": plan.plan_hash,
         "quarantined": quarantined,
         "decode_fallbacks": len(decode_notes),
+        "text_regions": text_regions,
     }
     storage.write_bytes(_index_path(out, plan.name), json.dumps(index, sort_keys=True), durable=True)
     return index | {"skipped": False}
 
 
 def plan_shards(
-    selected: pd.DataFrame, *, granularity: int, shard_size: int, params: PreprocessParams, taxonomy: Taxonomy
+    selected: pd.DataFrame,
+    *,
+    granularity: int,
+    shard_size: int,
+    params: PreprocessParams,
+    taxonomy: Taxonomy,
+    id_salt: str | None = None,
+    mask_text: bool = False,
 ) -> list[ShardPlan]:
     class_names = taxonomy.classes(granularity)
     plans = []
@@ -228,6 +260,8 @@ def plan_shards(
                     class_names,
                     params,
                     taxonomy.version,
+                    id_salt,
+                    mask_text,
                 )
             )
     return plans
@@ -244,10 +278,20 @@ def write_shards(
     scheduler: str | None = None,
     client=None,
     progress: bool = True,
+    id_salt: str | None = None,
+    mask_text: bool = False,
 ) -> dict:
     """Balance the catalog and write (or complete) the shard set in ``out_dir`` (a directory or an
-    object-store URI, ingest.storage); returns the manifest."""
+    object-store URI, ingest.storage); returns the manifest.
+
+    ``id_salt`` is the site's secret for the pseudonyms (default ``$PEDX_ID_SALT``, as for the scan);
+    a catalog that ``ingest export`` already de-identified is used as it is. ``mask_text`` blacks out
+    burned-in text found in each image."""
     params = params or PreprocessParams()
+    if catalog_info(catalog)["deidentified"]:
+        id_salt = None
+    else:
+        id_salt = id_salt_from_env(id_salt)
     taxonomy = taxonomy or load_taxonomy()
     if shard_size < 1:
         raise ShardError(f"shard_size must be at least 1, not {shard_size}")
@@ -267,6 +311,8 @@ def write_shards(
         shard_size=shard_size,
         params=params,
         taxonomy=taxonomy,
+        id_salt=id_salt,
+        mask_text=mask_text,
     )
     storage.makedirs(storage.join(out, ".index"))
     planned = {p.name for p in plans}
@@ -287,10 +333,10 @@ def write_shards(
         progress=progress,
     ):
         indexes[index["name"]] = index
-    manifest = build_manifest(plans, indexes, report.to_dict(), balance_config, params, taxonomy)
+    manifest = build_manifest(plans, indexes, report.to_dict(), balance_config, params, taxonomy, mask_text)
     quarantined = [q for i in indexes.values() for q in i["quarantined"]]
     with io.StringIO() as buf:
-        writer = csv.DictWriter(buf, fieldnames=["sop_instance_uid", "path", "reason"])
+        writer = csv.DictWriter(buf, fieldnames=["sop_instance_uid", "sha256", "reason"])
         writer.writeheader()
         writer.writerows(quarantined)
         storage.write_bytes(storage.join(out, "quarantine.csv"), buf.getvalue(), durable=True)
@@ -298,7 +344,7 @@ def write_shards(
     return manifest | {"skipped_shards": sum(1 for i in indexes.values() if i["skipped"])}
 
 
-def build_manifest(plans, indexes, balance_report, balance_config, params, taxonomy) -> dict:
+def build_manifest(plans, indexes, balance_report, balance_config, params, taxonomy, mask_text=False) -> dict:
     granularity = balance_config.granularity
     counts = {split: dict.fromkeys(taxonomy.classes(granularity), 0) for split in SPLITS}
     for index in indexes.values():
@@ -318,6 +364,13 @@ def build_manifest(plans, indexes, balance_report, balance_config, params, taxon
         "quarantined": sum(len(i["quarantined"]) for i in indexes.values()),
         # samples whose reduced JPEG 2000 decode failed and were decoded at full size (logged with the reason)
         "decode_fallbacks": sum(i.get("decode_fallbacks", 0) for i in indexes.values()),
+        "records": RECORD_VERSION,
+        "deidentification": {
+            "profile": PROFILE,
+            "options": list(OPTIONS_APPLIED),
+            "mask_text": mask_text,
+            "text_regions_masked": sum(i.get("text_regions", 0) for i in indexes.values()),
+        },
         "shards": [
             {
                 "name": p.name,
@@ -336,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("catalog", type=Path, help="catalog written by `python -m ingest scan`")
     parser.add_argument("--out", required=True, help="shard directory or s3://bucket/prefix")
     parser.add_argument("--code-table", type=Path, help="site code table used when the catalog was labelled")
+    parser.add_argument(
+        "--id-salt", help="secret salt of the UID and date pseudonyms (default $PEDX_ID_SALT, as for scan)"
+    )
+    parser.add_argument(
+        "--mask-text", action="store_true", help="black out burned-in text a classical detector finds"
+    )
     add_scheduler_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -350,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.shard_size,
             taxonomy=load_taxonomy(code_table=args.code_table),
             scheduler=args.scheduler,
+            id_salt=args.id_salt,
+            mask_text=args.mask_text,
         )
     except (ShardError, ValueError, storage.StorageError) as exc:
         parser.exit(2, f"error: {exc}\n")
