@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import pydicom
@@ -43,6 +42,7 @@ from ingest.dataset.catalog import (
     write_catalog,
 )
 from ingest.dataset.deid import (
+    BURNED_IN,
     OPTIONS_APPLIED,
     PROFILE,
     deidentify_dataset,
@@ -55,10 +55,8 @@ from ingest.imaging.textmask import detect_text, grow_boxes
 
 log = logging.getLogger("ingest.export")
 
-BURNED_IN = ("exclude", "mask", "keep")
 EXPORTED_STATUSES = ("ok", "unmapped")
 MANIFEST = "export.json"
-DETECT_SIDE = 512  # the long side the text detector was tuned at (the shards' image size)
 
 
 class ExportError(RuntimeError):
@@ -106,22 +104,16 @@ def is_burned_in(ds: pydicom.Dataset) -> bool:
 
 def mask_burned_in_text(ds: pydicom.Dataset) -> int:
     """Black out, in place, the text the detector finds in the display image of ``ds``; returns the
-    number of boxes. The detector runs where it was tuned, on the image scaled to a 512-pixel long
-    side as shards are; the boxes are scaled back, and every frame is masked at them."""
+    number of boxes. The first frame is searched and every frame masked at those boxes."""
     unit = pixels_to_unit(ds)
-    scale = DETECT_SIDE / max(unit.shape)
-    size = (max(1, round(unit.shape[1] * scale)), max(1, round(unit.shape[0] * scale)))
-    boxes = detect_text(quantize(cv2.resize(unit, size, interpolation=cv2.INTER_CUBIC)))
+    boxes = detect_text(quantize(unit))
     if not boxes:
         return 0
     stored = np.array(ds.pixel_array)
     first = stored[0] if stored.ndim == 3 else stored
-    black = first.flat[int(np.argmin(unit))]  # the stored value shown darkest
-    rows, cols = first.shape
-    for x0, y0, x1, y1 in grow_boxes(boxes, (size[1], size[0])):
-        top, bottom = max(0, int(y0 / scale)), min(rows, int(np.ceil(y1 / scale)))
-        left, right = max(0, int(x0 / scale)), min(cols, int(np.ceil(x1 / scale)))
-        stored[..., top:bottom, left:right] = black
+    black = first.flat[int(np.argmin(unit))]  # a stored value shown black
+    for x0, y0, x1, y1 in grow_boxes(boxes, first.shape):
+        stored[..., y0:y1, x0:x1] = black
     ds.set_pixel_data(stored, ds.PhotometricInterpretation, int(ds.BitsStored), generate_instance_uid=False)
     return len(boxes)
 
@@ -174,7 +166,9 @@ def _export_one(source: dict, row: dict, target: Path, salt: str, burned_in: str
 def _exported_row(row: dict, target: Path) -> dict:
     """The exported catalog's row: pseudonyms, and the exported file in place of the source."""
     stat = target.stat()
+    header = pydicom.dcmread(target, stop_before_pixels=True, specific_tags=["BurnedInAnnotation"])
     return row | {
+        "burned_in_annotation": str(header.get("BurnedInAnnotation") or "").upper() or None,
         "path": str(target),
         "sha256": _sha256(target),
         "file_size": stat.st_size,

@@ -42,8 +42,10 @@ log = logging.getLogger("ingest.dataset.catalog")
 
 CATALOG_VERSION = 2
 # Parquet schema metadata key: {"version": 2, "deidentified": bool, "paths": "absolute"|"relative"}.
-# Version 1 catalogs carry no metadata; they are read, but a re-scan re-reads their files.
+# Version 1 catalogs carry no metadata; they are read (the columns added since as nulls), but a
+# re-scan re-reads their files.
 METADATA_KEY = b"pedx_catalog"
+ADDED_IN_VERSION_2 = ("burned_in_annotation",)
 HEADER_COLUMNS = (
     "modality",
     "body_part",
@@ -79,6 +81,7 @@ CATALOG_SCHEMA = pa.schema(
         ("bits_stored", pa.int16()),
         ("photometric", pa.string()),
         ("transfer_syntax", pa.string()),
+        ("burned_in_annotation", pa.string()),
         ("label_68", pa.string()),
         ("label_30", pa.string()),
         ("label_7", pa.string()),
@@ -244,6 +247,7 @@ def read_header(path: str | Path, *, id_salt: str, data: bytes | None = None) ->
             bits_stored=_int(ds, "BitsStored"),
             photometric=_text(ds, "PhotometricInterpretation"),
             transfer_syntax=transfer_syntax,
+            burned_in_annotation=(_text(ds, "BurnedInAnnotation") or "").upper() or None,
         )
         problem = _pixel_problem(ds, transfer_syntax)
     except Exception as exc:  # a malformed element deep in the header must not stop a million-file scan
@@ -364,7 +368,14 @@ def read_catalog(path: str | Path, columns: list[str] | None = None) -> pd.DataF
             f"catalog {path} does not exist; create it with: python -m ingest scan DIR --out {path}"
         )
     info = catalog_info(path)
-    df = pq.read_table(path, columns=columns).to_pandas(types_mapper=pd.ArrowDtype)
+    wanted = list(columns) if columns is not None else list(CATALOG_COLUMNS)
+    absent = [c for c in ADDED_IN_VERSION_2 if c in wanted] if info["version"] < 2 else []
+    present = [c for c in wanted if c not in absent]
+    df = pq.read_table(path, columns=present if columns is not None or absent else None).to_pandas(
+        types_mapper=pd.ArrowDtype
+    )
+    for column in absent:
+        df.insert(wanted.index(column), column, pd.Series([None] * len(df), dtype=pd.ArrowDtype(pa.string())))
     if info.get("paths") == "relative" and "path" in df.columns:
         base = path.resolve().parent
         df["path"] = df["path"].map(lambda p: None if p is None or p is pd.NA else str(base / p))

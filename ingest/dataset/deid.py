@@ -35,6 +35,8 @@ from dicognito.anonymizer import Anonymizer
 from pydicom.dataset import Dataset, FileMetaDataset
 
 PROFILE = "PS3.15 Basic Application Level Confidentiality Profile"
+# What to do with an image whose header says BurnedInAnnotation=YES (shards and exports).
+BURNED_IN = ("exclude", "mask", "keep")
 # CID 7050 "De-identification Method": (code, meaning); the pixel option is added only when applied.
 PROFILE_CODES = (
     ("113100", "Basic Application Confidentiality Profile"),

@@ -41,7 +41,7 @@ from ingest.dataset.balance import (
     balance,
 )
 from ingest.dataset.catalog import catalog_info, id_salt_from_env, read_catalog
-from ingest.dataset.deid import OPTIONS_APPLIED, PROFILE, pseudonymise_rows, salt_fingerprint
+from ingest.dataset.deid import BURNED_IN, OPTIONS_APPLIED, PROFILE, pseudonymise_rows, salt_fingerprint
 from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
 from ingest.imaging.gpu_decode import resolve_gpu_decode
 from ingest.imaging.png import encode_png
@@ -59,6 +59,7 @@ SHARD_COLUMNS = BALANCE_COLUMNS + [
     "sha256",
     "patient_sex",
     "patient_age_months",
+    "burned_in_annotation",
 ]
 SAMPLE_FIELDS = (
     "sop_instance_uid",
@@ -92,6 +93,7 @@ class ShardPlan:
     # Secret salt of the pseudonyms; None when the catalog is already de-identified (an export).
     id_salt: str | None = None
     mask_text: bool = False
+    burned_in: str = "exclude"
 
     @property
     def plan_hash(self) -> str:
@@ -107,6 +109,7 @@ class ShardPlan:
                     RECORD_VERSION,
                     salt,
                     self.mask_text,
+                    self.burned_in,
                 ]
             ).encode()
         )
@@ -203,9 +206,19 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
                         }
                     )
                     continue
-                if plan.mask_text:
+                flagged = plan.burned_in == "mask" and row.get("burned_in_annotation") == "YES"
+                if plan.mask_text or flagged:
                     image, regions = mask_text(image)
                     text_regions += regions
+                    if flagged and not regions:  # the header promises text the detector cannot find
+                        quarantined.append(
+                            {
+                                "sop_instance_uid": record["sop_instance_uid"],
+                                "sha256": row["sha256"],
+                                "reason": "burned_in: no text found to mask",
+                            }
+                        )
+                        continue
                 png = encode_png(image)
                 _add_member(tar, f"{record['key']}.png", png)
                 _add_member(tar, f"{record['key']}.json", json.dumps(record, sort_keys=True).encode())
@@ -235,6 +248,7 @@ def plan_shards(
     taxonomy: Taxonomy,
     id_salt: str | None = None,
     mask_text: bool = False,
+    burned_in: str = "exclude",
 ) -> list[ShardPlan]:
     class_names = taxonomy.classes(granularity)
     plans = []
@@ -262,6 +276,7 @@ def plan_shards(
                     taxonomy.version,
                     id_salt,
                     mask_text,
+                    burned_in,
                 )
             )
     return plans
@@ -280,14 +295,18 @@ def write_shards(
     progress: bool = True,
     id_salt: str | None = None,
     mask_text: bool = False,
+    burned_in: str = "exclude",
 ) -> dict:
     """Balance the catalog and write (or complete) the shard set in ``out_dir`` (a directory or an
     object-store URI, ingest.storage); returns the manifest.
 
     ``id_salt`` is the site's secret for the pseudonyms (default ``$PEDX_ID_SALT``, as for the scan);
     a catalog that ``ingest export`` already de-identified is used as it is. ``mask_text`` blacks out
-    burned-in text found in each image."""
+    burned-in text found in each image; ``burned_in`` says what happens to images whose header says
+    BurnedInAnnotation=YES: left out before balancing (default), masked, or kept."""
     params = params or PreprocessParams()
+    if burned_in not in BURNED_IN:
+        raise ShardError(f"burned_in must be one of {', '.join(BURNED_IN)}, not {burned_in!r}")
     if catalog_info(catalog)["deidentified"]:
         id_salt = None
     else:
@@ -304,7 +323,11 @@ def write_shards(
                 f"{out} holds {existing.get('granularity')}-class shards; write "
                 f"{balance_config.granularity}-class shards to another directory"
             )
-    selected, report = balance(read_catalog(catalog, columns=SHARD_COLUMNS), balance_config)
+    rows = read_catalog(catalog, columns=SHARD_COLUMNS)
+    flagged = rows["burned_in_annotation"].fillna("") == "YES"
+    if burned_in == "exclude":
+        rows = rows[~flagged]
+    selected, report = balance(rows, balance_config)
     plans = plan_shards(
         selected,
         granularity=balance_config.granularity,
@@ -313,6 +336,7 @@ def write_shards(
         taxonomy=taxonomy,
         id_salt=id_salt,
         mask_text=mask_text,
+        burned_in=burned_in,
     )
     storage.makedirs(storage.join(out, ".index"))
     planned = {p.name for p in plans}
@@ -333,7 +357,16 @@ def write_shards(
         progress=progress,
     ):
         indexes[index["name"]] = index
-    manifest = build_manifest(plans, indexes, report.to_dict(), balance_config, params, taxonomy, mask_text)
+    deidentification = {
+        "profile": PROFILE,
+        "options": list(OPTIONS_APPLIED),
+        "mask_text": mask_text,
+        "burned_in": burned_in,
+        "burned_in_left_out": int(flagged.sum()) if burned_in == "exclude" else 0,
+        "text_regions_masked": sum(i.get("text_regions", 0) for i in indexes.values()),
+    }
+    manifest = build_manifest(plans, indexes, report.to_dict(), balance_config, params, taxonomy)
+    manifest["deidentification"] = deidentification
     quarantined = [q for i in indexes.values() for q in i["quarantined"]]
     with io.StringIO() as buf:
         writer = csv.DictWriter(buf, fieldnames=["sop_instance_uid", "sha256", "reason"])
@@ -344,7 +377,7 @@ def write_shards(
     return manifest | {"skipped_shards": sum(1 for i in indexes.values() if i["skipped"])}
 
 
-def build_manifest(plans, indexes, balance_report, balance_config, params, taxonomy, mask_text=False) -> dict:
+def build_manifest(plans, indexes, balance_report, balance_config, params, taxonomy) -> dict:
     granularity = balance_config.granularity
     counts = {split: dict.fromkeys(taxonomy.classes(granularity), 0) for split in SPLITS}
     for index in indexes.values():
@@ -365,12 +398,6 @@ def build_manifest(plans, indexes, balance_report, balance_config, params, taxon
         # samples whose reduced JPEG 2000 decode failed and were decoded at full size (logged with the reason)
         "decode_fallbacks": sum(i.get("decode_fallbacks", 0) for i in indexes.values()),
         "records": RECORD_VERSION,
-        "deidentification": {
-            "profile": PROFILE,
-            "options": list(OPTIONS_APPLIED),
-            "mask_text": mask_text,
-            "text_regions_masked": sum(i.get("text_regions", 0) for i in indexes.values()),
-        },
         "shards": [
             {
                 "name": p.name,
@@ -395,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mask-text", action="store_true", help="black out burned-in text a classical detector finds"
     )
+    parser.add_argument(
+        "--burned-in",
+        choices=BURNED_IN,
+        default="exclude",
+        help="images with BurnedInAnnotation=YES: leave out (default), mask the text found, or keep",
+    )
     add_scheduler_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -411,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             scheduler=args.scheduler,
             id_salt=args.id_salt,
             mask_text=args.mask_text,
+            burned_in=args.burned_in,
         )
     except (ShardError, ValueError, storage.StorageError) as exc:
         parser.exit(2, f"error: {exc}\n")

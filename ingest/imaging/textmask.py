@@ -14,17 +14,21 @@ horizontal runs; anatomy is large smooth regions and long edges. The detector:
 ``mask_text`` sets each box, grown by a line height across and a third of one down (the glyphs at
 a line's ends that the window misses), to black: a box, not the strokes, so the
 words cannot be read back from the mask's shape. Dark text on a bright field is found the same way
-on the inverted image (``polarity="dark"`` or ``"both"``). The thresholds were set on phantoms with
+on the inverted image (``polarity="dark"`` or ``"both"``). Images are searched scaled to a 512-pixel
+long side, and the boxes scaled back. The thresholds were set on phantoms with
 burned-in text (seed 7) and are measured on others in ``bench/text_mask.py`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
 POLARITIES = ("bright", "dark", "both")
-# Sizes are fractions of the image's long side, so the detector works at any resolution.
+DETECT_SIDE = 512  # the long side images are searched at (the shards' default image size)
+# Sizes are fractions of the long side.
 STROKE = 1 / 80  # top-hat width: wider than a glyph's stroke, narrower than a bone
 TOPHAT_MIN, GRAY_MIN = 50, 150  # ink: this much brighter than its surroundings, this bright
 TOPHAT_MIN_SATURATED = 15  # ... or only this much brighter when (nearly) saturated
@@ -74,18 +78,28 @@ def _text_boxes(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
 
 
 def detect_text(image: np.ndarray, polarity: str = "bright") -> list[tuple[int, int, int, int]]:
-    """Boxes ``(x0, y0, x1, y1)`` of text found in a 2-D grayscale image (any integer or float dtype)."""
+    """Boxes ``(x0, y0, x1, y1)`` of text in a 2-D grayscale image (any integer or float dtype, any
+    size), in the image's coordinates. The search runs on the image scaled to ``DETECT_SIDE``, the
+    size the thresholds were set at."""
     if polarity not in POLARITIES:
         raise ValueError(f"polarity must be one of {', '.join(POLARITIES)}, got {polarity!r}")
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
     gray = _to_uint8(image)
+    rows, cols = gray.shape
+    scale = DETECT_SIDE / max(rows, cols)
+    if scale != 1:
+        size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
     boxes = []
     if polarity in ("bright", "both"):
         boxes += _text_boxes(gray)
     if polarity in ("dark", "both"):
         boxes += _text_boxes(255 - gray)
-    return boxes
+    return [
+        (int(x0 / scale), int(y0 / scale), min(cols, math.ceil(x1 / scale)), min(rows, math.ceil(y1 / scale)))
+        for x0, y0, x1, y1 in boxes
+    ]
 
 
 def mask_text(image: np.ndarray, polarity: str = "bright", fill: int | float = 0) -> tuple[np.ndarray, int]:
