@@ -14,7 +14,8 @@ Option is then declared) or are kept as they are (``keep``; PatientIdentityRemov
 
 Files are written under a temporary name, read back and renamed. A re-run with the same settings
 skips files already written; other settings rewrite them, and files no longer part of the export
-(say, burned-in images after a switch to ``exclude``) are removed.
+(say, burned-in images after a switch to ``exclude``) are removed. ``export.json`` is written last
+(and removed first when the settings change), so an export without it is incomplete.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ class ExportError(RuntimeError):
 class ExportConfig:
     catalog: Path
     out: Path
-    id_salt: str
+    id_salt: str = field(repr=False)  # a secret: never in a log line or traceback
     burned_in: str = "exclude"
     batch_size: int = 50
 
@@ -198,6 +199,9 @@ def export(cfg: ExportConfig, *, scheduler: str | None = None, client=None, prog
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     reuse = _previous_settings(out) == cfg.settings
+    if not reuse:
+        # Files are about to change under other settings: until this run ends, nothing may be reused.
+        (out / MANIFEST).unlink(missing_ok=True)
     counts = dict.fromkeys(("written", "skipped", "excluded", "failed"), 0)
     exported, left_out, masked_boxes = [], [], 0
     batches = list(_batched(rows, cfg.batch_size))

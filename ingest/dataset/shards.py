@@ -23,8 +23,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from ingest.dataset.balance import (
     BalanceConfig,
     balance,
 )
-from ingest.dataset.catalog import catalog_info, id_salt_from_env, read_catalog
+from ingest.dataset.catalog import DEFAULT_ID_SALT_ENV, catalog_info, id_salt_from_env, read_catalog
 from ingest.dataset.deid import BURNED_IN, OPTIONS_APPLIED, PROFILE, pseudonymise_rows, salt_fingerprint
 from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
 from ingest.imaging.gpu_decode import resolve_gpu_decode
@@ -91,7 +92,7 @@ class ShardPlan:
     params: PreprocessParams
     taxonomy_version: str
     # Secret salt of the pseudonyms; None when the catalog is already de-identified (an export).
-    id_salt: str | None = None
+    id_salt: str | None = field(default=None, repr=False)  # a secret: never in a log line or traceback
     mask_text: bool = False
     burned_in: str = "exclude"
 
@@ -310,6 +311,12 @@ def write_shards(
     if catalog_info(catalog)["deidentified"]:
         id_salt = None
     else:
+        if not id_salt and not os.environ.get(DEFAULT_ID_SALT_ENV):
+            log.warning(
+                "shards pseudonymised under the public default salt: anyone who has it can undo the "
+                "date shifts; pass --id-salt or set $%s",
+                DEFAULT_ID_SALT_ENV,
+            )
         id_salt = id_salt_from_env(id_salt)
     taxonomy = taxonomy or load_taxonomy()
     if shard_size < 1:
