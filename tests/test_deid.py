@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from datetime import date
 from pathlib import Path
@@ -310,3 +311,20 @@ def test_shards_leave_out_mask_or_keep_burned_in_images(phantoms, tmp_path: Path
     assert before.keys() == after.keys()
     blacked = [((after[k] == 0) & (before[k] > 0)).mean() for k in before]
     assert all(0 < share < 0.2 for share in blacked), blacked
+
+
+def test_a_file_gone_since_the_scan_is_listed_without_its_path(site, tmp_path: Path) -> None:
+    spool, _ = site
+    copy = tmp_path / "spool"
+    shutil.copytree(spool, copy)
+    scan(copy, tmp_path / "catalog", id_salt=SALT, scheduler="sync", progress=False)
+    gone = next(copy.rglob("*.dcm"))
+    gone.unlink()
+    manifest = export(
+        ExportConfig(tmp_path / "catalog", tmp_path / "share", SALT), scheduler="sync", progress=False
+    )
+    failed = [x for x in manifest["left_out"] if x["action"] == "failed"]
+    assert manifest["counts"]["failed"] == 1 and len(failed) == 1
+    assert failed[0]["reason"] == "FileNotFoundError: No such file or directory"
+    text = (tmp_path / "share" / "export.json").read_text()
+    assert gone.stem not in text and str(copy) not in text, "no source path or UID in what is shared"
