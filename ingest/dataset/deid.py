@@ -6,7 +6,8 @@ times move back by a fixed offset. dicognito shifts every date of one ``Anonymiz
 offset, so each patient gets an anonymizer seeded with the site's secret salt and the patient's
 pseudonym: the shift is per patient and deterministic, and intervals between a patient's studies are
 kept. Catalog and shard values are computed by running the same anonymizer on a dataset that holds only
-the values to replace, so a shard sample, a row of an exported catalog and an exported file agree.
+the values to replace, so a shard sample, a row of an exported catalog and an exported file agree
+(the StudyDate inside an exported file moves with its StudyTime, so it can be one day later).
 
 PS3.15 options applied (their CID 7050 codes are written into exported files):
 
