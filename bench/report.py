@@ -178,6 +178,24 @@ def decode_levels(doc: dict) -> str:
     return f"{s['n']} images of {s['cols']}×{s['rows']} per row, to {s['size']} px.\n\n" + table(header, rows)
 
 
+def text_mask(doc: dict) -> str:
+    r = doc["results"]
+    rows = [
+        ["text pixels masked", f"{100 * r['text_pixels_masked']:.1f}%"],
+        ["non-background, non-text pixels lost (images with text)", f"{100 * r['anatomy_pixels_lost']:.2f}%"],
+        [
+            "non-background pixels lost (the same images without text)",
+            f"{100 * r['anatomy_pixels_lost_without_text']:.2f}%",
+        ],
+        ["images with ≥ 90% of their text masked", f"{r['images_text_masked_90pct']} of {r['images']}"],
+        ["detector time per image", f"{r['detector_ms_per_image']:.0f} ms"],
+    ]
+    return (
+        f"{r['images']} phantom images ({r['studies']} studies), preprocessed to {r['size']} px.\n\n"
+        + table(["measure", "value"], rows)
+    )
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "catalog_scale": catalog_scale,
     "cluster_scaling": cluster_scaling,
@@ -186,6 +204,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "retrieval_throughput": retrieval_throughput,
     "train_throughput": train_throughput,
     "serve_load": serve_load,
+    "text_mask": text_mask,
 }
 
 

@@ -16,6 +16,7 @@ COMMANDS = {
     ),
     "preview": ("ingest.imaging.preprocess", "write the preprocessed PNG of one DICOM file"),
     "shards": ("ingest.dataset.shards", "balance, split and write WebDataset shards + manifest.json"),
+    "export": ("ingest.export", "de-identified DICOM and catalog for sharing (PS3.15 Basic Profile)"),
     "demo-pacs": ("ingest.demo.pacs", "serve phantom studies from a local Orthanc (the demo PACS)"),
 }
 

@@ -205,6 +205,7 @@ def pull(
                 params=cfg.preprocessing,
                 shard_size=cfg.shard_size,
                 taxonomy=taxonomy,
+                id_salt=id_salt,
                 scheduler=scheduler,
                 client=client,
                 progress=progress,

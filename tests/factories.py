@@ -240,3 +240,38 @@ def write_synthetic_studies(root: Path, studies=SYNTHETIC_STUDIES) -> list[Path]
                     )
                 )
     return paths
+
+
+def identifiable_radiograph(
+    *,
+    patient_id: str,
+    patient_name: str,
+    study_key: str,
+    study_date: date,
+    burned_in_text: bool = False,
+) -> Dataset:
+    """A chest PA ``radiograph`` carrying what de-identification must remove: the patient's name inside
+    the study description, a comment, an institution and a private element; with ``burned_in_text``
+    the name and ID are printed into the pixels (``BurnedInAnnotation=YES``) at a known corner."""
+    from ingest.phantoms.annotation import burn_in_text
+
+    family = patient_name.split("^")[0]
+    ds = radiograph(
+        patient_id=patient_id,
+        study_key=study_key,
+        study_date=study_date,
+        study_description=f"XR CHEST PA {family.upper()}",
+        shape=(400, 320),
+    )
+    ds.PatientName = patient_name
+    ds.PatientBirthDate = (study_date.replace(year=study_date.year - 7)).strftime("%Y%m%d")
+    ds.ImageComments = f"called {family} at home"
+    ds.InstitutionName = "ST EXAMPLE CHILDREN'S HOSPITAL"
+    ds.add_new(0x00091001, "LO", f"private {patient_id}")
+    ds.BurnedInAnnotation = "NO"
+    if burned_in_text:
+        pixels = ds.pixel_array.copy()
+        burn_in_text(pixels, [patient_name.replace("^", " "), f"ID {patient_id}"], "top-left", 4095)
+        ds.PixelData = pixels.astype("<u2").tobytes()
+        ds.BurnedInAnnotation = "YES"
+    return ds

@@ -13,6 +13,7 @@ from factories import radiograph, write
 
 from ingest.dataset.balance import BalanceConfig
 from ingest.dataset.catalog import read_catalog
+from ingest.dataset.deid import pseudonymise_rows
 from ingest.demo.orthanc import OrthancServer, free_port
 from ingest.dicom.scp import spooled_uids
 from ingest.dicom.scu import PacsConfig
@@ -232,7 +233,12 @@ def test_pull_of_the_phantom_pacs_labels_correctly_and_shards_match_the_catalog(
     assert (mapped["label_68"] == mapped["label_68_truth"]).mean() >= 0.98
 
     manifest = result.manifest
-    labels = catalog.set_index("sop_instance_uid")["label_7"]
+    # Shards carry pseudonymised UIDs: map each catalog row to its pseudonym with the pull's salt.
+    rows = catalog.to_dict("records")
+    labels = {
+        fake["sop_instance_uid"]: row["label_7"]
+        for row, fake in zip(rows, pseudonymise_rows(rows, "s"), strict=True)
+    }
     sharded: dict[tuple[str, str], int] = {}
     for shard in manifest["shards"]:
         with tarfile.open(cfg.shards_dir / shard["name"]) as tar:

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 from factories import radiograph, write
 
 from ingest.dataset.balance import BalanceConfig
-from ingest.dataset.catalog import scan
-from ingest.dataset.shards import MANIFEST_FORMAT, ShardError, main, write_shards
+from ingest.dataset.catalog import read_catalog, scan
+from ingest.dataset.deid import pseudonymise_rows
+from ingest.dataset.shards import MANIFEST_FORMAT, RECORD_VERSION, ShardError, main, write_shards
 from ingest.dataset.taxonomy import load_taxonomy
 from ingest.imaging.preprocess import PreprocessParams
 
@@ -52,6 +54,7 @@ def catalog(tmp_path_factory) -> tuple[Path, Path, object]:
     return root, root / "catalog", taxonomy
 
 
+SALT = "shard-test-salt"
 CONFIG = BalanceConfig(
     granularity=7, per_class=6, finetune_fraction=1 / 3, reference_date=date(2018, 7, 1), seed=3
 )
@@ -67,8 +70,16 @@ def make_shards(out: Path, catalog_path: Path, taxonomy, **options) -> dict:
         taxonomy=taxonomy,
         scheduler="sync",
         progress=False,
+        id_salt=options.pop("id_salt", SALT),
         **options,
     )
+
+
+def catalog_by_pseudonym(catalog_path: Path, salt: str = SALT) -> dict[str, dict]:
+    """The catalog rows (real values) keyed by the pseudonymous SOP Instance UID shards carry."""
+    df = read_catalog(catalog_path)
+    rows = [{k: (None if v is pd.NA else v) for k, v in r.items()} for r in df.to_dict("records")]
+    return {p["sop_instance_uid"]: r for r, p in zip(rows, pseudonymise_rows(rows, salt), strict=True)}
 
 
 def read_samples(shard: Path) -> list[tuple[np.ndarray, dict]]:
@@ -103,6 +114,9 @@ def test_manifest_counts_match_the_shards_and_splits_are_patient_disjoint(catalo
         ) == (4, 2, 2)
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk["shards"] == manifest["shards"]
+    assert manifest["records"] == RECORD_VERSION and not manifest["deidentification"]["mask_text"]
+    real = catalog_by_pseudonym(catalog_path)
+    shifted: dict[str, set[int]] = {}
     patients: dict[str, set[str]] = {}
     seen = 0
     for shard in manifest["shards"]:
@@ -115,10 +129,24 @@ def test_manifest_counts_match_the_shards_and_splits_are_patient_disjoint(catalo
             assert image.shape == (IMAGE, IMAGE) and image.dtype == np.uint8 and image.max() > 0
             assert meta["split"] == shard["split"] and shard["name"].startswith(meta["split"])
             assert meta["label_7"] in manifest["classes"] and meta["label_68"] in VIEWS
+            # De-identified: pseudonymous UIDs, the date moved back by the patient's own shift, and the
+            # split still made on the real date.
+            row = real[meta["sop_instance_uid"]]
+            assert meta["key"] == meta["sop_instance_uid"].replace(".", "_")
+            assert meta["study_instance_uid"] != row["study_instance_uid"]
+            assert meta["series_instance_uid"] != row["series_instance_uid"]
+            assert meta["patient_id_hash"] == row["patient_id_hash"] and meta["label_7"] == row["label_7"]
+            assert meta["patient_sex"] == row["patient_sex"]
+            assert meta["patient_age_months"] == pytest.approx(row["patient_age_months"])
+            shift = (row["study_date"] - date.fromisoformat(meta["study_date"])).days
+            assert 62 <= shift <= 731
+            shifted.setdefault(meta["patient_id_hash"], set()).add(shift)
             if meta["split"] == "val":
-                assert meta["study_date"] >= "2018-07-01"
+                assert row["study_date"] >= date(2018, 7, 1)
             patients.setdefault(meta["split"], set()).add(meta["patient_id_hash"])
     assert seen == sum(manifest["samples"].values()) == 7 * 8
+    assert all(len(shifts) == 1 for shifts in shifted.values()), "one shift per patient"
+    assert len({next(iter(s)) for s in shifted.values()}) > 1, "patients are shifted differently"
     assert not patients["train"] & patients["val"] and not patients["train"] & patients["finetune"]
     assert not patients["finetune"] & patients["val"]
 
@@ -158,7 +186,7 @@ def test_a_file_that_went_bad_is_quarantined_and_the_rest_written(catalog, tmp_p
     out = tmp_path / "s7"
     manifest = make_shards(out, catalog_path, taxonomy)
     _, meta = read_samples(out / manifest["shards"][0]["name"])[0]
-    victim = root / "spool" / f"{meta['sop_instance_uid']}.dcm"
+    victim = Path(catalog_by_pseudonym(catalog_path)[meta["sop_instance_uid"]]["path"])
     original = victim.read_bytes()
     try:
         victim.write_bytes(b"\0" * 132)  # replaced after the scan, e.g. a disk error
@@ -167,8 +195,20 @@ def test_a_file_that_went_bad_is_quarantined_and_the_rest_written(catalog, tmp_p
         victim.write_bytes(original)
     quarantine = (tmp_path / "again" / "quarantine.csv").read_text().splitlines()
     assert redo["quarantined"] == 1 and len(quarantine) == 2
-    assert quarantine[1].startswith(meta["sop_instance_uid"]) and "not_dicom" in quarantine[1]
+    assert quarantine[0] == "sop_instance_uid,sha256,reason", "no path leaves the site"
+    assert quarantine[1].startswith(f"{meta['sop_instance_uid']},{meta['sha256']},not_dicom")
     assert sum(redo["samples"].values()) == sum(manifest["samples"].values()) - 1
+
+
+def test_another_salt_rebuilds_every_shard_with_other_pseudonyms(catalog, tmp_path: Path) -> None:
+    _, catalog_path, taxonomy = catalog
+    out = tmp_path / "s7"
+    first = make_shards(out, catalog_path, taxonomy)
+    other = make_shards(out, catalog_path, taxonomy, id_salt="another secret")
+    assert other["skipped_shards"] == 0, "records made under another salt are not reused"
+    uids = {m["sop_instance_uid"] for s in first["shards"] for _, m in read_samples(out / s["name"])}
+    assert not uids & set(catalog_by_pseudonym(catalog_path, SALT)), "the old pseudonyms are gone"
+    assert uids == set(catalog_by_pseudonym(catalog_path, "another secret")) & uids
 
 
 def test_granularity_mismatch_and_cli(catalog, tmp_path: Path, capsys) -> None:

@@ -4,7 +4,10 @@
 writes the catalog as a Parquet dataset directory (one part file per Dask task), labelled with
 the view taxonomy. Files that are not usable radiographs stay in the catalog with
 ``status=unreadable`` and a reason, so nothing is silently dropped. Patient identifiers are
-stored only as a salted hash.
+stored only as a salted hash, and descriptions are cleaned of the patient's own name parts and IDs
+(``ingest.dataset.deid``). UIDs, study dates and paths stay real here, because this catalog locates
+the site's files and joins its label tables; ``python -m ingest export`` writes the shareable,
+de-identified catalog.
 
 Beyond the contract's core columns the catalog keeps ``file_size`` and ``file_mtime_ns`` so a re-scan
 reuses the rows of unchanged files instead of hashing them again.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -30,12 +34,18 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ingest.dask_runner import add_scheduler_argument, run_tasks
+from ingest.dataset.deid import DESCRIPTORS, clean_descriptor, identifying_words
 from ingest.dataset.labels import label_catalog
 from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
 
 log = logging.getLogger("ingest.dataset.catalog")
 
-CATALOG_VERSION = 1
+CATALOG_VERSION = 2
+# Parquet schema metadata key: {"version": 2, "deidentified": bool, "paths": "absolute"|"relative"}.
+# Version 1 catalogs carry no metadata; they are read (the columns added since as nulls), but a
+# re-scan re-reads their files.
+METADATA_KEY = b"pedx_catalog"
+ADDED_IN_VERSION_2 = ("burned_in_annotation",)
 HEADER_COLUMNS = (
     "modality",
     "body_part",
@@ -71,6 +81,7 @@ CATALOG_SCHEMA = pa.schema(
         ("bits_stored", pa.int16()),
         ("photometric", pa.string()),
         ("transfer_syntax", pa.string()),
+        ("burned_in_annotation", pa.string()),
         ("label_68", pa.string()),
         ("label_30", pa.string()),
         ("label_7", pa.string()),
@@ -82,6 +93,9 @@ CATALOG_SCHEMA = pa.schema(
     ]
 )
 CATALOG_COLUMNS = tuple(CATALOG_SCHEMA.names)
+DESCRIPTOR_COLUMNS = dict(
+    zip(DESCRIPTORS, ("study_description", "series_description", "protocol_name"), strict=True)
+)
 DEFAULT_ID_SALT_ENV = "PEDX_ID_SALT"
 _AGE_UNITS_IN_MONTHS = {"D": 12 / 365.25, "W": 12 / 52.1775, "M": 1.0, "Y": 12.0}
 
@@ -211,6 +225,7 @@ def read_header(path: str | Path, *, id_salt: str, data: bytes | None = None) ->
             str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None
         )
         study_date = _parse_da(ds.get("StudyDate")) or _parse_da(ds.get("SeriesDate"))
+        words = identifying_words(ds)
         row.update(
             sop_instance_uid=sop_uid,
             study_instance_uid=_text(ds, "StudyInstanceUID"),
@@ -220,9 +235,7 @@ def read_header(path: str | Path, *, id_salt: str, data: bytes | None = None) ->
             view_position=_text(ds, "ViewPosition"),
             laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
             study_date=study_date,
-            study_description=_text(ds, "StudyDescription"),
-            series_description=_text(ds, "SeriesDescription"),
-            protocol_name=_text(ds, "ProtocolName"),
+            **{column: clean_descriptor(_text(ds, key), words) for key, column in DESCRIPTOR_COLUMNS.items()},
             procedure_code=procedure_codes(ds),
             patient_id_hash=hash_patient_id(_text(ds, "PatientID") or "", id_salt),
             patient_sex=(_text(ds, "PatientSex") or "").upper()[:1] or None,
@@ -234,6 +247,7 @@ def read_header(path: str | Path, *, id_salt: str, data: bytes | None = None) ->
             bits_stored=_int(ds, "BitsStored"),
             photometric=_text(ds, "PhotometricInterpretation"),
             transfer_syntax=transfer_syntax,
+            burned_in_annotation=(_text(ds, "BurnedInAnnotation") or "").upper() or None,
         )
         problem = _pixel_problem(ds, transfer_syntax)
     except Exception as exc:  # a malformed element deep in the header must not stop a million-file scan
@@ -250,8 +264,41 @@ def rows_to_frame(rows: Iterable[dict]) -> pd.DataFrame:
     return pa.Table.from_pylist(list(rows), schema=CATALOG_SCHEMA).to_pandas(types_mapper=pd.ArrowDtype)
 
 
-def frame_to_table(df: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(df[list(CATALOG_COLUMNS)], schema=CATALOG_SCHEMA, preserve_index=False)
+def catalog_schema(*, deidentified: bool = False) -> pa.Schema:
+    """CATALOG_SCHEMA with the version metadata; a de-identified catalog stores paths relative to
+    the directory that holds it, so it can be moved with its files."""
+    info = {
+        "version": CATALOG_VERSION,
+        "deidentified": deidentified,
+        "paths": "relative" if deidentified else "absolute",
+    }
+    return CATALOG_SCHEMA.with_metadata({METADATA_KEY: json.dumps(info).encode()})
+
+
+def frame_to_table(df: pd.DataFrame, *, deidentified: bool = False) -> pa.Table:
+    return pa.Table.from_pandas(
+        df[list(CATALOG_COLUMNS)], schema=catalog_schema(deidentified=deidentified), preserve_index=False
+    )
+
+
+def catalog_info(path: str | Path) -> dict:
+    """The catalog's version metadata; version 1 catalogs (no metadata) read as such."""
+    path = Path(path)
+    parts = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not parts:
+        raise CatalogError(
+            f"catalog {path} holds no Parquet part files; re-create it with python -m ingest scan"
+        )
+    metadata = pq.read_schema(parts[0]).metadata or {}
+    if METADATA_KEY not in metadata:
+        return {"version": 1, "deidentified": False, "paths": "absolute"}
+    info = json.loads(metadata[METADATA_KEY])
+    if info.get("version", 0) > CATALOG_VERSION:
+        raise CatalogError(
+            f"catalog {path} is version {info['version']}, newer than this code reads ({CATALOG_VERSION}); "
+            "update PedX-Ray or re-scan with this version"
+        )
+    return info
 
 
 def iter_files(root: str | Path) -> Iterator[Path]:
@@ -320,15 +367,37 @@ def read_catalog(path: str | Path, columns: list[str] | None = None) -> pd.DataF
         raise CatalogError(
             f"catalog {path} does not exist; create it with: python -m ingest scan DIR --out {path}"
         )
-    return pq.read_table(path, columns=columns).to_pandas(types_mapper=pd.ArrowDtype)
+    info = catalog_info(path)
+    wanted = list(columns) if columns is not None else list(CATALOG_COLUMNS)
+    absent = [c for c in ADDED_IN_VERSION_2 if c in wanted] if info["version"] < 2 else []
+    present = [c for c in wanted if c not in absent]
+    df = pq.read_table(path, columns=present if columns is not None or absent else None).to_pandas(
+        types_mapper=pd.ArrowDtype
+    )
+    for column in absent:
+        df.insert(wanted.index(column), column, pd.Series([None] * len(df), dtype=pd.ArrowDtype(pa.string())))
+    if info.get("paths") == "relative" and "path" in df.columns:
+        base = path.resolve().parent
+        df["path"] = df["path"].map(lambda p: None if p is None or p is pd.NA else str(base / p))
+        df["path"] = df["path"].astype(pd.ArrowDtype(pa.string()))
+    return df
 
 
-def write_catalog(df: pd.DataFrame, path: str | Path) -> None:
-    """Atomically replace a catalog with one part holding ``df`` (used after relabelling)."""
+def write_catalog(df: pd.DataFrame, path: str | Path, *, deidentified: bool | None = None) -> None:
+    """Atomically replace a catalog with one part holding ``df`` (after relabelling, or an export).
+
+    ``deidentified=None`` keeps what the catalog being replaced was; a de-identified catalog stores
+    its paths relative to its parent directory."""
     path = Path(path)
+    if deidentified is None:
+        deidentified = path.exists() and bool(catalog_info(path)["deidentified"])
+    if deidentified:
+        base = path.resolve().parent
+        relative = [None if p is None or p is pd.NA else os.path.relpath(p, base) for p in df["path"]]
+        df = df.assign(path=relative)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
-    pq.write_table(frame_to_table(df), tmp / "part-00000.parquet")
+    pq.write_table(frame_to_table(df, deidentified=deidentified), tmp / "part-00000.parquet")
     _swap_directory(tmp, path)
 
 
@@ -368,8 +437,9 @@ def scan(
         raise CatalogError(f"{root} is not a directory of DICOM files")
     taxonomy = taxonomy or load_taxonomy()
     previous = None
-    if out.exists():
+    if out.exists() and catalog_info(out)["version"] == CATALOG_VERSION:
         # Rows of unchanged files are reused; duplicates are re-derived, so excluded rows are read again.
+        # Older catalogs are re-read in full: their descriptions were not cleaned.
         previous = read_catalog(out)
         previous = previous[previous["status"] != "excluded"].set_index("path", drop=False)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -399,7 +469,7 @@ def scan(
             for k, v in result.items():
                 totals[k] = totals.get(k, 0) + v
         if not batches:
-            pq.write_table(CATALOG_SCHEMA.empty_table(), tmp / "part-00000.parquet")
+            pq.write_table(catalog_schema().empty_table(), tmp / "part-00000.parquet")
         # Duplicate detection needs the whole key column, which is small even for millions of rows.
         keys = pq.read_table(tmp, columns=["sop_instance_uid", "path"]).to_pandas()
         if keys["sop_instance_uid"].dropna().duplicated().any():

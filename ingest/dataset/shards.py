@@ -7,7 +7,10 @@ writes ``DIR/{split}-{n:06d}.tar`` with ``<key>.png`` + ``<key>.json`` per sampl
 ``DIR/manifest.json``. Each shard is written under a temporary name, hashed and renamed, and its
 index (the plan it was built from and its sha256) is kept in ``DIR/.index/``: a re-run skips every
 shard whose file still matches its index and plan, and rebuilds the rest. Images that fail to
-decode are left out of the shard and listed in ``DIR/quarantine.csv`` with the reason. ``--out``
+decode are left out of the shard and listed in ``DIR/quarantine.csv`` with the reason. Sample records
+and the quarantine list are de-identified (``ingest.dataset.deid``): UIDs are pseudonyms, study dates
+are shifted per patient, and no path is written; ``--mask-text`` also blacks out burned-in text that a
+classical detector finds in each image (``ingest.imaging.textmask``). ``--out``
 may be an ``s3://bucket/prefix`` URI (ingest.storage): each shard is built in a local temporary
 file, then uploaded under a temporary key and moved into place.
 """
@@ -20,8 +23,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -37,21 +41,26 @@ from ingest.dataset.balance import (
     BalanceConfig,
     balance,
 )
-from ingest.dataset.catalog import read_catalog
+from ingest.dataset.catalog import DEFAULT_ID_SALT_ENV, catalog_info, id_salt_from_env, read_catalog
+from ingest.dataset.deid import BURNED_IN, OPTIONS_APPLIED, PROFILE, pseudonymise_rows, salt_fingerprint
 from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
 from ingest.imaging.gpu_decode import resolve_gpu_decode
 from ingest.imaging.png import encode_png
 from ingest.imaging.preprocess import PreprocessError, PreprocessParams, add_decode_arguments, preprocess_file
+from ingest.imaging.textmask import mask_text
 
 log = logging.getLogger("ingest.dataset.shards")
 
 MANIFEST_FORMAT = "pedx-ray-shards/1"
+# The sample record contract (docs/design.md, contract 3); 2: UIDs and dates are pseudonyms.
+RECORD_VERSION = 2
 SHARD_COLUMNS = BALANCE_COLUMNS + [
     "series_instance_uid",
     "path",
     "sha256",
     "patient_sex",
     "patient_age_months",
+    "burned_in_annotation",
 ]
 SAMPLE_FIELDS = (
     "sop_instance_uid",
@@ -82,13 +91,27 @@ class ShardPlan:
     class_names: tuple[str, ...]
     params: PreprocessParams
     taxonomy_version: str
+    # Secret salt of the pseudonyms; None when the catalog is already de-identified (an export).
+    id_salt: str | None = field(default=None, repr=False)  # a secret: never in a log line or traceback
+    mask_text: bool = False
+    burned_in: str = "exclude"
 
     @property
     def plan_hash(self) -> str:
         h = hashlib.sha256()
+        salt = salt_fingerprint(self.id_salt) if self.id_salt is not None else None
         h.update(
             json.dumps(
-                [self.granularity, self.class_names, self.params.to_dict(), self.taxonomy_version]
+                [
+                    self.granularity,
+                    self.class_names,
+                    self.params.to_dict(),
+                    self.taxonomy_version,
+                    RECORD_VERSION,
+                    salt,
+                    self.mask_text,
+                    self.burned_in,
+                ]
             ).encode()
         )
         for r in self.rows:
@@ -112,6 +135,9 @@ def _json_value(value):
 
 
 def sample_record(row: dict, plan: ShardPlan) -> dict:
+    """The sample's JSON record: catalog values with UIDs and the study date as pseudonyms."""
+    if plan.id_salt is not None:
+        row = pseudonymise_rows([row], plan.id_salt)[0]
     record = {f: _json_value(row.get(f)) for f in SAMPLE_FIELDS}
     name = row[f"label_{plan.granularity}"]
     return record | {
@@ -158,31 +184,43 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
         return index | {"skipped": True}
     counts: dict[str, int] = {}
     quarantined = []
+    text_regions = 0
     decode_notes: list[str] = []  # reduced decodes that fell back to the full one, with the reason
     with storage.replacing(storage.join(out, plan.name), durable=True) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for row in plan.rows:
-                try:
-                    png = encode_png(preprocess_file(row["path"], plan.params, decode_notes))
-                except PreprocessError as exc:
-                    quarantined.append(
-                        {
-                            "sop_instance_uid": row["sop_instance_uid"],
-                            "path": row["path"],
-                            "reason": exc.reason,
-                        }
-                    )
-                    continue
-                except OSError as exc:
-                    quarantined.append(
-                        {
-                            "sop_instance_uid": row["sop_instance_uid"],
-                            "path": row["path"],
-                            "reason": f"io_error: {exc}",
-                        }
-                    )
-                    continue
                 record = sample_record(row, plan)
+                try:
+                    image = preprocess_file(row["path"], plan.params, decode_notes)
+                except (PreprocessError, OSError) as exc:
+                    # The operator finds the file by its sha256 in the catalog; no path leaves the site.
+                    reason = (
+                        exc.reason
+                        if isinstance(exc, PreprocessError)
+                        else f"io_error: {exc.strerror or type(exc).__name__}"
+                    )
+                    quarantined.append(
+                        {
+                            "sop_instance_uid": record["sop_instance_uid"],
+                            "sha256": row["sha256"],
+                            "reason": reason,
+                        }
+                    )
+                    continue
+                flagged = plan.burned_in == "mask" and row.get("burned_in_annotation") == "YES"
+                if plan.mask_text or flagged:
+                    image, regions = mask_text(image)
+                    text_regions += regions
+                    if flagged and not regions:  # the header promises text the detector cannot find
+                        quarantined.append(
+                            {
+                                "sop_instance_uid": record["sop_instance_uid"],
+                                "sha256": row["sha256"],
+                                "reason": "burned_in: no text found to mask",
+                            }
+                        )
+                        continue
+                png = encode_png(image)
                 _add_member(tar, f"{record['key']}.png", png)
                 _add_member(tar, f"{record['key']}.json", json.dumps(record, sort_keys=True).encode())
                 counts[record["label_name"]] = counts.get(record["label_name"], 0) + 1
@@ -196,13 +234,22 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
         "plan_hash": plan.plan_hash,
         "quarantined": quarantined,
         "decode_fallbacks": len(decode_notes),
+        "text_regions": text_regions,
     }
     storage.write_bytes(_index_path(out, plan.name), json.dumps(index, sort_keys=True), durable=True)
     return index | {"skipped": False}
 
 
 def plan_shards(
-    selected: pd.DataFrame, *, granularity: int, shard_size: int, params: PreprocessParams, taxonomy: Taxonomy
+    selected: pd.DataFrame,
+    *,
+    granularity: int,
+    shard_size: int,
+    params: PreprocessParams,
+    taxonomy: Taxonomy,
+    id_salt: str | None = None,
+    mask_text: bool = False,
+    burned_in: str = "exclude",
 ) -> list[ShardPlan]:
     class_names = taxonomy.classes(granularity)
     plans = []
@@ -228,6 +275,9 @@ def plan_shards(
                     class_names,
                     params,
                     taxonomy.version,
+                    id_salt,
+                    mask_text,
+                    burned_in,
                 )
             )
     return plans
@@ -244,10 +294,30 @@ def write_shards(
     scheduler: str | None = None,
     client=None,
     progress: bool = True,
+    id_salt: str | None = None,
+    mask_text: bool = False,
+    burned_in: str = "exclude",
 ) -> dict:
     """Balance the catalog and write (or complete) the shard set in ``out_dir`` (a directory or an
-    object-store URI, ingest.storage); returns the manifest."""
+    object-store URI, ingest.storage); returns the manifest.
+
+    ``id_salt`` is the site's secret for the pseudonyms (default ``$PEDX_ID_SALT``, as for the scan);
+    a catalog that ``ingest export`` already de-identified is used as it is. ``mask_text`` blacks out
+    burned-in text found in each image; ``burned_in`` says what happens to images whose header says
+    BurnedInAnnotation=YES: left out before balancing (default), masked, or kept."""
     params = params or PreprocessParams()
+    if burned_in not in BURNED_IN:
+        raise ShardError(f"burned_in must be one of {', '.join(BURNED_IN)}, not {burned_in!r}")
+    if catalog_info(catalog)["deidentified"]:
+        id_salt = None
+    else:
+        if not id_salt and not os.environ.get(DEFAULT_ID_SALT_ENV):
+            log.warning(
+                "shards pseudonymised under the public default salt: anyone who has it can undo the "
+                "date shifts; pass --id-salt or set $%s",
+                DEFAULT_ID_SALT_ENV,
+            )
+        id_salt = id_salt_from_env(id_salt)
     taxonomy = taxonomy or load_taxonomy()
     if shard_size < 1:
         raise ShardError(f"shard_size must be at least 1, not {shard_size}")
@@ -260,13 +330,20 @@ def write_shards(
                 f"{out} holds {existing.get('granularity')}-class shards; write "
                 f"{balance_config.granularity}-class shards to another directory"
             )
-    selected, report = balance(read_catalog(catalog, columns=SHARD_COLUMNS), balance_config)
+    rows = read_catalog(catalog, columns=SHARD_COLUMNS)
+    flagged = rows["burned_in_annotation"].fillna("") == "YES"
+    if burned_in == "exclude":
+        rows = rows[~flagged]
+    selected, report = balance(rows, balance_config)
     plans = plan_shards(
         selected,
         granularity=balance_config.granularity,
         shard_size=shard_size,
         params=params,
         taxonomy=taxonomy,
+        id_salt=id_salt,
+        mask_text=mask_text,
+        burned_in=burned_in,
     )
     storage.makedirs(storage.join(out, ".index"))
     planned = {p.name for p in plans}
@@ -292,10 +369,20 @@ def write_shards(
         folder, _, base = name.rpartition("/")
         if folder in ("", ".index") and base.startswith(".") and ".partial" in base:
             storage.delete_file(storage.join(out, name))
+
+    deidentification = {
+        "profile": PROFILE,
+        "options": list(OPTIONS_APPLIED),
+        "mask_text": mask_text,
+        "burned_in": burned_in,
+        "burned_in_left_out": int(flagged.sum()) if burned_in == "exclude" else 0,
+        "text_regions_masked": sum(i.get("text_regions", 0) for i in indexes.values()),
+    }
     manifest = build_manifest(plans, indexes, report.to_dict(), balance_config, params, taxonomy)
+    manifest["deidentification"] = deidentification
     quarantined = [q for i in indexes.values() for q in i["quarantined"]]
     with io.StringIO() as buf:
-        writer = csv.DictWriter(buf, fieldnames=["sop_instance_uid", "path", "reason"])
+        writer = csv.DictWriter(buf, fieldnames=["sop_instance_uid", "sha256", "reason"])
         writer.writeheader()
         writer.writerows(quarantined)
         storage.write_bytes(storage.join(out, "quarantine.csv"), buf.getvalue(), durable=True)
@@ -323,6 +410,7 @@ def build_manifest(plans, indexes, balance_report, balance_config, params, taxon
         "quarantined": sum(len(i["quarantined"]) for i in indexes.values()),
         # samples whose reduced JPEG 2000 decode failed and were decoded at full size (logged with the reason)
         "decode_fallbacks": sum(i.get("decode_fallbacks", 0) for i in indexes.values()),
+        "records": RECORD_VERSION,
         "shards": [
             {
                 "name": p.name,
@@ -341,6 +429,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("catalog", type=Path, help="catalog written by `python -m ingest scan`")
     parser.add_argument("--out", required=True, help="shard directory or s3://bucket/prefix")
     parser.add_argument("--code-table", type=Path, help="site code table used when the catalog was labelled")
+    parser.add_argument(
+        "--id-salt", help="secret salt of the UID and date pseudonyms (default $PEDX_ID_SALT, as for scan)"
+    )
+    parser.add_argument(
+        "--mask-text", action="store_true", help="black out burned-in text a classical detector finds"
+    )
+    parser.add_argument(
+        "--burned-in",
+        choices=BURNED_IN,
+        default="exclude",
+        help="images with BurnedInAnnotation=YES: leave out (default), mask the text found, or keep",
+    )
     add_scheduler_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -355,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.shard_size,
             taxonomy=load_taxonomy(code_table=args.code_table),
             scheduler=args.scheduler,
+            id_salt=args.id_salt,
+            mask_text=args.mask_text,
+            burned_in=args.burned_in,
         )
     except (ShardError, ValueError, storage.StorageError) as exc:
         parser.exit(2, f"error: {exc}\n")

@@ -93,6 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=sorted(SYNTAX_NAMES),
         help="write every instance in this syntax (default: a realistic mix; htj2k only on request)",
     )
+    parser.add_argument(
+        "--burned-in-text",
+        action="store_true",
+        help="print the patient's name, IDs and date into a corner of every image (BurnedInAnnotation=YES)",
+    )
     args = parser.parse_args(argv)
     if args.out is None and args.contact_sheet is None and args.bone_age_strip is None:
         parser.error("nothing to do: give --out DIR (and/or --contact-sheet PNG / --bone-age-strip PNG)")
@@ -112,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=True,
                 workers=args.workers,
                 transfer_syntax=syntax,
+                burned_in_text=args.burned_in_text,
             )
         else:
             table = generate_task_set(
@@ -122,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=True,
                 workers=args.workers,
                 transfer_syntax=syntax,
+                burned_in_text=args.burned_in_text,
             )
         seconds = time.perf_counter() - start
         print(

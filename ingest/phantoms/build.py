@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ingest.dataset.taxonomy import load_taxonomy
 
 from ..files import write_atomic
+from .annotation import CORNERS, annotation_lines, burn_in_text
 from .dicom import Encoding, Identity, build_dataset, encode, save_dataset_atomic, stored_pixels, uid
 from .headers import header_for, protocol_code
 from .plan import StudyPlan, plan_studies
@@ -51,6 +52,7 @@ COLUMNS = (
     "rows",
     "columns",
     "header_quirk",
+    "text_box",
     "sha256",
 )
 
@@ -59,8 +61,11 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def study_rows(plan: StudyPlan, seed: int, out_dir: Path) -> list[dict]:
-    """Render and write every instance of one study; returns its ground-truth rows."""
+def study_rows(plan: StudyPlan, seed: int, out_dir: Path, burned_in_text: bool = False) -> list[dict]:
+    """Render and write every instance of one study; returns its ground-truth rows.
+
+    ``burned_in_text`` prints the patient's name, IDs and study date into a corner of every image
+    (``annotation.py``), marks it ``BurnedInAnnotation=YES`` and records the box as ``text_box``."""
     taxonomy = load_taxonomy()
     rng = np.random.default_rng([seed, 0x52454E44, plan.index])  # "REND"
     site = plan.site
@@ -88,6 +93,19 @@ def study_rows(plan: StudyPlan, seed: int, out_dir: Path) -> list[dict]:
         )
         enc = Encoding(site.modality, site.photometric, bits, inst.transfer_syntax, site.rescale)
         pixels = stored_pixels(rendered.image, enc)
+        text_box = ""
+        if burned_in_text:
+            text_rng = np.random.default_rng([seed, 0x54455854, plan.index, number])  # "TEXT"
+            lines = annotation_lines(
+                text_rng,
+                name=plan.patient.name,
+                patient_id=plan.patient.patient_id,
+                accession=accession,
+                date=plan.study_date.strftime("%Y%m%d"),
+            )
+            white = 0 if site.photometric == "MONOCHROME1" else (1 << bits) - 1
+            corner = CORNERS[int(text_rng.integers(len(CORNERS)))]
+            text_box = " ".join(map(str, burn_in_text(pixels, lines, corner, white)))
         header = header_for(view, site.style, len(plan.instances), plan.laterality, names, inst.quirk)
         series_uid, sop_uid = uid(seed, "series", plan.index, number), uid(seed, "sop", plan.index, number)
         who = Identity(
@@ -113,6 +131,8 @@ def study_rows(plan: StudyPlan, seed: int, out_dir: Path) -> list[dict]:
             institution=f"{site.name} CHILDREN'S HOSPITAL",
             pixel_spacing_mm=rendered.pixel_spacing_mm,
         )
+        if burned_in_text:
+            ds.BurnedInAnnotation = "YES"
         encode(ds, pixels, inst.transfer_syntax)
         rel = f"{study_dir}/SE{number:02d}/{sop_uid}.dcm"
         path = out_dir / rel
@@ -140,15 +160,16 @@ def study_rows(plan: StudyPlan, seed: int, out_dir: Path) -> list[dict]:
                 "rows": pixels.shape[0],
                 "columns": pixels.shape[1],
                 "header_quirk": inst.quirk,
+                "text_box": text_box,
                 "sha256": sha256_file(path),
             }
         )
     return rows
 
 
-def _study_job(args: tuple[StudyPlan, int, str]) -> list[dict]:
-    plan, seed, out_dir = args
-    return study_rows(plan, seed, Path(out_dir))
+def _study_job(args: tuple[StudyPlan, int, str, bool]) -> list[dict]:
+    plan, seed, out_dir, burned_in_text = args
+    return study_rows(plan, seed, Path(out_dir), burned_in_text)
 
 
 def _previous_rows(out_dir: Path) -> dict[str, dict]:
@@ -159,12 +180,15 @@ def _previous_rows(out_dir: Path) -> dict[str, dict]:
         return {r["sop_instance_uid"]: r for r in csv.DictReader(f)}
 
 
-def _reusable(plan: StudyPlan, seed: int, out_dir: Path, previous: dict[str, dict]) -> list[dict] | None:
-    """The recorded rows of a study whose files are all present and unchanged, else None."""
+def _reusable(
+    plan: StudyPlan, seed: int, out_dir: Path, previous: dict[str, dict], burned_in_text: bool
+) -> list[dict] | None:
+    """The recorded rows of a study whose files are all present, unchanged and drawn with the same
+    burned-in text setting, else None."""
     rows = []
     for number in range(1, len(plan.instances) + 1):
         row = previous.get(uid(seed, "sop", plan.index, number))
-        if row is None:
+        if row is None or bool(row.get("text_box")) != burned_in_text:
             return None
         path = out_dir / row["path"]
         if not path.is_file() or sha256_file(path) != row["sha256"]:
@@ -181,6 +205,7 @@ def _run(
     progress: bool,
     workers: int | None,
     transfer_syntax: str | None = None,
+    burned_in_text: bool = False,
 ) -> pd.DataFrame:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,13 +214,13 @@ def _run(
     results: dict[int, list[dict]] = {}
     todo = []
     for plan in plans:
-        reused = _reusable(plan, seed, out, previous) if previous else None
+        reused = _reusable(plan, seed, out, previous, burned_in_text) if previous else None
         if reused is None:
             todo.append(plan)
         else:
             results[plan.index] = reused
     workers = workers if workers is not None else (min(os.cpu_count() or 1, 8) if len(todo) >= 16 else 1)
-    jobs = [(plan, seed, str(out)) for plan in todo]
+    jobs = [(plan, seed, str(out), burned_in_text) for plan in todo]
     bar = tqdm(
         total=len(plans), initial=len(results), unit="study", desc=f"phantoms ({task})", disable=not progress
     )
@@ -230,7 +255,7 @@ def _typed(table: pd.DataFrame) -> pd.DataFrame:
     table["fracture"] = pd.to_numeric(table["fracture"].replace({"": np.nan})).astype("Int64")
     for column in ("bits_stored", "rows", "columns"):
         table[column] = pd.to_numeric(table[column]).astype("int64")
-    for column in ("laterality", "header_quirk"):
+    for column in ("laterality", "header_quirk", "text_box"):
         table[column] = table[column].fillna("").astype(str)
     return table
 
@@ -242,10 +267,12 @@ def generate(
     progress: bool = False,
     workers: int | None = None,
     transfer_syntax: str | None = None,
+    burned_in_text: bool = False,
 ) -> pd.DataFrame:
     """A mixed PACS of ``studies`` studies over all 68 views; returns (and writes) the ground truth.
-    ``transfer_syntax`` (a UID) writes every instance in that syntax instead of the realistic mix."""
-    return _run(out_dir, "views", studies, seed, progress, workers, transfer_syntax)
+    ``transfer_syntax`` (a UID) writes every instance in that syntax instead of the realistic mix;
+    ``burned_in_text`` prints identifiers into every image (``study_rows``)."""
+    return _run(out_dir, "views", studies, seed, progress, workers, transfer_syntax, burned_in_text)
 
 
 def generate_task_set(
@@ -256,6 +283,7 @@ def generate_task_set(
     progress: bool = False,
     workers: int | None = None,
     transfer_syntax: str | None = None,
+    burned_in_text: bool = False,
 ) -> pd.DataFrame:
     """A fine-tuning set: ``bone_age`` (one hand PA per study, ages spread over 0-18 y) or ``fracture``
     (wrist / forearm / ankle studies, about half fractured)."""
@@ -263,4 +291,4 @@ def generate_task_set(
         raise ValueError(
             f"task must be 'bone_age' or 'fracture', got {task!r}; use generate() for the view mix"
         )
-    return _run(out_dir, task, n, seed, progress, workers, transfer_syntax)
+    return _run(out_dir, task, n, seed, progress, workers, transfer_syntax, burned_in_text)
