@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=2500)
     parser.add_argument("--cols", type=int, default=2000)
     parser.add_argument(
-        "--noise", type=float, nargs="+", default=[0.0, 0.02], help="detector noise σ values, of full scale"
+        "--noise", type=float, nargs="+", default=[0.0, 0.005, 0.02], help="detector noise σ values"
     )
     parser.add_argument(
         "--repeat", type=int, default=3, help="runs per image and mode, best kept (default 3)"

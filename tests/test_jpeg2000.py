@@ -73,8 +73,8 @@ def test_reduced_decode_has_the_pyramid_level_shape_and_the_full_decodes_content
     assert reduced.shape == (276, 210) and reduced.dtype == np.uint16
     full = pixel_array(ds).astype(np.float32)
     area = cv2.resize(full, (210, 276), interpolation=cv2.INTER_AREA)
-    # the wavelet low band is a low-passed image, not a box average: close, not equal
-    assert np.mean(np.abs(reduced - area)) < 0.03 * (full.max() - full.min())
+    # the wavelet low band, phase-aligned to the blocks, is a low-passed image, not a box average: close
+    assert np.mean(np.abs(reduced - area)) < 0.005 * (full.max() - full.min())
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,22 @@ def test_reduced_preprocessing_matches_the_full_resolution_path(syntax, kwargs):
     full = preprocess_dataset(ds, PreprocessParams(size=256, decode="full"))
     mad, psnr = difference(reduced, full)
     assert reduced.shape == full.shape == (256, 256) and not notes
-    assert mad <= 1.0 and psnr >= 35, (mad, psnr)
+    assert mad <= 1.0 and psnr >= 45, (mad, psnr)  # the goal for the reduced path
+
+
+def test_reduced_decode_puts_structure_where_the_full_path_puts_it():
+    # Anatomy-like structure varying over ~50 px: a reduced frame left at the wavelet's sample phase
+    # moves everything by 1.5 full-size pixels at r = 2 (a mean difference of 3 grey levels here).
+    rng = np.random.default_rng(5)
+    coarse = rng.random((26, 22)).astype(np.float32)
+    field = cv2.resize(coarse, (1000, 1200), interpolation=cv2.INTER_CUBIC)
+    ds = smooth_radiograph(shape=(1200, 1000), key="field")
+    ds.PixelData = np.clip(field * 3000 + 500, 0, 4095).astype(np.uint16).tobytes()
+    ds = compressed(ds, JPEG2000Lossless)
+    reduced = preprocess_dataset(ds, PreprocessParams(size=256, decode="reduced"))
+    full = preprocess_dataset(ds, PreprocessParams(size=256, decode="full"))
+    mad, psnr = difference(reduced, full)
+    assert mad <= 0.5 and psnr >= 50, (mad, psnr)
 
 
 def test_a_frame_already_smaller_than_the_output_is_decoded_in_full():

@@ -112,7 +112,37 @@ def decode_reduced(ds: pydicom.Dataset, size: int) -> np.ndarray | None:
         raise ReducedDecodeError(
             f"the reduced frame is {values.shape}, expected {expected} (one sample per pixel)", "bad_shape"
         )
-    return as_stored_type(values, ds)
+    return as_stored_type(align_to_pixel_areas(values, reduction, (rows, columns)), ds)
+
+
+def align_to_pixel_areas(values: np.ndarray, reduction: int, full_shape: tuple[int, int]) -> np.ndarray:
+    """Resample a reduced frame onto the grid a resize of the full frame to the same size would have.
+
+    The pyramid's low-pass sample k sits on the full frame's pixel k·2**r, and the reduced size is
+    ceil(n / 2**r); a resize of the full frame to that size puts its pixel k at (k + ½)·n/size − ½.
+    Left alone, the reduced path's output is shifted by up to (2**r − 1)/2 full-size pixels (1.5 at
+    r = 2), a grey level or more along every edge. Because two centre-aligned resizes compose into
+    one, the later resize to the output size then lands where the full path's does. Bicubic, in
+    float, clipped back to the frame's own range (no overshoot past the stored bits)."""
+    import cv2
+
+    step = 2**reduction
+    scales = [n / (size * step) for n, size in zip(full_shape, values.shape, strict=True)]
+    (row_scale, col_scale) = scales
+    # reduced coordinate = scale · (k + ½) − ½ / 2**r, per axis (x: columns, y: rows)
+    grid = np.float32(
+        [[col_scale, 0, 0.5 * col_scale - 0.5 / step], [0, row_scale, 0.5 * row_scale - 0.5 / step]]
+    )
+    source = values.astype(np.float32)
+    moved = cv2.warpAffine(
+        source,
+        grid,
+        (values.shape[1], values.shape[0]),
+        flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    np.clip(moved, source.min(), source.max(), out=moved)
+    return np.rint(moved) if values.dtype.kind in "ui" else moved
 
 
 def decode_on_gpu(ds: pydicom.Dataset) -> np.ndarray:
