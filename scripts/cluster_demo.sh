@@ -70,10 +70,12 @@ for rank, starts in read_worker_starts(sys.argv[1]).items():
     print(f"rank {rank} ran on node {starts[-1]['node_labels']['pedx-node']} ({starts[-1]['node_id'][:12]})")
 EOF
 
-step "4. Tune sweep job: 2 trials at once"
+# One trial at a time: two at once on 1-CPU nodes can split the free CPU between nodes (0.1 here,
+# 0.9 there) so that no node has the whole CPU a Ray Data read task needs, and both trials wait.
+step "4. Tune sweep job: 2 trials, one at a time"
 ray job submit --runtime-env configs/runtime_env.yaml -- \
     python -m tune_spaces.run pretrain --space CLUSTER_SMOKE --shards "7=$shards" \
-    --results "$work/tune" --name "sweep-$run" --max-concurrent 2 --trial-cpus 0.1 --cpus-per-worker 0.9 \
+    --results "$work/tune" --name "sweep-$run" --max-concurrent 1 --trial-cpus 0.1 --cpus-per-worker 0.9 \
     --set epochs=1 --set warmup_epochs=0 --set arch=tiny_cnn --set image_size=64 --set batch_size=16 \
     --set num_workers=1
 python - "$work/tune/sweep-$run" <<'EOF'
