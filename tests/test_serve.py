@@ -898,7 +898,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
     not (CHROMIUM and CHROMEDRIVER),
     reason="needs Debian's chromium and chromium-driver (scripts/setup.sh installs them)",
 )
-def test_web_page_uploads_a_radiograph_and_shows_prediction_and_heat_map(base, tmp_path):
+def test_web_page_shows_prediction_heat_map_gate_verdict_and_interval(base, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a dev dependency")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -945,6 +945,24 @@ def test_web_page_uploads_a_radiograph_and_shows_prediction_and_heat_map(base, t
         driver.find_element(By.ID, "submit").click()
         wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("422"))
         assert "sex" in driver.find_element(By.ID, "status").text
+        # with the sex: the estimate ± its spread, the interval and the (switched off) gate
+        Select(driver.find_element(By.ID, "sex")).select_by_value("M")
+        driver.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text == "Done.")
+        assert " ± " in driver.find_element(By.ID, "prediction").text
+        assert "over 4 test-time views" in driver.find_element(By.ID, "interval").text
+        assert "not applied: the gate is off" in driver.find_element(By.ID, "gate-verdict").text
+        # the gated app's page (relative URLs): a dark image is refused, a bright one passes
+        driver.get(base + "/gated/")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#task option")) == 3)
+        Select(driver.find_element(By.ID, "task")).select_by_value("fracture")
+        for bright, status, verdict in ((False, "422", "refused: Chest"), (True, "Done.", "passed: Upper")):
+            upload = tmp_path / f"{'bright' if bright else 'dark'}.png"
+            upload.write_bytes(framed(bright))
+            driver.find_element(By.ID, "file").send_keys(str(upload))
+            driver.find_element(By.ID, "submit").click()
+            wait.until(lambda d, s=status: d.find_element(By.ID, "status").text.startswith(s))
+            assert driver.find_element(By.ID, "gate-verdict").text.startswith(f"view gate {verdict}")
     finally:
         driver.quit()
 
