@@ -15,7 +15,13 @@ awaits the model's batched prediction. Routes:
 - ``GET /healthz``, ``GET /v1/models`` (checkpoints, configs, metrics, preprocessing),
   ``GET /openapi.json``, and the upload page at ``GET /``.
 
-Refused requests get a 4xx JSON ``{"error": code, "message": ...}``; an unexpected failure gets a 500
+``/v1/bone-age`` and ``/v1/fracture`` first pass the view gate (``deploy.gate``: the finest served view
+model must see the task's views, else 422 ``wrong_view``; ``gate=off`` skips it and the answer says so).
+Bone age is the mean ± SD over ``bone_age_tta`` test-time views, declined (422 ``low_confidence``)
+above ``bone_age_max_sd_months``. Checkpoints' ``calibration.json`` / ``recalibration.json`` apply.
+
+Refused requests get a 4xx JSON ``{"error": code, "message": ...}`` (and what the gate or the spread
+check saw); an unexpected failure gets a 500
 with a request id and no stack trace. With an API key configured (the variable named by
 ``api_key_env``), prediction routes and /v1/models need ``Authorization: Bearer KEY``; only the key's
 SHA-256 travels to the replicas and it is never logged. Overload: each deployment's
@@ -249,6 +255,28 @@ class Gateway:
             )
         return verdict.to_dict()
 
+    async def gated_run(
+        self, decoded: Decoded, task: str, sex: float, explain: bool, requested: bool
+    ) -> tuple[dict, dict, bytes | None]:
+        """(the gate's verdict, the task model's result, the overlay or None).
+
+        Without ``explain`` the view model and the task model run at once, so the gate adds its work but
+        hardly its latency; a refusal discards the task model's answer. Grad-CAM, the costly part of an
+        explanation, runs only once the gate has passed."""
+        image = await asyncio.to_thread(prepare, decoded, self.specs[task].recipe)
+        if explain:
+            verdict = await self.check_view(decoded, task, requested)
+            return verdict, *await self.run(task, image, sex, True)
+        verdict, answer = await asyncio.gather(
+            self.check_view(decoded, task, requested),
+            self.run(task, image, sex, False),
+            return_exceptions=True,
+        )
+        for outcome in (verdict, answer):  # the gate's refusal first
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return verdict, *answer
+
     def model_for(self, name: str, what: str) -> str:
         if name not in self.models:
             served = ", ".join(self.models) or "none"
@@ -405,9 +433,7 @@ def build_api(gw: Gateway) -> FastAPI:
                 ),
             )
         value = given if given is not None else decoded.header_sex
-        verdict = await gw.check_view(decoded, "bone_age", gate == "on")
-        image = await asyncio.to_thread(prepare, decoded, gw.specs[name].recipe)
-        result, overlay = await gw.run(name, image, value, explain)
+        verdict, result, overlay = await gw.gated_run(decoded, name, value, explain, gate == "on")
         months, sd = result["bone_age_months"], result["bone_age_sd_months"]
         limit = gw.settings.bone_age_max_sd_months
         if limit and sd is not None and sd > limit:
@@ -437,9 +463,7 @@ def build_api(gw: Gateway) -> FastAPI:
         name = gw.model_for("fracture", "fracture")
         upload = await gw.read_upload(request)
         decoded = await asyncio.to_thread(decode, upload, gw.limits)
-        verdict = await gw.check_view(decoded, "fracture", gate == "on")
-        image = await asyncio.to_thread(prepare, decoded, gw.specs[name].recipe)
-        result, overlay = await gw.run(name, image, FEMALE, explain)
+        verdict, result, overlay = await gw.gated_run(decoded, name, FEMALE, explain, gate == "on")
         body = {
             "model": name,
             "task": "fracture",
