@@ -137,8 +137,8 @@ def serve_load(doc: dict) -> str:
     ]
     settings = doc.get("settings", {})
     model = settings.get("synthetic") or settings.get("checkpoint")
-    ratio = doc.get("batched_over_direct")
-    after = f"\n\nbatched ÷ direct: {ratio:.2f}" if ratio is not None else ""
+    ratios = (("batched_over_direct", "batched ÷ direct"), ("gated_over_ungated", "gated ÷ ungated bone age"))
+    after = "".join(f"\n\n{label}: {doc[key]:.2f}" for key, label in ratios if doc.get(key) is not None)
     return (
         f"model {model}, {settings.get('clients')} clients, device {settings.get('device')}.\n\n"
         + table(["mode", "images/s", "p50 ms", "p99 ms"], rows)

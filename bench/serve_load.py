@@ -12,6 +12,14 @@ the previous one is answered), bounded by ``--requests`` and ``--duration``, wit
 ``healthz`` sends ``GET /healthz`` the same way: the serving stack's fixed cost per request (proxy and
 gateway, no upload, no model), which bounds how close a cheap model can come to the ceiling.
 
+``gate`` measures the view gate's cost: ``POST /v1/bone-age`` on an app serving the view model and a
+bone-age model (``--bone-age-checkpoint``, or with ``--synthetic`` an untrained one of the same
+architecture), with ``?gate=off`` (row ``bone_age_ungated``) and with the gate on (``bone_age_gated``),
+in ``--rounds`` alternating rounds. The gate's threshold is set so that every image passes, so both run
+the bone-age model (with its default test-time augmentation) on every request and differ only by the
+gate's view-model call; the summary's ``gated_over_ungated`` is the median of the rounds' throughput
+ratios.
+
 ``--synthetic inception_v3:512`` benchmarks an untrained checkpoint of that architecture and input size
 (what the paper serves) instead of ``--checkpoint``; on a GPU add ``--device cuda``.
 Prints one line per mode and a JSON summary (``--json PATH`` also writes it).
@@ -24,16 +32,20 @@ import asyncio
 import io
 import json
 import os
-import platform
+import shlex
 import socket
 import statistics
+import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from results import machine
 
-MODES = ("direct", "batched", "unbatched", "healthz")
+MODES = ("direct", "batched", "unbatched", "healthz", "gate")
+PASS_EVERY_IMAGE = 1e-9  # gate_min_probability for the gate benchmark: it must pass, not refuse
 
 
 def synthetic_dicom(size: int) -> bytes:
@@ -64,12 +76,24 @@ def synthetic_dicom(size: int) -> bytes:
 
 def synthetic_checkpoint(spec: str, out: Path) -> tuple[Path, dict]:
     """An untrained 7-class view checkpoint ``ARCH:SIZE`` and the view_preprocessing it was 'trained' with."""
+    from ingest.dataset.taxonomy import load_taxonomy
     from pedx_ray.config import PretrainConfig
     from pedx_ray.models import build_model, save_checkpoint
 
     arch, size = spec.split(":")
-    config = PretrainConfig(arch=arch, image_size=int(size), classes=tuple(f"class_{i}" for i in range(7)))
+    config = PretrainConfig(arch=arch, image_size=int(size), classes=load_taxonomy().classes(7))
     return save_checkpoint(out / "best", build_model(config), config, {}), {"size": int(size)}
+
+
+def synthetic_bone_age_checkpoint(spec: str, out: Path) -> Path:
+    """An untrained bone-age checkpoint with an ``ARCH:SIZE`` backbone."""
+    from pedx_ray.finetune import FinetuneConfig
+    from pedx_ray.models import save_checkpoint
+    from pedx_ray.tasks import build_task_model
+
+    arch, size = spec.split(":")
+    config = FinetuneConfig(task="bone_age", backbone=arch, image_size=int(size))
+    return save_checkpoint(out / "bone_age", build_task_model(config), config, {})
 
 
 def summarise(mode: str, latencies: list[float], images: int, elapsed: float, statuses: dict) -> dict:
@@ -147,9 +171,8 @@ async def closed_loop(url: str, payload: bytes | None, clients: int, total: int,
     return latencies, statuses, time.perf_counter() - started
 
 
-def run_served(
-    args, mode: str, checkpoint: Path, view_preprocessing: dict, payload: bytes, port: int
-) -> dict:
+def deploy(args, mode: str, checkpoint: Path, view_preprocessing: dict, bone_age: Path | None) -> None:
+    """The app a mode measures, as application ``bench``: the view model (and bone age for ``gate``)."""
     from ray import serve
 
     from deploy.app import build_app
@@ -163,9 +186,13 @@ def run_served(
         batch_wait_timeout_s="auto" if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
         device=args.device,
         num_gpus=1 if args.device == "cuda" else 0,
-        num_cpus=args.model_cpus,
+        # gate serves two models: each gets half, or the second replica could not be placed
+        num_cpus=args.model_cpus or float(os.cpu_count() or 1) / (2 if mode == "gate" else 1),
+        bone_age=str(bone_age) if mode == "gate" else "",
+        gate_min_probability=PASS_EVERY_IMAGE,
     )
     # Generous queues: this measures throughput, not load shedding.
+    model_options = {"max_ongoing_requests": max(2 * batch, args.clients), "max_queued_requests": -1}
     options = {
         "Gateway": {
             "num_replicas": args.gateway_replicas,
@@ -173,9 +200,18 @@ def run_served(
             "max_queued_requests": -1,
             "ray_actor_options": {"num_cpus": 0},
         },
-        "view_7": {"max_ongoing_requests": max(2 * batch, args.clients), "max_queued_requests": -1},
+        "view_7": model_options,
+        "bone_age": model_options,
     }
     serve.run(build_app(settings, options), name="bench", route_prefix="/")
+
+
+def run_served(
+    args, mode: str, checkpoint: Path, view_preprocessing: dict, payload: bytes, port: int
+) -> dict:
+    from ray import serve
+
+    deploy(args, mode, checkpoint, view_preprocessing, None)
     url = f"http://127.0.0.1:{port}/" + ("healthz" if mode == "healthz" else "v1/view")
     payload = None if mode == "healthz" else payload
     asyncio.run(closed_loop(url, payload, args.clients, args.warmup * args.clients, 600))
@@ -184,6 +220,46 @@ def run_served(
     )
     serve.delete("bench")
     return summarise(mode, latencies, len(latencies), elapsed, statuses)
+
+
+def run_gate(
+    args, checkpoint: Path, view_preprocessing: dict, payload: bytes, port: int, bone_age: Path
+) -> tuple[list[dict], list[float]]:
+    """Bone age with the gate off and on, in alternating rounds on one deployment (a shared machine's
+    load drifts: each round's ratio compares runs a few seconds apart); returns the two rows and the
+    per-round gated ÷ ungated ratios."""
+    from ray import serve
+
+    deploy(args, "gate", checkpoint, view_preprocessing, bone_age)
+    base = f"http://127.0.0.1:{port}/v1/bone-age"
+    urls = {"bone_age_ungated": f"{base}?gate=off", "bone_age_gated": base}
+    for url in urls.values():
+        asyncio.run(closed_loop(url, payload, args.clients, args.warmup * args.clients, 600))
+    runs = {mode: ([], {}, 0.0) for mode in urls}
+    ratios = []
+    for round_ in range(args.rounds):
+        rates = {}
+        for mode in list(urls) if round_ % 2 == 0 else list(urls)[::-1]:
+            latencies, statuses, elapsed = asyncio.run(
+                closed_loop(
+                    urls[mode],
+                    payload,
+                    args.clients,
+                    args.requests // args.rounds,
+                    args.duration / args.rounds,
+                )
+            )
+            done, counts, seconds = runs[mode]
+            runs[mode] = (
+                done + latencies,
+                counts | {k: counts.get(k, 0) + v for k, v in statuses.items()},
+                seconds + elapsed,
+            )
+            rates[mode] = len(latencies) / elapsed
+        ratios.append(round(rates["bone_age_gated"] / rates["bone_age_ungated"], 3))
+    serve.delete("bench")
+    rows = [summarise(mode, lat, len(lat), seconds, counts) for mode, (lat, counts, seconds) in runs.items()]
+    return rows, ratios
 
 
 def free_port() -> int:
@@ -202,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--view-preprocessing-size", type=int, help="shard image size if the manifest is absent"
     )
+    parser.add_argument("--bone-age-checkpoint", type=Path, help="bone-age checkpoint for mode gate")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds of mode gate")
     parser.add_argument(
         "--image", type=Path, help="the request body (a DICOM file); default: a synthetic one"
     )
@@ -217,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
-        "--model-cpus", type=float, default=float(os.cpu_count() or 1), help="per model replica"
+        "--model-cpus",
+        type=float,
+        help="per model replica (default: all CPUs, shared between the models served)",
     )
     parser.add_argument("--gateway-replicas", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the summary here")
@@ -225,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown mode(s) {sorted(unknown)}; choose from {MODES}")
+    if "gate" in modes and not (args.synthetic or args.bone_age_checkpoint):
+        parser.error("mode gate needs --bone-age-checkpoint (or --synthetic)")
 
     payload = args.image.read_bytes() if args.image else synthetic_dicom(args.image_pixels)
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             view_preprocessing = (
                 {"size": args.view_preprocessing_size} if args.view_preprocessing_size else {}
             )
+        bone_age = args.bone_age_checkpoint
+        if bone_age is None and args.synthetic:
+            bone_age = synthetic_bone_age_checkpoint(args.synthetic, Path(tmp))
         results = []
         if "direct" in modes:
             results.append(run_direct(args, checkpoint, view_preprocessing, payload))
@@ -248,12 +333,21 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             for mode in served:
+                if mode == "gate":
+                    rows, ratios = run_gate(args, checkpoint, view_preprocessing, payload, port, bone_age)
+                    results += rows
+                    print(
+                        *(json.dumps(row) for row in rows), f"gated ÷ ungated per round: {ratios}", sep="\n"
+                    )
+                    continue
                 results.append(run_served(args, mode, checkpoint, view_preprocessing, payload, port))
                 print(json.dumps(results[-1]), flush=True)
             serve.shutdown()
             ray.shutdown()
     summary = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": args.device},
+        "command": shlex.join(["python", "bench/serve_load.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine() | {"device": args.device},
         "settings": {k: str(v) for k, v in vars(args).items()},
         "results": results,
     }
@@ -262,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         summary["batched_over_direct"] = round(
             by_mode["batched"]["images_per_s"] / by_mode["direct"]["images_per_s"], 3
         )
+    if "gate" in modes:
+        summary["gated_over_ungated_rounds"] = ratios
+        summary["gated_over_ungated"] = round(statistics.median(ratios), 3)
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

@@ -15,7 +15,13 @@ awaits the model's batched prediction. Routes:
 - ``GET /healthz``, ``GET /v1/models`` (checkpoints, configs, metrics, preprocessing),
   ``GET /openapi.json``, and the upload page at ``GET /``.
 
-Refused requests get a 4xx JSON ``{"error": code, "message": ...}``; an unexpected failure gets a 500
+``/v1/bone-age`` and ``/v1/fracture`` first pass the view gate (``deploy.gate``: the finest served view
+model must see the task's views, else 422 ``wrong_view``; ``gate=off`` skips it and the answer says so).
+Bone age is the mean ± SD over ``bone_age_tta`` test-time views, declined (422 ``low_confidence``)
+above ``bone_age_max_sd_months``. Checkpoints' ``calibration.json`` / ``recalibration.json`` apply.
+
+Refused requests get a 4xx JSON ``{"error": code, "message": ...}`` (and what the gate or the spread
+check saw); an unexpected failure gets a 500
 with a request id and no stack trace. With an API key configured (the variable named by
 ``api_key_env``), prediction routes and /v1/models need ``Authorization: Bearer KEY``; only the key's
 SHA-256 travels to the replicas and it is never logged. Overload: each deployment's
@@ -48,6 +54,7 @@ from ray.serve import Application
 from deploy.gate import accepted_classes, check_gate_views, gate_verdict
 from deploy.inputs import (
     FEMALE,
+    Decoded,
     InputError,
     Limits,
     Upload,
@@ -183,15 +190,7 @@ class Gateway:
         self.limits = Limits(settings.max_upload_bytes, settings.max_pixels)
         self.metrics = GatewayMetrics()
         self.page = PAGE.read_text()
-        # the finest served view model is the gate; each task's accepted views at its granularity
-        views = [name for name in ("view_68", "view_30", "view_7") if name in models]
-        self.gate_model = views[0] if views else None
-        taxonomy = load_taxonomy()
-        self.accepted = {
-            task: accepted_classes(tuple(names), VIEW_MODELS[self.gate_model], taxonomy)
-            for task, names in check_gate_views(settings.gate_views, taxonomy).items()
-            if self.gate_model
-        }
+        self.gate_model, self.accepted = gate_plan(settings, specs)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -225,21 +224,19 @@ class Gateway:
             return await self.models[name].explain.remote(image, sex)
         return await self.models[name].predict.remote(image, sex), None
 
-    async def check_view(self, upload: Upload, task: str, requested: bool) -> dict:
+    async def check_view(self, decoded: Decoded, task: str, requested: bool) -> dict:
         """The view gate's verdict for an upload to ``task``; raises 422 ``wrong_view`` when it fails."""
-        if not requested or not self.settings.gate or task not in self.accepted:
+        if not requested or not self.settings.gate or self.gate_model is None:
             reason = (
                 "gate=off in the request"
                 if not requested
                 else "the gate is off in the settings"
                 if not self.settings.gate
                 else "no view model is served to check the view"
-                if self.gate_model is None
-                else f"no views are configured for {task}"
             )
             self.metrics.gate(task, "bypassed" if not requested else "unavailable")
             return {"applied": False, "reason": reason}
-        image = await self.model_input(upload, self.gate_model)
+        image = await asyncio.to_thread(prepare, decoded, self.specs[self.gate_model].recipe)
         result = await self.models[self.gate_model].predict.remote(image, FEMALE)
         probabilities = dict(zip(self.specs[self.gate_model].classes, result["probabilities"], strict=True))
         verdict = gate_verdict(
@@ -250,19 +247,67 @@ class Gateway:
             raise InputError(
                 422,
                 "wrong_view",
-                f"{task} reads {', '.join(self.settings.gate_views[task])}; the view model "
-                f"({self.gate_model}) sees {verdict.view} (p={verdict.probability:.2f}) and the accepted "
-                f"views at p={verdict.accepted_probability:.2f} < {self.settings.gate_min_probability}; "
+                f"{task} reads {', '.join(verdict.accepted)} radiographs; the view model "
+                f"({self.gate_model}) sees {verdict.view} (p={verdict.probability:.2f}) and those views at "
+                f"p={verdict.accepted_probability:.2f} < {self.settings.gate_min_probability}; "
                 "pass gate=off to predict anyway (research use)",
                 {k: v for k, v in verdict.to_dict().items() if k not in ("applied", "passed")},
             )
         return verdict.to_dict()
+
+    async def gated_run(
+        self, decoded: Decoded, task: str, sex: float, explain: bool, requested: bool
+    ) -> tuple[dict, dict, bytes | None]:
+        """(the gate's verdict, the task model's result, the overlay or None).
+
+        Without ``explain`` the view model and the task model run at once, so the gate adds its work but
+        hardly its latency; a refusal discards the task model's answer. Grad-CAM, the costly part of an
+        explanation, runs only once the gate has passed."""
+        image = await asyncio.to_thread(prepare, decoded, self.specs[task].recipe)
+        if explain:
+            verdict = await self.check_view(decoded, task, requested)
+            return verdict, *await self.run(task, image, sex, True)
+        verdict, answer = await asyncio.gather(
+            self.check_view(decoded, task, requested),
+            self.run(task, image, sex, False),
+            return_exceptions=True,
+        )
+        for outcome in (verdict, answer):  # the gate's refusal first
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return verdict, *answer
 
     def model_for(self, name: str, what: str) -> str:
         if name not in self.models:
             served = ", ".join(self.models) or "none"
             raise InputError(404, "model_not_loaded", f"no {what} model is served here (served: {served})")
         return name
+
+
+def gate_plan(settings: ServeSettings, specs: dict[str, ModelSpec]) -> tuple[str | None, dict]:
+    """(the gate's view model, each gated task's accepted labels at its granularity).
+
+    The finest served view model is the gate. Its class names must be the taxonomy's, or no upload
+    could ever pass: that is a settings error, not a service that refuses everything."""
+    views = [name for name in ("view_68", "view_30", "view_7") if name in specs]
+    if not settings.gate or not views:
+        return None, {}
+    taxonomy = load_taxonomy()
+    try:
+        table = check_gate_views(settings.gate_views, taxonomy)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+    model = views[0]
+    accepted = {task: accepted_classes(views, VIEW_MODELS[model], taxonomy) for task, views in table.items()}
+    classes = set(specs[model].classes)
+    unknown = sorted({label for labels in accepted.values() for label in labels} - classes)
+    if unknown:
+        raise SettingsError(
+            f"gate: the view model {model} ({specs[model].checkpoint}) has no class {unknown}; its classes "
+            f"are not the taxonomy's {VIEW_MODELS[model]}-class views. Serve a PedX-Ray view model, or set "
+            "gate: false"
+        )
+    return model, accepted
 
 
 def _answer(body: dict, overlay: bytes | None, accept: str) -> Response:
@@ -374,7 +419,6 @@ def build_api(gw: Gateway) -> FastAPI:
     ) -> Response:
         name = gw.model_for("bone_age", "bone age")
         upload = await gw.read_upload(request)
-        verdict = await gw.check_view(upload, "bone_age", gate == "on")
         given = parse_sex(upload.fields.get("sex") or sex)
         decoded = await asyncio.to_thread(decode, upload, gw.limits)
         if given is None and decoded.header_sex is None:
@@ -389,8 +433,7 @@ def build_api(gw: Gateway) -> FastAPI:
                 ),
             )
         value = given if given is not None else decoded.header_sex
-        image = await asyncio.to_thread(prepare, decoded, gw.specs[name].recipe)
-        result, overlay = await gw.run(name, image, value, explain)
+        verdict, result, overlay = await gw.gated_run(decoded, name, value, explain, gate == "on")
         months, sd = result["bone_age_months"], result["bone_age_sd_months"]
         limit = gw.settings.bone_age_max_sd_months
         if limit and sd is not None and sd > limit:
@@ -419,8 +462,8 @@ def build_api(gw: Gateway) -> FastAPI:
     async def fracture(request: Request, explain: bool = explain_query, gate: str = gate_query) -> Response:
         name = gw.model_for("fracture", "fracture")
         upload = await gw.read_upload(request)
-        verdict = await gw.check_view(upload, "fracture", gate == "on")
-        result, overlay = await gw.run(name, await gw.model_input(upload, name), FEMALE, explain)
+        decoded = await asyncio.to_thread(decode, upload, gw.limits)
+        verdict, result, overlay = await gw.gated_run(decoded, name, FEMALE, explain, gate == "on")
         body = {
             "model": name,
             "task": "fracture",
@@ -450,10 +493,6 @@ def build_app(settings: ServeSettings, deployment_options: dict[str, dict] | Non
     ``deployment_options`` maps a deployment name (``Gateway``, ``view_7``, ...) to Serve options that
     override the defaults (as a Serve config file's ``deployments:`` section does).
     """
-    try:
-        check_gate_views(settings.gate_views, load_taxonomy())
-    except ValueError as exc:
-        raise SettingsError(str(exc)) from exc
     specs = {
         name: inspect_checkpoint(
             name,
@@ -463,6 +502,7 @@ def build_app(settings: ServeSettings, deployment_options: dict[str, dict] | Non
         )
         for name, path in settings.models().items()
     }
+    gate_plan(settings, specs)  # a gate that could never pass stops the app here
     options = deployment_options or {}
     gpus = _gpus_per_model(settings, len(specs))
     models = {}

@@ -31,6 +31,7 @@ from deploy.inputs import Recipe
 from deploy.settings import TASK_MODELS, VIEW_MODELS
 from ingest import storage
 from ingest.imaging.preprocess import PreprocessParams
+from pedx_ray.augment import tta_views
 from pedx_ray.calibration import read_temperature
 from pedx_ray.config import ConfigError, PretrainConfig
 from pedx_ray.data import to_model_input
@@ -200,24 +201,6 @@ def _check_weights(spec: ModelSpec) -> None:
             f"{spec.name}: {weights} does not match the model its config.json describes "
             f"({len(problems)} problem(s): {'; '.join(problems[:4])})"
         )
-
-
-def tta_views(images: np.ndarray, views: int) -> np.ndarray:
-    """(N·views, S, S): each image as is, flipped, and shifted by ~2% diagonally (test-time augmentation).
-
-    The first ``views`` of: identity, horizontal flip, shift (+d, +d), (-d, -d), (+d, -d), (-d, +d), and
-    the flip shifted (+d, +d), (-d, -d); grouped per image, so a reshape (N, views) undoes it."""
-    size = images.shape[-1]
-    d = max(1, round(0.02 * size))
-    shifts = [(0, 0, False), (0, 0, True), (d, d, False), (-d, -d, False), (d, -d, False), (-d, d, False)]
-    shifts += [(d, d, True), (-d, -d, True)]
-    out = []
-    for image in images:
-        for dy, dx, flip in shifts[:views]:
-            view = image[:, ::-1] if flip else image
-            matrix = np.float32([[1, 0, dx], [0, 1, dy]])
-            out.append(cv2.warpAffine(np.ascontiguousarray(view), matrix, (size, size)) if dx or dy else view)
-    return np.ascontiguousarray(np.stack(out))
 
 
 class Predictor:

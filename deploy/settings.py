@@ -84,7 +84,8 @@ class ServeSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         object.__setattr__(self, "view_preprocessing", dict(self.view_preprocessing or {}))
-        object.__setattr__(self, "gate_views", dict(self.gate_views or {}))
+        # a task left out of gate_views keeps its default views
+        object.__setattr__(self, "gate_views", dict(DEFAULT_GATE_VIEWS) | dict(self.gate_views or {}))
         checks = [
             (
                 any(getattr(self, name) for name in MODEL_FIELDS),

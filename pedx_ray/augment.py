@@ -7,6 +7,9 @@ contrast-only transform, RandomGamma, GaussNoise, Sharpen and Blur (random kerne
 
 Each sample's randomness comes from (seed, epoch, sample key) alone, so a run's augmentations
 are the same whatever the number of workers, the order batches arrive in, or a resume.
+
+`tta_views` is the deterministic test-time counterpart: the views Serve and site recalibration average
+a bone-age prediction over.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import zlib
 
 import albumentations as A
+import cv2
 import numpy as np
 
 
@@ -43,3 +47,22 @@ def augment_images(transform: A.Compose, images: np.ndarray, keys, *, seed: int,
         transform.set_random_seed(sample_seed(seed, epoch, str(key)))
         out[i] = transform(image=image)["image"]
     return out
+
+
+def tta_views(images: np.ndarray, views: int) -> np.ndarray:
+    """(N·views, S, S): test-time augmentation, each image as is, flipped, and shifted by ~2% diagonally
+    (transforms the training augmentation also applies).
+
+    The first ``views`` of: identity, horizontal flip, shift (+d, +d), (-d, -d), (+d, -d), (-d, +d), and
+    the flip shifted (+d, +d), (-d, -d); grouped per image, so a reshape (N, views) undoes it."""
+    size = images.shape[-1]
+    d = max(1, round(0.02 * size))
+    shifts = [(0, 0, False), (0, 0, True), (d, d, False), (-d, -d, False), (d, -d, False), (-d, d, False)]
+    shifts += [(d, d, True), (-d, -d, True)]
+    out = []
+    for image in images:
+        for dy, dx, flip in shifts[:views]:
+            view = image[:, ::-1] if flip else image
+            matrix = np.float32([[1, 0, dx], [0, 1, dy]])
+            out.append(cv2.warpAffine(np.ascontiguousarray(view), matrix, (size, size)) if dx or dy else view)
+    return np.ascontiguousarray(np.stack(out))

@@ -5,26 +5,25 @@ reliability diagram before and after.
 set's fine-tuning split) or ``... --predictions RUN/predictions_val.csv`` (a fracture model: the
 fine-tuning run's validation predictions) fits one temperature T (logits / T, Guo et al. 2017: it keeps
 the ranking, so accuracy and AUC are unchanged) and writes ``calibration.json`` into the checkpoint (the
-checkpoint contract's optional file). Serve and pretraining read it; a checkpoint without it answers at
+checkpoint contract's optional file). Serve reads it; a checkpoint without it answers at
 T = 1, as before. ``--plot PNG`` writes the reliability diagram.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import sys
 import tarfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax, logit, softmax
 
-from ingest.files import replacing, write_json_atomic
+from ingest import storage
 
 CALIBRATION_FILE = "calibration.json"
 ECE_BINS = 15
@@ -104,86 +103,90 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, source: str) -> d
 
 def read_temperature(checkpoint: str | Path) -> float:
     """The checkpoint's fitted temperature; 1.0 (uncalibrated) for checkpoints without calibration.json."""
-    path = Path(checkpoint) / CALIBRATION_FILE
-    if not path.is_file():
+    path = storage.join(checkpoint, CALIBRATION_FILE)
+    if not storage.is_file(path):
         return 1.0
-    temperature = float(json.loads(path.read_text())["temperature"])
+    temperature = float(storage.read_json(path)["temperature"])
     if not temperature > 0:
         raise CalibrationError(f"{path}: temperature must be positive, got {temperature}")
     return temperature
 
 
-def reliability_diagram(logits: np.ndarray, labels: np.ndarray, report: dict, out: str | Path) -> Path:
+def reliability_diagram(logits: np.ndarray, labels: np.ndarray, report: dict, out: str | Path) -> Path | str:
     """Accuracy against confidence, before and after scaling, with the ECE of each (PNG, atomic)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from pedx_ray.plots import colours, new_figure, save_png
 
-    figure = Figure(figsize=(5, 5), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = new_figure(
+        f"Reliability, {report['samples']} held-out predictions", "confidence", "accuracy", size=(5.6, 5.6)
+    )
     axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
-    for temperature, name, ece in (
-        (1.0, "before (T = 1)", report["ece_before"]),
-        (report["temperature"], f"after (T = {report['temperature']:.2f})", report["ece_after"]),
+    for colour, (temperature, name, ece) in zip(
+        colours(2),
+        (
+            (1.0, "before (T = 1)", report["ece_before"]),
+            (report["temperature"], f"after (T = {report['temperature']:.2f})", report["ece_after"]),
+        ),
+        strict=True,
     ):
         table = reliability(probabilities(logits, temperature), labels)
-        axes.plot(table["confidence"], table["accuracy"], marker="o", label=f"{name}: ECE {ece:.3f}")
-    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
-    axes.set_title(f"Reliability, {report['samples']} held-out predictions")
+        axes.plot(
+            table["confidence"], table["accuracy"], marker="o", color=colour, label=f"{name}: ECE {ece:.3f}"
+        )
+    axes.set(xlim=(0, 1), ylim=(0, 1))
     axes.legend(loc="upper left")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(out, suffix=".png") as tmp:
-        figure.savefig(tmp)
-    return out
+    return save_png(figure, out)
 
 
 # -- the held-out data of each kind of checkpoint --
 def view_logits(checkpoint: str | Path, shards_dir: str | Path, split: str, batch_size: int = 64):
-    """(logits, labels) of a view model on a shard split, read as pretraining reads it."""
-    from pedx_ray.data import read_manifest, shard_paths
+    """(logits, labels) of a view model on a shard split, decoded as pretraining decodes it."""
+    from pedx_ray.data import SampleDecoder, read_manifest, shard_paths, to_model_input
     from pedx_ray.models import load_checkpoint
 
     model, config = load_checkpoint(checkpoint)
-    manifest = read_manifest(shards_dir)
-    label_key = f"label_{config.granularity}"
+    model.eval()
+    decode = SampleDecoder(config.classes, config.granularity, config.image_size)
     images, labels = [], []
-    for shard in shard_paths(manifest, shards_dir, split):
-        with tarfile.open(shard) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name in sorted(n for n in members if n.endswith(".json")):
-                record = json.loads(tar.extractfile(members[name]).read())
-                png = tar.extractfile(members[name[: -len(".json")] + ".png"]).read()
-                image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
-                images.append(cv2.resize(image, (config.image_size,) * 2, interpolation=cv2.INTER_AREA))
-                labels.append(config.classes.index(record[label_key]))
+    for shard in shard_paths(read_manifest(shards_dir), shards_dir, split):
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(shard))) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        for name in sorted(n for n in files if n.endswith(".json")):
+            key = name[: -len(".json")]
+            sample = decode(
+                {"__key__": key, "__url__": shard, "json": files[name], "png": files[f"{key}.png"]}
+            )
+            images.append(sample["image"])
+            labels.append(sample["label"])
     if not images:
         raise CalibrationError(f"{shards_dir} has no samples in split {split!r}")
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.stack(images[start : start + batch_size])).float().div_(255)[:, None]
-            outputs.append(model(batch).float().numpy())
+            batch = torch.from_numpy(np.stack(images[start : start + batch_size]))[:, None]
+            outputs.append(model(to_model_input(batch, torch.device("cpu"), False)).float().numpy())
     return np.concatenate(outputs), np.asarray(labels)
 
 
 def binary_logits(predictions_csv: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(logits, labels) from a fracture run's predictions CSV (``target``, ``prediction`` probability)."""
-    frame = pd.read_csv(predictions_csv)
+    frame = pd.read_csv(io.BytesIO(storage.read_bytes(predictions_csv)))
     missing = {"target", "prediction"} - set(frame.columns)
     if missing:
         raise CalibrationError(
             f"{predictions_csv} lacks column(s) {sorted(missing)}; use a fracture run's CSV"
         )
-    return logit(np.clip(frame["prediction"].to_numpy(np.float64), 1e-6, 1 - 1e-6)), frame[
-        "target"
-    ].to_numpy()
+    if not frame["target"].isin([0, 1]).all():
+        raise CalibrationError(
+            f"{predictions_csv}: targets are not 0/1; only fracture models are calibrated this way"
+        )
+    probability = np.clip(frame["prediction"].to_numpy(np.float64), 1e-6, 1 - 1e-6)
+    return logit(probability), frame["target"].to_numpy().astype(int)
 
 
 def calibrate_checkpoint(checkpoint: str | Path, logits: np.ndarray, labels: np.ndarray, source: str) -> dict:
     """Fit, then write ``calibration.json`` into the checkpoint (atomically); returns the report."""
     report = calibration_report(logits, labels, source)
-    write_json_atomic(Path(checkpoint) / CALIBRATION_FILE, report)
+    storage.write_json_atomic(storage.join(checkpoint, CALIBRATION_FILE), report)
     return report
 
 

@@ -2,7 +2,8 @@
 
 ``python -m pedx_ray.recalibrate CHECKPOINT --data KIND:PATH [--images DIR] [--labels CSV] --out NEW``
 scores every image of the local set (the same ``--data`` sources as fine-tuning: ``rsna:CSV``,
-``phantom:DIR``, ``dicom:CATALOG``), fits ``bone_age' = slope × bone_age + intercept`` by least squares,
+``phantom:DIR``, ``dicom:CATALOG``) as Serve predicts it (the mean over ``--tta`` test-time views, Serve's
+``bone_age_tta``), fits ``bone_age' = slope × bone_age + intercept`` by least squares,
 and reports the k-fold cross-validated MAE of the raw and the corrected predictions on the same folds.
 NEW is a copy of the checkpoint plus ``recalibration.json`` (the fit, its data and the CV figures); Serve
 applies it on load. A site's scanners, positioning and population shift a model's ages by a few months
@@ -16,7 +17,6 @@ spread over the age range are a sensible minimum.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -25,11 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ingest import storage
 from ingest.files import write_json_atomic
 
 RECALIBRATION_FILE = "recalibration.json"
 MIN_IMAGES = 10
 ADVISED_IMAGES = 50
+DEFAULT_TTA = 4  # deploy.settings.ServeSettings.bone_age_tta's default
+MAX_TTA_VIEWS = 8  # the views pedx_ray.augment.tta_views defines
 
 
 class RecalibrationError(ValueError):
@@ -74,31 +77,49 @@ def recalibration_report(predicted: np.ndarray, target: np.ndarray, folds: int =
 
 def read_recalibration(checkpoint: str | Path) -> tuple[float, float]:
     """(slope, intercept) of the checkpoint's recalibration; (1, 0) where it has none."""
-    path = Path(checkpoint) / RECALIBRATION_FILE
-    if not path.is_file():
+    path = storage.join(checkpoint, RECALIBRATION_FILE)
+    if not storage.is_file(path):
         return 1.0, 0.0
-    fit = json.loads(path.read_text())
+    fit = storage.read_json(path)
     return float(fit["slope"]), float(fit["intercept"])
 
 
-def score_local_set(checkpoint: Path, data: str, images: str, labels: str, cache_dir: str) -> tuple:
-    """(predicted months, true months) of every image of the local set, preprocessed as fine-tuning did."""
-    from pedx_ray.datasets import cache_images, load_table, read_images
+def local_table(data: str, images: str, labels: str):
+    """Every labelled bone-age image of the local set (no split, no subsampling: all of it is fitted)."""
+    from pedx_ray.datasets import dicom_table, parse_data, phantom_table, rsna_table
+
+    kind, path = parse_data(data)
+    if kind == "phantom":
+        return phantom_table(path, "bone_age")
+    if kind == "rsna":
+        return rsna_table(path, images)
+    if kind == "dicom":
+        return dicom_table(path, labels, "bone_age")
+    raise RecalibrationError(f"{data}: {kind} data holds no bone ages; use phantom:, rsna: or dicom:")
+
+
+def score_local_set(
+    checkpoint: Path, data: str, images: str, labels: str, cache_dir: str, tta: int = DEFAULT_TTA
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted months, true months) of every image of the local set, preprocessed as fine-tuning did
+    and averaged over ``tta`` test-time views as Serve predicts (its ``bone_age_tta``)."""
+    from pedx_ray.augment import tta_views
+    from pedx_ray.datasets import cache_images, read_images
     from pedx_ray.finetune import load_finetuned, predict
 
     model, config = load_finetuned(checkpoint)
     if config.task != "bone_age":
         raise RecalibrationError(f"{checkpoint} is a {config.task} model; recalibration is for bone age")
-    table = load_table(config.replace(data=data, images=images, labels=labels, val_list="", test_list=""))
-    table = cache_images(table, image_size=config.image_size, enhance=config.enhance, cache_dir=cache_dir)
-    device = torch.device("cpu")
-    predicted = predict(
-        model, read_images(table["image"].tolist()), table["sex"].to_numpy(np.float32), 32, device
+    table = local_table(data, images, labels)
+    table = cache_images(
+        table, image_size=config.image_size, enhance=config.enhance, cache_dir=cache_dir, progress=False
     )
-    slope, intercept = read_recalibration(
-        checkpoint
-    )  # a recalibrated checkpoint is corrected again from its output
-    return slope * np.asarray(predicted, np.float64) + intercept, table["target"].to_numpy(np.float64)
+    views = tta_views(read_images(table["image"].tolist()), tta)
+    sex = np.repeat(table["sex"].to_numpy(np.float32), tta)
+    predicted = predict(model, views, sex, 32, torch.device("cpu")).astype(np.float64).reshape(-1, tta)
+    # a recalibrated checkpoint is corrected again from its corrected output (write_recalibrated composes)
+    slope, intercept = read_recalibration(checkpoint)
+    return slope * predicted.mean(axis=1) + intercept, table["target"].to_numpy(np.float64)
 
 
 def write_recalibrated(checkpoint: Path, out: Path, report: dict) -> Path:
@@ -129,11 +150,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", default="", help="labels CSV for dicom: sets")
     parser.add_argument("--out", type=Path, required=True, help="directory of the recalibrated checkpoint")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    parser.add_argument(
+        "--tta",
+        type=int,
+        default=DEFAULT_TTA,
+        help=f"test-time views per image, as Serve's bone_age_tta (default {DEFAULT_TTA})",
+    )
     args = parser.parse_args(argv)
+    if not 1 <= args.tta <= MAX_TTA_VIEWS:
+        parser.error(f"--tta must be 1 (off) to {MAX_TTA_VIEWS}")
+    if args.out.exists():  # before the slow part
+        parser.error(f"{args.out} exists; give a new --out directory")
     try:
         with tempfile.TemporaryDirectory(prefix="pedx-recalibrate-") as cache:
-            predicted, target = score_local_set(args.checkpoint, args.data, args.images, args.labels, cache)
-        report = recalibration_report(predicted, target, args.folds, source=args.data)
+            predicted, target = score_local_set(
+                args.checkpoint, args.data, args.images, args.labels, cache, args.tta
+            )
+        report = recalibration_report(predicted, target, args.folds, source=args.data) | {
+            "tta_views": args.tta
+        }
         write_recalibrated(args.checkpoint, args.out, report)
     except (RecalibrationError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

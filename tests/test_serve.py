@@ -1,9 +1,12 @@
 """Ray Serve deployment: settings, checkpoint checks, training-equal preprocessing, every endpoint over HTTP,
-every bad input, API key and CORS, overload, Prometheus metrics, and the web page in headless Chromium.
+every bad input, API key and CORS, overload, Prometheus metrics, the view gate, calibrated and recalibrated
+checkpoints, bone-age uncertainty, and the web page in headless Chromium.
 
 Serve runs once per module on the session's local Ray (`ray_session`) with tiny_cnn checkpoints at 32 px
-(view 7 and 30 classes from a 64 px shard recipe, bone age with CLAHE, fracture), plus a second small
-application with an API key, CORS and upload keeping switched on.
+(view 7 and 30 classes from a 64 px shard recipe, bone age with CLAHE, fracture; the view gate off, as
+these untrained view models cannot recognise anything), plus a small application with an API key, CORS
+and upload keeping switched on, and a gated one whose view model is built to tell bright images
+(Upper_Extremity) from dark ones (Chest).
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ from factories import gradient_8bit, radiograph
 from waiting import wait_until
 
 from deploy.app import auto_batch_wait
+from deploy.gate import accepted_classes, check_gate_views, gate_verdict
 from deploy.inputs import InputError, Limits, Upload, decode, is_colour, parse_body, parse_multipart, prepare
 from deploy.models import Predictor, inspect_checkpoint
 from deploy.settings import ServeSettings, SettingsError, resolve_checkpoint, resolve_settings
+from ingest.dataset.taxonomy import load_taxonomy
 from ingest.imaging.png import encode_png
 from ingest.imaging.preprocess import PreprocessParams, preprocess_file
 from pedx_ray.config import PretrainConfig
 from pedx_ray.finetune import FinetuneConfig
-from pedx_ray.models import CheckpointError, build_model, save_checkpoint
+from pedx_ray.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from pedx_ray.tasks import build_task_model
 
 VIEW_CLASSES = ("Abdomen", "Chest", "Head", "Lower_Extremity", "Pelvis", "Spine", "Upper_Extremity")
@@ -76,6 +81,51 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def brightness_view_model(config: PretrainConfig) -> torch.nn.Module:
+    """A 7-class tiny_cnn that reads an image's mean brightness b: every conv averages channel 0 into
+    channel 0, and the head says Upper_Extremity for b > 0.3, Chest below (others at logit 0)."""
+    model = build_model(config)
+    with torch.no_grad():
+        for module in model.features:
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.zero_()
+                module.weight[0, 0] = 1.0 / module.kernel_size[0] ** 2
+                if module.bias is not None:
+                    module.bias.zero_()
+        model.fc.weight.zero_()
+        model.fc.bias.zero_()
+        for name, sign in (("Upper_Extremity", 1.0), ("Chest", -1.0)):
+            model.fc.weight[config.classes.index(name), 0] = 40.0 * sign
+            model.fc.bias[config.classes.index(name)] = -12.0 * sign
+    return model
+
+
+def framed(bright: bool) -> bytes:
+    """A PNG mostly bright (the gate model's Upper_Extremity) or mostly dark (its Chest), with a square
+    of the other value, so that preprocessing keeps the full range."""
+    image = np.full((200, 160), 235 if bright else 20, np.uint8)
+    image[80:120, 60:100] = 20 if bright else 235
+    return png_bytes(image)
+
+
+GATE_TEMPERATURE = 2.0
+RECALIBRATION = {"slope": 1.1, "intercept": 6.0}
+
+
+@pytest.fixture(scope="module")
+def gated_checkpoints(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """The brightness view model with a fitted temperature, a recalibrated bone-age model, the fracture
+    model as is."""
+    root = tmp_path_factory.mktemp("gated")
+    view_config = PretrainConfig.from_dict(json.loads((checkpoints["view_7"] / "config.json").read_text()))
+    view = save_checkpoint(root / "view7", brightness_view_model(view_config), view_config, {})
+    (view / "calibration.json").write_text(json.dumps({"temperature": GATE_TEMPERATURE}))
+    bone_age = root / "bone_age"
+    shutil.copytree(checkpoints["bone_age"], bone_age)
+    (bone_age / "recalibration.json").write_text(json.dumps(RECALIBRATION))
+    return {"view_7": view, "bone_age": bone_age, "fracture": checkpoints["fracture"]}
+
+
 def dicom_bytes(sex: str | None = "M", shape=(96, 80), name: str = "Test^P1") -> bytes:
     ds = radiograph(patient_id="P1", study_key=f"serve-{sex}-{shape}", shape=shape, sex=sex or "")
     ds.PatientName = name
@@ -99,19 +149,21 @@ def free_port() -> int:
 
 
 TINY = dict(num_cpus=0.01, max_batch_size=8, batch_wait_timeout_s=0.02, max_upload_bytes=2 * 1024 * 1024)
+MAX_SD = 1e-6  # the gated app declines every bone age: any test-time spread is above it
 LIGHT = {"ray_actor_options": {"num_cpus": 0.01}}
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, checkpoints, tmp_path_factory):
-    """Two Serve apps on 127.0.0.1: ``open`` (all models, no key) and ``secured`` (key, CORS, upload_dir)."""
+def served(ray_session, checkpoints, gated_checkpoints, tmp_path_factory):
+    """Three Serve apps on 127.0.0.1: ``open`` (all models, no key, no gate), ``secured`` (key, CORS,
+    upload_dir) and ``gated`` (the view gate on, bone age declined above MAX_SD)."""
     from ray import serve
 
     from deploy.app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(**{k: str(v) for k, v in checkpoints.items()}, **TINY)
+    settings = ServeSettings(**{k: str(v) for k, v in checkpoints.items()}, gate=False, **TINY)
     # view_30 accepts one request at a time and queues one more: the overload test's target.
     options = {"Gateway": LIGHT, "view_30": LIGHT | {"max_ongoing_requests": 1, "max_queued_requests": 1}}
     serve.run(build_app(settings, options), name="open", route_prefix="/")
@@ -126,6 +178,10 @@ def served(ray_session, checkpoints, tmp_path_factory):
             **TINY,
         )
         serve.run(build_app(secured, {"Gateway": LIGHT}), name="secured", route_prefix="/secured")
+    gated = ServeSettings(
+        **{k: str(v) for k, v in gated_checkpoints.items()}, bone_age_max_sd_months=MAX_SD, **TINY
+    )
+    serve.run(build_app(gated, {"Gateway": LIGHT}), name="gated", route_prefix="/gated")
     yield {"base": f"http://127.0.0.1:{port}", "uploads": upload_dir}
     serve.shutdown()
 
@@ -140,10 +196,12 @@ def post(url: str, data, content_type: str = "application/dicom", headers: dict 
     return requests.post(url, data=data, headers=headers, timeout=60)
 
 
-def assert_refused(response: requests.Response, status: int, code: str | None = None) -> dict:
+def assert_refused(
+    response: requests.Response, status: int, code: str | None = None, details: tuple[str, ...] = ()
+) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error", "message"} and body["message"]
+    assert set(body) == {"error", "message", *details} and body["message"]
     assert "Traceback" not in response.text and 'File "' not in response.text
     if code:
         assert body["error"] == code, body
@@ -363,7 +421,7 @@ def test_several_granularities_are_served_at_once(base):
 
 def test_bone_age_takes_sex_from_the_request_or_the_dicom_header(base, checkpoints):
     spec = inspect_checkpoint("bone_age", checkpoints["bone_age"])
-    predictor = Predictor(spec)
+    predictor = Predictor(spec, tta=ServeSettings.bone_age_tta)  # as served: the mean over TTA views
     data = dicom_bytes(sex="M")
     image = prepare(decode(parse_body(data, "application/dicom"), Limits()), spec.recipe)
     expected = {
@@ -374,6 +432,9 @@ def test_bone_age_takes_sex_from_the_request_or_the_dicom_header(base, checkpoin
     assert (header["sex"], header["sex_source"]) == ("M", "dicom")
     assert header["bone_age_months"] == pytest.approx(expected["M"]["bone_age_months"], abs=1e-3)
     assert header["bone_age_years"] == pytest.approx(header["bone_age_months"] / 12)
+    assert header["tta_views"] == 4 and header["bone_age_sd_months"] > 0
+    assert header["bone_age_sd_months"] == pytest.approx(expected["M"]["bone_age_sd_months"], abs=1e-3)
+    assert header["gate"] == {"applied": False, "reason": "the gate is off in the settings"}
     query = post(f"{base}/v1/bone-age?sex=female", data).json()
     assert (query["sex"], query["sex_source"]) == ("F", "request")
     assert query["bone_age_months"] == pytest.approx(expected["F"]["bone_age_months"], abs=1e-3)
@@ -415,6 +476,158 @@ def test_explain_returns_the_grad_cam_overlay(base, route):
         cv2.imdecode(np.frombuffer(raw.content, np.uint8), cv2.IMREAD_COLOR), overlay
     )
     assert json.loads(raw.headers["X-PedX-Result"]) == body
+
+
+# ---------------------------------------------------------------- the view gate, calibration, uncertainty
+
+
+def test_the_gate_table_accepts_exactly_the_tasks_views_among_every_phantom_view():
+    """One-hot view-model answers for every view the phantoms draw, at each granularity."""
+    from ingest.phantoms.spec import REGISTRY
+
+    taxonomy = load_taxonomy()
+    table = check_gate_views(ServeSettings(view_7="x").gate_views, taxonomy)
+    assert set(REGISTRY) == set(taxonomy.classes(68))
+    expected = {
+        (68, "bone_age"): {"Hand_PA"},
+        (68, "fracture"): {"Wrist_AP", "Wrist_Oblique", "Forearm_Oblique"},
+        (30, "bone_age"): {"Hand_PA", "Hand_Lateral", "Hand_Oblique"},
+        (30, "fracture"): {"Wrist_AP", "Wrist_Oblique", "Forearm_Oblique"},
+    }
+    for granularity in (7, 30, 68):
+        for task, views in table.items():
+            accepted = accepted_classes(views, granularity, taxonomy)
+            passed = set()
+            for view in sorted(REGISTRY):
+                label = taxonomy.coarsen(view, granularity)
+                verdict = gate_verdict({label: 0.93, "other": 0.07}, accepted, 0.5, f"view_{granularity}")
+                assert (verdict.view, verdict.probability) == (label, 0.93)
+                if verdict.passed:
+                    passed.add(view)
+            # a 7-class gate can only tell the upper extremity from the rest
+            want = expected.get((granularity, task)) or {
+                v for v in REGISTRY if taxonomy.coarsen(v, 7) == "Upper_Extremity"
+            }
+            assert passed == want, (granularity, task)
+    assert not gate_verdict({"Hand": 0.45, "Wrist": 0.3}, ("Hand",), 0.5, "view_30").passed
+    with pytest.raises(ValueError, match="not in the taxonomy: \\['Hand_Front'\\]"):
+        check_gate_views({"bone_age": ["Hand_Front"]}, taxonomy)
+    with pytest.raises(ValueError, match="unknown task 'view'"):
+        check_gate_views({"view": ["Hand_PA"]}, taxonomy)
+
+
+def test_a_gate_that_could_never_pass_stops_the_app(checkpoints):
+    from deploy.app import build_app
+
+    # view_30's class names are placeholders, not the taxonomy's: no upload could pass
+    with pytest.raises(
+        SettingsError, match=r"gate: the view model view_30 .* has no class \['Forearm', 'Hand'"
+    ):
+        build_app(ServeSettings(view_30=str(checkpoints["view_30"]), bone_age=str(checkpoints["bone_age"])))
+    with pytest.raises(SettingsError, match="gate_views.*not in the taxonomy"):
+        build_app(ServeSettings(view_7=str(checkpoints["view_7"]), gate_views={"fracture": ["Wrists"]}))
+    with pytest.raises(SettingsError, match="bone_age_tta must be 1 \\(off\\) to 8"):
+        ServeSettings(view_7="x", bone_age_tta=9)
+    settings = resolve_settings({"view_7": "a", "gate_views": "{bone_age: [Hand_PA, Hand_Oblique]}"})
+    assert settings.gate_views["bone_age"] == ["Hand_PA", "Hand_Oblique"]
+    assert settings.gate_views["fracture"] == ("Wrist_AP", "Wrist_Oblique", "Forearm_Oblique")  # kept
+
+
+def test_calibration_and_recalibration_files_change_what_the_predictor_answers(
+    checkpoints, gated_checkpoints
+):
+    images = np.stack([np.roll(gradient_8bit((32, 32)), 7 * i, axis=1) for i in range(3)])
+    sex = np.array([1.0, 0.0, 1.0], np.float32)
+    calibrated = Predictor(inspect_checkpoint("view_7", gated_checkpoints["view_7"]))
+    raw_model, _ = load_checkpoint(gated_checkpoints["view_7"])
+    with torch.no_grad():
+        logits = raw_model.eval()(torch.from_numpy(images).float()[:, None] / 255)
+    np.testing.assert_allclose(
+        [r["probabilities"] for r in calibrated.predict(images)],
+        torch.softmax(logits / GATE_TEMPERATURE, dim=1).numpy(),
+        atol=1e-5,
+    )
+    assert calibrated.info()["temperature"] == GATE_TEMPERATURE
+    # bone age: the recalibrated checkpoint is the original's answer, corrected linearly
+    original = Predictor(inspect_checkpoint("bone_age", checkpoints["bone_age"]), tta=3)
+    recalibrated = Predictor(inspect_checkpoint("bone_age", gated_checkpoints["bone_age"]), tta=3)
+    for before, after in zip(original.predict(images, sex), recalibrated.predict(images, sex), strict=True):
+        assert after["tta_views"] == 3
+        assert after["bone_age_months"] == pytest.approx(
+            RECALIBRATION["slope"] * before["bone_age_months"] + RECALIBRATION["intercept"]
+        )
+        assert after["bone_age_sd_months"] == pytest.approx(
+            RECALIBRATION["slope"] * before["bone_age_sd_months"]
+        )
+    # without TTA there is no spread to report
+    single = Predictor(inspect_checkpoint("bone_age", checkpoints["bone_age"]))
+    single = single.predict(images[:1], sex[:1])[0]
+    assert single["tta_views"] == 1 and single["bone_age_sd_months"] is None
+
+
+def test_old_checkpoints_serve_uncalibrated_and_new_ones_calibrated(base, checkpoints):
+    open_models = {m["name"]: m for m in requests.get(f"{base}/v1/models", timeout=30).json()["models"]}
+    assert not any((checkpoints[name] / "calibration.json").exists() for name in checkpoints)
+    assert open_models["view_7"]["temperature"] == 1.0 and open_models["fracture"]["temperature"] == 1.0
+    assert open_models["bone_age"]["recalibration"] == {"slope": 1.0, "intercept": 0.0}
+    gated = {m["name"]: m for m in requests.get(f"{base}/gated/v1/models", timeout=30).json()["models"]}
+    assert gated["view_7"]["temperature"] == GATE_TEMPERATURE
+    assert gated["bone_age"]["recalibration"] == RECALIBRATION and gated["bone_age"]["tta_views"] == 4
+
+
+def test_the_gate_refuses_the_wrong_view_with_what_it_saw(base):
+    for route in ("/v1/fracture", "/v1/bone-age?sex=M"):
+        response = post(f"{base}/gated{route}", framed(bright=False), "image/png")
+        details = ("view", "probability", "model", "accepted_views", "accepted_probability")
+        body = assert_refused(response, 422, "wrong_view", details)
+        assert (body["view"], body["model"], body["accepted_views"]) == (
+            "Chest",
+            "view_7",
+            ["Upper_Extremity"],
+        )
+        assert body["probability"] > 0.9 and body["accepted_probability"] < 0.01
+        assert "Chest" in body["message"] and "gate=off" in body["message"]
+
+
+def test_the_gate_passes_the_right_view_and_gate_off_bypasses_it(base):
+    accepted = post(f"{base}/gated/v1/fracture", framed(bright=True), "image/png")
+    assert accepted.status_code == 200, accepted.text
+    gate = accepted.json()["gate"]
+    assert gate["applied"] and gate["passed"] and gate["view"] == "Upper_Extremity"
+    assert gate["accepted_probability"] == gate["probability"] > 0.5
+    bypassed = post(f"{base}/gated/v1/fracture?gate=off", framed(bright=False), "image/png")
+    assert bypassed.status_code == 200, bypassed.text
+    assert bypassed.json()["gate"] == {"applied": False, "reason": "gate=off in the request"}
+    assert post(f"{base}/gated/v1/fracture?gate=maybe", framed(bright=True), "image/png").status_code == 422
+
+
+def test_an_uncertain_bone_age_is_declined_with_its_spread(base, gated_checkpoints):
+    data = framed(bright=True)  # passes the gate
+    spec = inspect_checkpoint("bone_age", gated_checkpoints["bone_age"])
+    image = prepare(decode(parse_body(data, "image/png"), Limits()), spec.recipe)
+    expected = Predictor(spec, tta=4).predict(image[None], np.array([1.0], np.float32))[0]
+    response = post(f"{base}/gated/v1/bone-age?sex=M", data, "image/png")
+    body = assert_refused(
+        response, 422, "low_confidence", ("bone_age_months", "bone_age_sd_months", "max_sd_months")
+    )
+    assert body["bone_age_months"] == pytest.approx(expected["bone_age_months"], abs=1e-3)
+    assert body["bone_age_sd_months"] == pytest.approx(expected["bone_age_sd_months"], abs=1e-3)
+    assert body["max_sd_months"] == MAX_SD and "4 augmented views" in body["message"]
+
+
+def test_gate_decisions_are_counted_in_prometheus(base, ray_session):
+    post(f"{base}/gated/v1/fracture", framed(bright=False), "image/png")
+    post(f"{base}/gated/v1/fracture", framed(bright=True), "image/png")
+    post(f"{base}/gated/v1/fracture?gate=off", framed(bright=True), "image/png")
+    port = ray_session.nodes()[0]["MetricsExportPort"]
+    wanted = {("fracture", "refused"), ("fracture", "accepted"), ("fracture", "bypassed")}
+
+    def counted() -> bool:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = [line for line in text.splitlines() if line.startswith("ray_pedx_serve_gate_total{")]
+        return all(any(f'task="{t}"' in x and f'decision="{d}"' in x for x in lines) for t, d in wanted)
+
+    wait_until(counted, 60, f"ray_pedx_serve_gate_total lacks one of {wanted}", interval=1)
 
 
 # ---------------------------------------------------------------- bad input
@@ -685,7 +898,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
     not (CHROMIUM and CHROMEDRIVER),
     reason="needs Debian's chromium and chromium-driver (scripts/setup.sh installs them)",
 )
-def test_web_page_uploads_a_radiograph_and_shows_prediction_and_heat_map(base, tmp_path):
+def test_web_page_shows_prediction_heat_map_gate_verdict_and_interval(base, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a dev dependency")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -732,6 +945,24 @@ def test_web_page_uploads_a_radiograph_and_shows_prediction_and_heat_map(base, t
         driver.find_element(By.ID, "submit").click()
         wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("422"))
         assert "sex" in driver.find_element(By.ID, "status").text
+        # with the sex: the estimate ± its spread, the interval and the (switched off) gate
+        Select(driver.find_element(By.ID, "sex")).select_by_value("M")
+        driver.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text == "Done.")
+        assert " ± " in driver.find_element(By.ID, "prediction").text
+        assert "over 4 test-time views" in driver.find_element(By.ID, "interval").text
+        assert "not applied: the gate is off" in driver.find_element(By.ID, "gate-verdict").text
+        # the gated app's page (relative URLs): a dark image is refused, a bright one passes
+        driver.get(base + "/gated/")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#task option")) == 3)
+        Select(driver.find_element(By.ID, "task")).select_by_value("fracture")
+        for bright, status, verdict in ((False, "422", "refused: Chest"), (True, "Done.", "passed: Upper")):
+            upload = tmp_path / f"{'bright' if bright else 'dark'}.png"
+            upload.write_bytes(framed(bright))
+            driver.find_element(By.ID, "file").send_keys(str(upload))
+            driver.find_element(By.ID, "submit").click()
+            wait.until(lambda d, s=status: d.find_element(By.ID, "status").text.startswith(s))
+            assert driver.find_element(By.ID, "gate-verdict").text.startswith(f"view gate {verdict}")
     finally:
         driver.quit()
 
