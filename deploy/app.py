@@ -70,6 +70,7 @@ from deploy.models import ModelSpec, Predictor, encode_overlay, inspect_checkpoi
 from deploy.settings import VIEW_MODELS, ServeSettings, SettingsError, resolve_checkpoint, resolve_settings
 from ingest.dataset.taxonomy import load_taxonomy
 from ingest.files import write_atomic
+from ingest.imaging.jpeg2000 import set_decoder_threads
 
 log = logging.getLogger("ray.serve")
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -191,6 +192,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.page = PAGE.read_text()
         self.gate_model, self.accepted = gate_plan(settings, specs)
+        set_decoder_threads(settings.decoder_threads or os.cpu_count() or 1)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)

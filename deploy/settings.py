@@ -76,6 +76,9 @@ class ServeSettings:
     # Input limits
     max_upload_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 40_000_000  # a 10,000 x 10,000 image is refused before it is decoded
+    # OpenJPEG threads for one upload's JPEG 2000/HTJ2K decode in the gateway (latency of one image);
+    # 0 = the machine's cores
+    decoder_threads: int = 0
     # Access
     api_key_env: str = "PEDX_API_KEY"  # the variable holding the key; unset or empty = no key
     cors_origins: tuple[str, ...] = ()  # none = CORS off
@@ -120,6 +123,10 @@ class ServeSettings:
                 f"num_gpus must be 'auto' or a number >= 0, not {self.num_gpus!r}",
             ),
             (self.num_cpus > 0, f"num_cpus must be positive, not {self.num_cpus}"),
+            (
+                self.decoder_threads >= 0,
+                f"decoder_threads must be >= 0 (0 = the machine's cores), not {self.decoder_threads}",
+            ),
             (
                 self.max_upload_bytes >= 1024,
                 f"max_upload_bytes must be at least 1024, not {self.max_upload_bytes}",

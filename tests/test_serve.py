@@ -228,6 +228,9 @@ def test_settings_come_from_the_serve_config_and_arguments_override_them(tmp_pat
     assert resolve_settings({"view_7": "a", "batch_wait_timeout_s": "0.02"}).batch_wait_timeout_s == 0.02
     with pytest.raises(SettingsError, match="batch_wait_timeout_s must be 'auto' or >= 0"):
         ServeSettings(view_7="a", batch_wait_timeout_s="soon")
+    assert resolve_settings({"view_7": "a", "decoder_threads": "4"}).decoder_threads == 4
+    with pytest.raises(SettingsError, match="decoder_threads must be >= 0"):
+        ServeSettings(view_7="a", decoder_threads=-1)
     with pytest.raises(SettingsError, match="unknown setting.*batch"):
         resolve_settings({"config": str(path), "batch": "8"})
     with pytest.raises(SettingsError, match="no model to serve"):
