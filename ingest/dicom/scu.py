@@ -573,7 +573,7 @@ def _dicom_date(value: dt.date | None) -> str:
 
 
 @dataclass(frozen=True)
-class _Window:
+class StudyWindow:
     """A study-date window, narrowed to a time-of-day range (seconds) once it is a single day."""
 
     first: dt.date | None
@@ -593,18 +593,18 @@ class _Window:
         start, end = (f"{s // 3600:02d}{s // 60 % 60:02d}{s % 60:02d}" for s in self.seconds)
         return f"{start}-{end}"
 
-    def split(self) -> list[_Window]:
+    def split(self) -> list[StudyWindow]:
         """Two halves in chronological order; [] when a single second cannot be split further."""
         first = self.first or _EARLIEST_DATE
         last = self.last or _LATEST_DATE
         if first < last:
             middle = first + (last - first) // 2
-            return [_Window(first, middle), _Window(middle + dt.timedelta(days=1), last)]
+            return [StudyWindow(first, middle), StudyWindow(middle + dt.timedelta(days=1), last)]
         start, end = self.seconds or (0, 86399)
         if start == end:
             return []
         middle = (start + end) // 2
-        return [_Window(first, last, (start, middle)), _Window(first, last, (middle + 1, end))]
+        return [StudyWindow(first, last, (start, middle)), StudyWindow(first, last, (middle + 1, end))]
 
     def describe(self) -> str:
         text = self.date_filter() or "any date"
@@ -628,6 +628,44 @@ def find_studies(
     with no ``page_limit`` the first query goes without that filter: when the PACS says it was cut,
     its length is the cap used from then on; when it was not, it already holds every study.
     """
+    with _find_connection(cfg) as conn:
+
+        def search(window: StudyWindow, modalities_filter: str) -> tuple[list[dict], bool]:
+            query = _query(
+                "STUDY",
+                STUDY_KEYS,
+                StudyDate=window.date_filter(),
+                StudyTime=window.time_filter(),
+                ModalitiesInStudy=modalities_filter,
+            )
+            what = f"C-FIND studies {window.describe()} on {cfg.describe()}"
+            return _find(conn, query, STUDY_KEYS, what)
+
+        yield from search_by_date_windows(
+            search,
+            date_range=date_range,
+            modalities=modalities,
+            page_limit=page_limit,
+            probe_without_modalities=page_limit is None,
+        )
+
+
+def search_by_date_windows(
+    search: Callable[[StudyWindow, str], tuple[list[dict], bool]],
+    *,
+    date_range: tuple[dt.date | str | None, dt.date | str | None] | None = None,
+    modalities: Sequence[str] | None = ("CR", "DX"),
+    page_limit: int | None = None,
+    probe_without_modalities: bool = False,
+) -> Iterator[dict]:
+    """Study search around a result cap, whatever the protocol: ``search(window, modalities_filter)``
+    runs one query (C-FIND, QIDO-RS) and returns (matches keyed by STUDY_KEYS, truncated).
+
+    A window that comes back at the cap, or truncated ("more matches exist"), is split in halves by
+    date, and a single over-full day by time of day, until every window is under the cap.
+    ``probe_without_modalities`` sends the first query without the ModalitiesInStudy filter (see
+    ``find_studies``); matches of other modalities are dropped here.
+    """
     if page_limit is not None and page_limit < 1:
         raise ValueError(f"page_limit={page_limit!r}: use None (no known cap) or the PACS's cap, >= 1")
     if isinstance(modalities, str):
@@ -638,66 +676,57 @@ def find_studies(
         raise ValueError(f"date_range starts after it ends: {first} > {last}")
     wanted_modalities = tuple(modalities or ())
     cap = page_limit
-    probe = cap is None
+    probe = probe_without_modalities
     seen: set[str] = set()
-    windows = [_Window(first, last)]
-    with _find_connection(cfg) as conn:
-        while windows:
-            window = windows.pop()
-            query = _query(
-                "STUDY",
-                STUDY_KEYS,
-                StudyDate=window.date_filter(),
-                StudyTime=window.time_filter(),
-                ModalitiesInStudy="" if probe else "\\".join(wanted_modalities),
-            )
-            probe = False
-            what = f"C-FIND studies {window.describe()} on {cfg.describe()}"
-            matches, truncated = _find(conn, query, STUDY_KEYS, what)
-            if truncated and matches:
-                cap = len(matches) if cap is None else min(cap, len(matches))
-            if truncated or (cap is not None and len(matches) >= cap):
-                halves = window.split()
-                if halves:
-                    if window.first is None and window.last is None:
-                        LOGGER.warning(
-                            "result cap hit without a date bound: studies without a StudyDate "
-                            "cannot be reached by date windows and are skipped"
-                        )
-                    if window.first is not None and window.first == window.last and window.seconds is None:
-                        LOGGER.warning(
-                            "over %d studies on %s: splitting by StudyTime (studies without "
-                            "a StudyTime on that day are not matched)",
-                            len(matches),
-                            window.first,
-                        )
-                    LOGGER.debug("%s: %d matches at the cap, splitting", window.describe(), len(matches))
-                    windows.extend(reversed(halves))
-                    continue
-                if truncated:
-                    raise PacsError(
-                        f"more studies than the PACS returns per query in the single second "
-                        f"{window.describe()}: raise the PACS's result cap (Orthanc: LimitFindResults)",
-                        retryable=False,
+    windows = [StudyWindow(first, last)]
+    while windows:
+        window = windows.pop()
+        matches, truncated = search(window, "" if probe else "\\".join(wanted_modalities))
+        probe = False
+        if truncated and matches:
+            cap = len(matches) if cap is None else min(cap, len(matches))
+        if truncated or (cap is not None and len(matches) >= cap):
+            halves = window.split()
+            if halves:
+                if window.first is None and window.last is None:
+                    LOGGER.warning(
+                        "result cap hit without a date bound: studies without a StudyDate "
+                        "cannot be reached by date windows and are skipped"
                     )
-                LOGGER.warning(
-                    "%d studies in the single second %s reach the result cap %d: some may be missing",
-                    len(matches),
-                    window.describe(),
-                    cap,
+                if window.first is not None and window.first == window.last and window.seconds is None:
+                    LOGGER.warning(
+                        "over %d studies on %s: splitting by StudyTime (studies without "
+                        "a StudyTime on that day are not matched)",
+                        len(matches),
+                        window.first,
+                    )
+                LOGGER.debug("%s: %d matches at the cap, splitting", window.describe(), len(matches))
+                windows.extend(reversed(halves))
+                continue
+            if truncated:
+                raise PacsError(
+                    f"more studies than the PACS returns per query in the single second "
+                    f"{window.describe()}: raise the PACS's result cap (Orthanc: LimitFindResults)",
+                    retryable=False,
                 )
-            for study in matches:
-                uid = study["StudyInstanceUID"]
-                if not uid or uid in seen:
-                    continue
-                if (
-                    wanted_modalities
-                    and study["ModalitiesInStudy"]
-                    and not (set(study["ModalitiesInStudy"]) & set(wanted_modalities))
-                ):
-                    continue  # the PACS ignored the optional ModalitiesInStudy filter, or this was the probe
-                seen.add(uid)
-                yield study
+            LOGGER.warning(
+                "%d studies in the single second %s reach the result cap %d: some may be missing",
+                len(matches),
+                window.describe(),
+                cap,
+            )
+        for study in matches:
+            uid = study["StudyInstanceUID"]
+            if not uid or uid in seen:
+                continue
+            if (
+                wanted_modalities
+                and study["ModalitiesInStudy"]
+                and not (set(study["ModalitiesInStudy"]) & set(wanted_modalities))
+            ):
+                continue  # the PACS ignored the optional ModalitiesInStudy filter, or this was the probe
+            seen.add(uid)
+            yield study
 
 
 def _check_uid(name: str, value: str) -> None:
