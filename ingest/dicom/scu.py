@@ -1571,6 +1571,7 @@ def plan_retrieval(
     observer: RetrieveObserver | None = None,
     progress: bool = False,
     whole_studies: bool = True,
+    promised: dict[str, list[dict]] | None = None,
 ) -> list[RetrieveItem]:
     """What to retrieve for ``study_uids``, found by C-FIND, with spooled instances left out.
 
@@ -1578,7 +1579,8 @@ def plan_retrieval(
     ``retrieve`` sends several to a request; a partly spooled study becomes IMAGE-level items, one
     per series and ``max_instances_per_item`` missing instances. ``whole_studies=False`` plans every
     study that way. Running it again after a complete pull returns []; after a partial pull, items
-    for exactly the missing instances.
+    for exactly the missing instances. ``promised``, when given, receives every study's instances
+    (spooled or not), keyed by study UID, for the pull's ledger.
     """
     if max_instances_per_item < 1:
         raise ValueError(f"max_instances_per_item={max_instances_per_item!r} must be >= 1")
@@ -1594,6 +1596,8 @@ def plan_retrieval(
                 for series in _find_series(conn, study_uid)
             }
             instances = [instance for found in by_series.values() for instance in found]
+            if promised is not None:
+                promised[study_uid] = instances
             if observer is not None:
                 observer.on_found(len(instances))
             if whole_studies and instances and not any(i["SOPInstanceUID"] in present for i in instances):

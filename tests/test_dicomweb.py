@@ -1,0 +1,219 @@
+"""The DICOMweb pull (QIDO-RS, WADO-RS) and the instance ledger, against Orthanc's DICOMweb plugin and a
+misbehaving DICOMweb peer on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+from datetime import date
+from pathlib import Path
+
+import pydicom
+import pytest
+from factories import radiograph, write
+from pacs_peers import DicomwebPeer
+
+from ingest import dicomweb
+from ingest.dataset.balance import BalanceConfig
+from ingest.demo.orthanc import DICOMWEB_PLUGIN
+from ingest.dicom.scp import spool_path, spooled_uids
+from ingest.dicom.scu import RetrieveFailure, RetrieveItem
+from ingest.dicomweb import DicomwebConfig, authorization_from, multipart_parts
+from ingest.imaging.preprocess import PreprocessParams
+from ingest.ledger import build_ledger, incomplete_studies, read_ledger, refusal_status
+from ingest.pull import PullConfig, main, pull
+
+SECRET = "s3cr3t-Pa55word"
+UID_ROOT = "1.2.826.0.1.3680043.10.1337"
+
+
+# ---------------------------------------------------------------------------------------- units
+
+
+def test_multipart_parts_split_with_and_without_content_length() -> None:
+    boundary = "b0undary"
+    # A part whose bytes contain the delimiter: only its Content-Length keeps it whole.
+    tricky = b"head\r\n--b0undary\r\ntail"
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\nContent-Length: {len(tricky)}\r\n\r\n".encode()
+        + tricky
+        + f"\r\n--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + b"second"
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    parts = list(multipart_parts(f'multipart/related; type="application/dicom"; boundary="{boundary}"', body))
+    assert [bytes(part) for _, part in parts] == [tricky, b"second"]
+    assert parts[0][0]["content-type"] == "application/dicom"
+    with pytest.raises(ValueError, match="no boundary"):
+        list(multipart_parts("multipart/related", body))
+
+
+def test_credentials_come_from_env_or_file_and_never_show(tmp_path: Path) -> None:
+    assert authorization_from(environ={}) is None
+    assert authorization_from(environ={dicomweb.TOKEN_ENV: "tok\n"}) == "Bearer tok"
+    basic = authorization_from(environ={dicomweb.USER_ENV: "u", dicomweb.PASSWORD_ENV: SECRET})
+    assert basic.startswith("Basic ")
+    (tmp_path / "token").write_text("tok2\n")
+    assert authorization_from(token_file=tmp_path / "token") == "Bearer tok2"
+    (tmp_path / "basic").write_text("nocolon")
+    with pytest.raises(ValueError, match="user:password"):
+        authorization_from(basic_file=tmp_path / "basic")
+    cfg = DicomwebConfig("https://pacs.example.org/dicom-web", authorization=f"Bearer {SECRET}")
+    assert SECRET not in repr(cfg) and SECRET not in str(cfg.to_dict())
+    assert cfg.to_dict()["authorization"] == "Bearer"
+    with pytest.raises(ValueError, match="carries credentials"):
+        DicomwebConfig(f"https://u:{SECRET}@pacs.example.org/dicom-web")
+    with pytest.raises(ValueError, match="service root"):
+        DicomwebConfig("pacs.example.org")
+
+
+def test_ledger_states_follow_the_spool_and_the_failures(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    uids = [f"{UID_ROOT}.9.{n}" for n in range(5)]
+    for uid in uids[:2]:
+        path = spool_path(spool, uid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+    def instance(uid: str) -> dict:
+        return {"SeriesInstanceUID": f"{UID_ROOT}.8", "SOPInstanceUID": uid, "SOPClassUID": "1.2.3"}
+
+    promised = {
+        f"{UID_ROOT}.1": [instance(uids[0])],
+        f"{UID_ROOT}.2": [instance(uids[1]), instance(uids[2])],
+        f"{UID_ROOT}.3": [instance(uids[3]), instance(uids[4])],
+    }
+    failures = [
+        RetrieveFailure(RetrieveItem(f"{UID_ROOT}.2", None, (uids[2],)), "C-MOVE: status 0xA702 (out)"),
+        RetrieveFailure(RetrieveItem(f"{UID_ROOT}.3", None, (uids[3],)), "WADO-RS: HTTP 404 Not Found"),
+    ]
+    ledger = build_ledger(promised, spool, failures).set_index("sop_instance_uid")
+    states = ["stored", "stored", "refused", "refused", "missing"]
+    assert ledger["state"].to_dict() == dict(zip(uids, states, strict=True))
+    assert ledger.loc[uids[2], "status"] == "0xA702" and ledger.loc[uids[3], "status"] == "HTTP 404"
+    assert ledger["study_state"].tolist() == ["complete", "partial", "partial", "failed", "failed"]
+    table = incomplete_studies(ledger.reset_index())
+    assert table["study_uid"].tolist() == [f"{UID_ROOT}.2", f"{UID_ROOT}.3"]
+    assert table[["stored", "refused", "missing"]].values.tolist() == [[1, 1, 0], [0, 1, 1]]
+    assert refusal_status("association aborted") == ""
+
+
+# --------------------------------------------------------------------------- against real servers
+
+
+@pytest.fixture(scope="module")
+def study_files(tmp_path_factory) -> list[Path]:
+    data = tmp_path_factory.mktemp("dicomweb-data")
+    paths = []
+    for s in range(6):
+        for k in range(2):
+            ds = radiograph(
+                patient_id=f"W{s}",
+                study_key=f"web-{s}",
+                instance=k,
+                study_date=date(2016 + s // 3, 1 + s, 3),
+                body_part="CHEST",
+                view_position="PA",
+                study_description="XR CHEST PA",
+            )
+            paths.append(write(ds, data))
+    return paths
+
+
+def web_config(url: str, work: Path, authorization: str | None = None, **options) -> PullConfig:
+    return PullConfig(
+        dicomweb=DicomwebConfig(url, authorization=authorization, retries=1, backoff_s=0.05),
+        work_dir=work,
+        workers=2,
+        write_shards=False,
+        balance=BalanceConfig(granularity=7, per_class=2, reference_date=date(2017, 7, 1)),
+        preprocessing=PreprocessParams(size=32),
+        **options,
+    )
+
+
+@pytest.fixture
+def web_orthanc(orthanc_server, study_files):
+    if not DICOMWEB_PLUGIN.is_file():
+        pytest.skip(f"Orthanc's DICOMweb plugin is not installed; {dicomweb.__name__} needs orthanc-dicomweb")
+    server = orthanc_server(dicomweb_plugin=DICOMWEB_PLUGIN, http_users={"puller": SECRET})
+    server.upload(study_files, progress=False)
+    return server
+
+
+@pytest.mark.slow
+def test_dicomweb_pull_from_orthanc_stores_instances_as_sent_and_resumes(
+    web_orthanc, study_files, tmp_path: Path, capsys, caplog
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in study_files}
+    (tmp_path / "basic").write_text(f"puller:{SECRET}\n")
+    work = tmp_path / "work"
+    args = ["--dicomweb", web_orthanc.dicomweb_url, "--basic-auth-file", str(tmp_path / "basic")]
+    args += ["--work", str(work), "--no-shards", "--scheduler", "sync", "--page-limit", "2"]
+    args += ["--workers", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"6 studies, {len(uids)} instances to fetch" in out
+    assert spooled_uids(work / "spool") == uids
+    # Stored as sent: the data set of every instance is the uploaded file's, byte for byte.
+    for path in study_files:
+        original = pydicom.dcmread(path)
+        stored = pydicom.dcmread(spool_path(work / "spool", original.SOPInstanceUID))
+        assert stored.PixelData == original.PixelData and stored.PatientID == original.PatientID
+    ledger = read_ledger(work / "ledger.parquet")
+    assert len(ledger) == len(uids) and set(ledger["state"]) == {"stored"}
+    assert set(ledger["study_state"]) == {"complete"}
+    # The password is nowhere: not in the console, the log, nor the saved config.
+    saved = (work / "pull-config.json").read_text()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    for text in (out, saved, logged):
+        assert SECRET not in text and "cHVsbGVy" not in text  # base64 of "puller"
+
+    for path in sorted((work / "spool").rglob("*.dcm"))[:3]:
+        path.unlink()
+    cfg = web_config(web_orthanc.dicomweb_url, work, authorization_from(basic_file=tmp_path / "basic"))
+    again = pull(cfg, id_salt="s", scheduler="sync", progress=False)
+    assert again.ok and again.planned_instances == 3 and again.retrieval.completed == 3
+    assert spooled_uids(work / "spool") == uids
+
+    wrong = [*args[:2], "--work", str(tmp_path / "w2"), "--scheduler", "sync", "--retries", "0"]
+    assert main(wrong) == 1  # no credentials at all
+    assert "HTTP 401" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_partial_transfers_are_in_the_ledger_exit_3_and_a_rerun_completes_them(
+    study_files, tmp_path: Path, capsys
+) -> None:
+    with DicomwebPeer(study_files, token=SECRET) as peer:
+        victims = sorted(peer.instances)[:3]
+        peer.drop = set(victims)  # left out of their study's answer, and 404 when asked alone
+        peer.throttle = 2  # the first two requests are throttled (429, Retry-After: 0)
+        work = tmp_path / "work"
+        args = ["--dicomweb", peer.url, "--token-file", str(tmp_path / "token"), "--work", str(work)]
+        args += ["--no-shards", "--scheduler", "sync", "--retries", "2"]
+        (tmp_path / "token").write_text(SECRET)
+        assert main(args) == 3
+        out = capsys.readouterr().out
+        assert "incomplete study(ies)" in out
+        ledger = read_ledger(work / "ledger.parquet").set_index("sop_instance_uid")
+        assert set(ledger.loc[victims, "state"]) == {"refused"}
+        assert set(ledger.loc[victims, "status"]) == {"HTTP 404"}
+        assert (ledger["state"] == "stored").sum() == len(peer.instances) - 3
+        incomplete = ledger.loc[victims, "study_uid"].unique()
+        for study in incomplete:
+            assert study in out
+        assert set(ledger[ledger["study_uid"].isin(incomplete)]["study_state"]) <= {"partial", "failed"}
+        assert all(a == f"Bearer {SECRET}" for a in peer.authorizations)
+
+        peer.drop = set()
+        requests_before = len(peer.requests)
+        assert main(args) == 0
+        ledger = read_ledger(work / "ledger.parquet")
+        assert set(ledger["state"]) == {"stored"} and len(ledger) == len(peer.instances)
+        assert spooled_uids(work / "spool") == set(peer.instances) == set(ledger["sop_instance_uid"])
+        # The re-run fetched only from the incomplete studies (a study with nothing spooled whole,
+        # the others instance by instance).
+        rerun = peer.requests[requests_before:]
+        wado = [p for p in rerun if p.count("/") == 3 or "/instances/" in p]
+        assert wado and {p.split("/")[3] for p in wado} == set(incomplete)
