@@ -29,7 +29,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +62,7 @@ from ingest.dicom.scu import (
     search_by_date_windows,
 )
 from ingest.dicom.upper_layer import ReceivedInstance
+from ingest.polite import Pacer
 
 LOGGER = logging.getLogger("ingest.dicomweb")
 
@@ -432,14 +433,14 @@ def received_from_part10(data: memoryview, peer: str) -> ReceivedInstance:
 class _Retriever:
     """One ``retrieve`` run: per-thread sessions, shared counts and outcomes."""
 
-    def __init__(self, cfg, spool, counts, fsync, observer, bar, before_request) -> None:
+    def __init__(self, cfg, spool, counts, fsync, observer, bar, pacer) -> None:
         self.cfg = cfg
         self.spool = spool
         self.counts = counts
         self.fsync = fsync
         self.observer = observer
         self.bar = bar
-        self.before_request = before_request
+        self.pacer = pacer
         self.failures: list[RetrieveFailure] = []
         self.requested = self.completed = 0
         self._lock = threading.Lock()
@@ -480,7 +481,8 @@ class _Retriever:
             return f"not attempted: {self._fatal}"
         if item.level == "STUDY":
             try:
-                self._fetch(f"/studies/{item.study_uid}", f"WADO-RS study {item.study_uid}")
+                what = f"WADO-RS study {item.study_uid}"
+                self._fetch(f"/studies/{item.study_uid}", what, len(item.sop_instance_uids))
             except PacsError as exc:
                 return self._failed(exc)
             leftovers = self.missing(item.sop_instance_uids)
@@ -494,7 +496,7 @@ class _Retriever:
             if item.series_uid:
                 path = f"/studies/{item.study_uid}/series/{item.series_uid}/instances/{uid}"
             try:
-                self._fetch(path, f"WADO-RS instance {uid}")
+                self._fetch(path, f"WADO-RS instance {uid}", 1)
             except PacsError as exc:
                 reason = self._failed(exc)
                 if self._fatal is not None:
@@ -506,9 +508,9 @@ class _Retriever:
             self._fatal = str(exc)  # every further request would be refused the same way
         return str(exc)
 
-    def _fetch(self, path: str, what: str) -> None:
-        if self.before_request is not None:
-            self.before_request()
+    def _fetch(self, path: str, what: str, instances: int) -> None:
+        if self.pacer is not None:
+            self.pacer.before_request(instances)
         response = _get(self.session(), self.cfg, path, what, headers={"Accept": ACCEPT_DICOM})
         content_type = response.headers.get("Content-Type", "")
         if not content_type.startswith("multipart/related"):
@@ -540,14 +542,14 @@ def retrieve(
     fsync: bool = True,
     progress: bool = True,
     observer: RetrieveObserver | None = None,
-    before_request: Callable[[], None] | None = None,
+    pacer: Pacer | None = None,
 ) -> RetrieveSummary:
     """Fetch ``items`` by WADO-RS into ``spool_dir`` over ``workers`` keep-alive connections.
 
     Instances already spooled are skipped (``already_present``). The spool says what arrived:
     every listed instance still missing after the retries is counted as failed, and its item,
-    narrowed to what is missing, is in ``failures`` with the last reason. ``before_request()`` runs
-    before every HTTP request (the pull's window and rate limit).
+    narrowed to what is missing, is in ``failures`` with the last reason. ``pacer``
+    (``ingest.polite``) is asked before every WADO-RS request: the pull's window and rate limit.
     """
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: use 1 or more parallel HTTP connections")
@@ -574,11 +576,18 @@ def retrieve(
         min(workers, len(wanted)),
     )
     with tqdm(total=len(wanted), unit="item", desc="WADO-RS", disable=not progress) as bar:
-        retriever = _Retriever(cfg, spool, counts, fsync, observer, bar, before_request)
+        retriever = _Retriever(cfg, spool, counts, fsync, observer, bar, pacer)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wado")
         try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wado") as pool:
-                list(pool.map(retriever.run, wanted))
+            list(pool.map(retriever.run, wanted))
+        except BaseException:
+            # Ctrl-C: start nothing more, wake threads waiting for the window, let running requests end.
+            if pacer is not None:
+                pacer.interrupt()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
         finally:
+            pool.shutdown(wait=True)
             retriever.close()
     summary.requested += retriever.requested
     summary.completed = retriever.completed

@@ -64,6 +64,7 @@ from ingest.imaging.gpu_decode import resolve_gpu_decode
 from ingest.imaging.preprocess import PreprocessParams
 from ingest.ledger import LEDGER_NAME, build_ledger, incomplete_studies, write_ledger
 from ingest.metrics import IngestMetrics
+from ingest.polite import Pacer, PullInterrupted, Window
 
 log = logging.getLogger("ingest.pull")
 
@@ -90,6 +91,9 @@ class PullConfig:
     processes: int = 1
     studies_per_request: int = 50
     fsync: bool = True
+    # Polite pulling (ingest.polite): retrieve only inside this daily window, at most max_rate instances/s.
+    window: Window | None = None
+    max_rate: float | None = None
     write_shards: bool = True
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     preprocessing: PreprocessParams = field(default_factory=PreprocessParams)
@@ -113,6 +117,8 @@ class PullConfig:
             raise ValueError(
                 f"processes={self.processes}: use 1 (retrieve in this process) or more, up to the cores"
             )
+        if self.max_rate is not None and self.max_rate <= 0:
+            raise ValueError(f"max_rate={self.max_rate}: instances per second, > 0 (or no limit: None)")
         if self.shard_size < 1:
             raise ValueError(f"shard_size={self.shard_size}: use 1 or more samples per shard")
         if not 0 <= self.scp_port < 65536:
@@ -141,6 +147,7 @@ class PullConfig:
         d = dataclasses.asdict(self)
         d["work_dir"] = str(self.work_dir)
         d["dicomweb"] = self.dicomweb.to_dict() if self.dicomweb is not None else None  # no credentials
+        d["window"] = str(self.window) if self.window is not None else None
         d["balance"] = self.balance.to_dict()
         d["preprocessing"] = self.preprocessing.to_dict()
         return json.loads(json.dumps(d, default=str))
@@ -213,7 +220,12 @@ def pull(
 
     metrics.set_stage("retrieve")
     if items:
-        result.retrieval = _retrieve(cfg, items, metrics, progress)
+        pacer = Pacer(cfg.window, cfg.max_rate)
+        try:
+            result.retrieval = _retrieve(cfg, items, metrics, progress, pacer if pacer.active else None)
+        except BaseException:
+            pacer.interrupt()  # Ctrl-C: threads waiting for the window or the rate stop at once
+            raise
     metrics.on_skipped(result.retrieval.already_present)
     ledger = build_ledger(promised, cfg.spool_dir, result.retrieval.failures)
     write_ledger(ledger, cfg.ledger_path)
@@ -258,7 +270,9 @@ def pull(
     return result
 
 
-def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) -> RetrieveSummary:
+def _retrieve(
+    cfg: PullConfig, items, metrics: IngestMetrics, progress: bool, pacer: Pacer | None
+) -> RetrieveSummary:
     if cfg.dicomweb is not None:
         return dicomweb.retrieve(
             cfg.dicomweb,
@@ -268,6 +282,7 @@ def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) ->
             fsync=cfg.fsync,
             progress=progress,
             observer=metrics,
+            pacer=pacer,
         )
     if cfg.method == "get":
         return retrieve(
@@ -282,6 +297,7 @@ def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) ->
             observer=metrics,
             fsync=cfg.fsync,
             transport=cfg.transport,
+            pacer=pacer,
         )
     destination = cfg.pacs.move_destination or cfg.pacs.calling_aet
     # Only the PACS we query may push to us: anything else is refused and logged by the SCP. With
@@ -308,6 +324,7 @@ def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) ->
             progress=progress,
             observer=metrics,
             transport=cfg.transport,
+            pacer=pacer,
         )
 
 
@@ -385,6 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net.add_argument("--retries", type=int, default=3, help="retries with back-off per request")
     net.add_argument("--max-pdu", type=int, default=65536, help="maximum PDU size in bytes (0: unlimited)")
+    polite = parser.add_argument_group("polite pulling")
+    polite.add_argument(
+        "--window",
+        type=Window.parse,
+        metavar="HH:MM-HH:MM",
+        help="retrieve only inside this daily local-time window, e.g. 19:00-07:00; outside it the pull "
+        "pauses and logs when it resumes (requests already running finish)",
+    )
+    polite.add_argument(
+        "--max-rate", type=float, metavar="N", help="retrieve at most N instances per second on average"
+    )
     query = parser.add_argument_group("query")
     query.add_argument(
         "--from", dest="date_from", type=date.fromisoformat, help="first study date, YYYY-MM-DD"
@@ -449,6 +477,8 @@ def config_from_args(args: argparse.Namespace) -> PullConfig:
         processes=args.processes,
         studies_per_request=args.studies_per_request,
         fsync=args.fsync,
+        window=args.window,
+        max_rate=args.max_rate,
         write_shards=not args.no_shards,
         balance=balance_config_from_args(args),
         preprocessing=resolve_gpu_decode(
@@ -484,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PacsError, CatalogError, ShardError, ValueError) as exc:
         print(f"error: {exc}", flush=True)
         return 1
+    except (KeyboardInterrupt, PullInterrupted):
+        print("interrupted: the spool holds only complete instances; run the same command to resume")
+        return 130
     finally:
         if server is not None:
             server.shutdown()

@@ -3,7 +3,9 @@ misbehaving DICOMweb peer on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from datetime import date
 from pathlib import Path
 
@@ -217,3 +219,16 @@ def test_partial_transfers_are_in_the_ledger_exit_3_and_a_rerun_completes_them(
         rerun = peer.requests[requests_before:]
         wado = [p for p in rerun if p.count("/") == 3 or "/instances/" in p]
         assert wado and {p.split("/")[3] for p in wado} == set(incomplete)
+
+
+@pytest.mark.slow
+def test_dicomweb_pull_keeps_to_the_rate_limit(study_files, tmp_path: Path) -> None:
+    with DicomwebPeer(study_files) as peer:
+        cfg = web_config(peer.url, tmp_path, max_rate=20)
+        started = time.monotonic()
+        result = pull(cfg, id_salt="s", scheduler="sync", progress=False)
+        elapsed = time.monotonic() - started
+    assert result.ok and result.retrieval.completed == len(peer.instances) == 12
+    # 6 study requests of 2 instances at 20 instances/s: the last starts 0.5 s after the first.
+    assert elapsed >= 0.5
+    assert json.loads((tmp_path / "pull-config.json").read_text())["max_rate"] == 20

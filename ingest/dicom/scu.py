@@ -83,6 +83,7 @@ from ingest.dicom.scp import (
     tune_connection,
 )
 from ingest.dicom.upper_layer import ProtocolError
+from ingest.polite import Pacer
 
 LOGGER = logging.getLogger("ingest.dicom.scu")
 
@@ -1131,6 +1132,7 @@ def retrieve(
     max_studies_per_request: int = 50,
     fsync: bool = True,
     transport: str = DEFAULT_TRANSPORT,
+    pacer: Pacer | None = None,
 ) -> RetrieveSummary:
     """Retrieve ``items`` by C-MOVE (into the running ``scp``) or C-GET (into ``spool_dir``).
 
@@ -1158,6 +1160,9 @@ def retrieve(
     list request leaves incomplete are retried one per request; a PACS that sends nothing for a
     list gets one study per request for the rest of the run (of that process). ``max_studies_per_request=1``
     never sends a list.
+
+    ``pacer`` (``ingest.polite``) is asked before each request is handed to an association: outside
+    its window no request starts, and requests are spaced to its instance rate.
     """
     if method not in ("move", "get"):
         raise ValueError(f"method={method!r}: use 'move' (PACS pushes to our Storage SCP) or 'get'")
@@ -1235,7 +1240,7 @@ def retrieve(
                 work: queue.Queue[list[RetrieveItem]] = queue.Queue()
                 for batch in requests:
                     work.put(batch)
-                _run_threads(retriever, n_workers, lambda: _next_or_none(work))
+                _run_threads(retriever, n_workers, lambda: _paced(pacer, _next_or_none(work)))
                 outcomes, request_warnings, child_bytes = retriever.outcomes, retriever.request_warnings, 0
             else:
                 job = _ChildJob(
@@ -1250,7 +1255,7 @@ def retrieve(
                     transport=transport,
                 )
                 outcomes, request_warnings, child_bytes = _retrieve_in_processes(
-                    job, requests, processes, observer, bar
+                    job, requests, processes, observer, bar, pacer
                 )
     finally:
         if observer is not None:
@@ -1368,6 +1373,14 @@ def _raise_model_refused(cfg: PacsConfig, query_model: UID) -> NoReturn:
     )
 
 
+def _paced(pacer: Pacer | None, batch: list[RetrieveItem] | None) -> list[RetrieveItem] | None:
+    """``batch``, once ``pacer`` lets a request for its instances start (a study or series item
+    without a list counts as one)."""
+    if pacer is not None and batch is not None:
+        pacer.before_request(sum(len(item.sop_instance_uids) or 1 for item in batch))
+    return batch
+
+
 def _next_or_none(work: queue.Queue) -> list[RetrieveItem] | None:
     try:
         return work.get_nowait()
@@ -1478,7 +1491,7 @@ def _process_context() -> multiprocessing.context.BaseContext:
 
 
 def _retrieve_in_processes(
-    job: _ChildJob, requests: list[list[RetrieveItem]], processes: int, observer, bar
+    job: _ChildJob, requests: list[list[RetrieveItem]], processes: int, observer, bar, pacer=None
 ) -> tuple[list[_ItemOutcome], int, int]:
     """Run ``requests`` in ``processes`` child processes, handing each request to whichever asks
     first; returns (outcomes, request warnings, bytes the children stored). Items of a child that
@@ -1510,7 +1523,7 @@ def _retrieve_in_processes(
                     live.discard(connection)
                     continue
                 if kind == "next":
-                    batch = pending.pop() if pending else None
+                    batch = _paced(pacer, pending.pop() if pending else None)
                     try:
                         connection.send(batch)
                     except OSError:  # it died after asking: the batch goes to the next that asks

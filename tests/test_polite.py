@@ -1,0 +1,121 @@
+"""Polite pulling: the off-peak window and the instance rate, alone and in C-GET and DICOMweb pulls."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+
+import pydicom
+import pytest
+from factories import make_instance
+from pacs_peers import GetPacs
+
+from ingest.dicom.scu import PacsConfig, RetrieveItem, retrieve
+from ingest.polite import Pacer, PullInterrupted, Window
+
+
+def test_window_parses_and_wraps_past_midnight() -> None:
+    night = Window.parse("19:00-07:00")
+    assert str(night) == "19:00-07:00"
+    day = dt.datetime(2026, 3, 2)
+    assert night.seconds_until_open(day.replace(hour=23)) == 0
+    assert night.seconds_until_open(day.replace(hour=6, minute=59)) == 0
+    assert night.seconds_until_open(day.replace(hour=7)) == 12 * 3600
+    assert night.seconds_until_open(day.replace(hour=18, minute=30)) == 1800
+    office = Window.parse("9:00-17:30")
+    assert office.seconds_until_open(day.replace(hour=12)) == 0
+    assert office.seconds_until_open(day.replace(hour=18)) == 15 * 3600
+    for bad in ("19-07", "25:00-07:00", "07:00-07:00"):
+        with pytest.raises(ValueError):
+            Window.parse(bad)
+
+
+class FakeClock:
+    """Local time that advances only when the pacer waits."""
+
+    def __init__(self, start: dt.datetime) -> None:
+        self.now = start
+        self.waits: list[float] = []
+
+    def wait(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        self.now += dt.timedelta(seconds=seconds)
+        return False
+
+
+def test_outside_the_window_the_pacer_pauses_says_when_it_resumes_and_resumes(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.polite")
+    clock = FakeClock(dt.datetime(2026, 3, 2, 18, 58, 30))
+    pacer = Pacer(Window.parse("19:00-07:00"), now=lambda: clock.now, wait=clock.wait)
+    pacer.before_request(5)
+    assert clock.now == dt.datetime(2026, 3, 2, 19, 0) and sum(clock.waits) == 90
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "outside the pull window 19:00-07:00: pausing until 2026-03-02 19:00 (local time)"
+    assert messages[1:] == ["inside the pull window 19:00-07:00 again: resuming"]
+    clock.waits.clear()
+    pacer.before_request(5)
+    assert clock.waits == [], "inside the window nothing waits"
+
+
+def test_interrupt_wakes_a_thread_waiting_for_the_window_at_once() -> None:
+    closed = Window.parse("00:00-00:01")
+    pacer = Pacer(closed, now=lambda: dt.datetime(2026, 3, 2, 12, 0))
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            pacer.before_request()
+        except PullInterrupted as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.2)
+    assert thread.is_alive(), "outside the window the request waits"
+    started = time.monotonic()
+    pacer.interrupt()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and time.monotonic() - started < 1 and len(errors) == 1
+
+
+def test_max_rate_spaces_requests_by_the_instances_they_ask_for() -> None:
+    clock = {"t": 100.0}
+    slept: list[float] = []
+
+    def wait(seconds: float) -> bool:
+        slept.append(seconds)
+        clock["t"] += seconds
+        return False
+
+    pacer = Pacer(max_rate=10, monotonic=lambda: clock["t"], wait=wait)
+    pacer.before_request(5)  # first request: at once
+    pacer.before_request(1)  # 5 instances at 10/s: half a second later
+    pacer.before_request(1)
+    assert slept == pytest.approx([0, 0.5, 0.1])
+    with pytest.raises(ValueError, match="instances per second"):
+        Pacer(max_rate=0)
+
+
+@pytest.mark.slow
+def test_c_get_requests_keep_to_the_rate(tmp_path) -> None:
+    study, series = "1.2.826.0.1.3680043.10.996.1", "1.2.826.0.1.3680043.10.996.1.1"
+    paths = [
+        make_instance(tmp_path / f"{n}.dcm", study_uid=study, series_uid=series, sop_uid=f"{series}.{n}")
+        for n in range(1, 7)
+    ]
+    datasets = [pydicom.dcmread(path) for path in paths]
+    pacs = GetPacs(datasets)
+    try:
+        cfg = PacsConfig("127.0.0.1", pacs.port, "FLAKYPACS", retries=0)
+        items = [RetrieveItem(study, series, (ds.SOPInstanceUID,), (ds.SOPClassUID,)) for ds in datasets]
+        started = time.monotonic()
+        summary = retrieve(
+            cfg, items, method="get", spool_dir=tmp_path / "spool", workers=3, pacer=Pacer(max_rate=10)
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        pacs.server.shutdown()
+    assert summary.ok and summary.completed == 6 and pacs.requests == 6
+    assert elapsed >= 0.5, "6 single-instance requests at 10 instances/s take at least 0.5 s"
