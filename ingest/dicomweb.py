@@ -24,6 +24,7 @@ import base64
 import dataclasses
 import datetime as dt
 import io
+import json
 import logging
 import os
 import re
@@ -93,6 +94,8 @@ class DicomwebConfig:
     timeout: float = 120
     retries: int = 3
     backoff_s: float = 1.0
+    # Total seconds for one WADO-RS answer, body included (None: no limit); past it the request is retried.
+    retrieve_timeout: float | None = None
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -111,6 +114,8 @@ class DicomwebConfig:
             raise ValueError(f"retries={self.retries!r}: use 0 (one attempt only) or more")
         if not isinstance(self.backoff_s, int | float) or self.backoff_s < 0:
             raise ValueError(f"backoff_s={self.backoff_s!r}: the first back-off delay must be >= 0 seconds")
+        if self.retrieve_timeout is not None and self.retrieve_timeout <= 0:
+            raise ValueError(f"retrieve_timeout={self.retrieve_timeout!r}: seconds per WADO-RS answer, > 0")
 
     @property
     def root(self) -> str:
@@ -176,19 +181,34 @@ def open_session(cfg: DicomwebConfig, pool_size: int = 1) -> requests.Session:
     return session
 
 
-def _get(session: requests.Session, cfg: DicomwebConfig, path: str, what: str, **kwargs) -> requests.Response:
-    """One GET with retries on connection errors and retryable answers; raises PacsError otherwise."""
+def _get(
+    session: requests.Session,
+    cfg: DicomwebConfig,
+    path: str,
+    what: str,
+    total_timeout: float | None = None,
+    **kwargs,
+) -> tuple[requests.Response, bytes]:
+    """One GET with retries on connection errors and retryable answers: (the response, its body).
+    Raises PacsError when it fails for good.
+
+    ``total_timeout`` bounds the whole answer, body included (``timeout`` bounds each read only):
+    a server that trickles or stalls mid-body is cut off and asked again."""
     number = 0
     while True:
         delay = cfg.backoff_s * 2**number
         try:
-            response = session.get(cfg.root + path, timeout=cfg.timeout, **kwargs)
+            if total_timeout is None:
+                response = session.get(cfg.root + path, timeout=cfg.timeout, **kwargs)
+                body = response.content
+            else:
+                response, body = _get_within(session, cfg.root + path, cfg.timeout, total_timeout, **kwargs)
         except requests.RequestException as exc:
             # The exception text names the URL only (requests keeps headers out of it).
             error = PacsError(f"{what}: {type(exc).__name__}: {exc}")
         else:
             if response.status_code < 400:
-                return response
+                return response, body
             error = http_error(response, what)
             if response.status_code not in _RETRYABLE_HTTP:
                 raise error
@@ -198,6 +218,19 @@ def _get(session: requests.Session, cfg: DicomwebConfig, path: str, what: str, *
         LOGGER.warning("%s; retrying in %.1f s (attempt %d of %d)", error, delay, number + 1, cfg.retries + 1)
         time.sleep(delay)
         number += 1
+
+
+def _get_within(session, url: str, timeout: float, total: float, **kwargs) -> tuple[requests.Response, bytes]:
+    """``session.get`` whose body must arrive within ``total`` seconds of the request."""
+    deadline = time.monotonic() + total
+    response = session.get(url, timeout=min(timeout, total), stream=True, **kwargs)
+    chunks = []
+    with response:
+        for chunk in response.iter_content(chunk_size=1 << 20):
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise requests.Timeout(f"answer not complete within retrieve_timeout={total:g} s")
+    return response, b"".join(chunks)
 
 
 def http_error(response: requests.Response, what: str) -> PacsError:
@@ -239,8 +272,8 @@ def _from_json(obj: dict, keys: Sequence[str]) -> dict:
 
 def _qido(session, cfg: DicomwebConfig, path: str, params: dict, what: str) -> tuple[list[dict], bool]:
     """One QIDO-RS search: (matches, whether the server says more exist)."""
-    response = _get(session, cfg, path, what, params=params, headers={"Accept": ACCEPT_JSON})
-    matches = response.json() if response.content.strip() else []
+    response, body = _get(session, cfg, path, what, params=params, headers={"Accept": ACCEPT_JSON})
+    matches = json.loads(body) if body.strip() else []
     # PS3.18 8.3.4.4: a server that returns fewer results than match says so in a 299 warning.
     truncated = "299" in response.headers.get("Warning", "")
     return matches, truncated
@@ -511,13 +544,20 @@ class _Retriever:
     def _fetch(self, path: str, what: str, instances: int) -> None:
         if self.pacer is not None:
             self.pacer.before_request(instances)
-        response = _get(self.session(), self.cfg, path, what, headers={"Accept": ACCEPT_DICOM})
+        response, body = _get(
+            self.session(),
+            self.cfg,
+            path,
+            what,
+            total_timeout=self.cfg.retrieve_timeout,
+            headers={"Accept": ACCEPT_DICOM},
+        )
         content_type = response.headers.get("Content-Type", "")
         if not content_type.startswith("multipart/related"):
             raise PacsError(f"{what}: answered {content_type or 'no Content-Type'}, not multipart/related")
         try:
-            for headers, body in multipart_parts(content_type, response.content):
-                self._store(headers, body, what)
+            for headers, part in multipart_parts(content_type, body):
+                self._store(headers, part, what)
         except ValueError as exc:
             raise PacsError(f"{what}: {exc}") from None
 

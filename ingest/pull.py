@@ -411,6 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
         "pauses and logs when it resumes (requests already running finish)",
     )
     polite.add_argument(
+        "--retrieve-timeout",
+        type=float,
+        metavar="S",
+        help="total seconds one C-MOVE/C-GET (or WADO-RS answer) may take; past it a C-MOVE/C-GET is "
+        "cancelled (C-CANCEL), and the request is retried for what is still missing (default: no limit)",
+    )
+    polite.add_argument(
         "--max-rate", type=float, metavar="N", help="retrieve at most N instances per second on average"
     )
     query = parser.add_argument_group("query")
@@ -446,6 +453,7 @@ def config_from_args(args: argparse.Namespace) -> PullConfig:
             authorization=authorization_from(token_file=args.token_file, basic_file=args.basic_auth_file),
             timeout=args.timeout,
             retries=args.retries,
+            retrieve_timeout=args.retrieve_timeout,
         )
     else:
         if args.called_aet is None:
@@ -460,6 +468,7 @@ def config_from_args(args: argparse.Namespace) -> PullConfig:
             dimse_timeout=args.timeout,
             retries=args.retries,
             max_pdu=args.max_pdu,
+            retrieve_timeout=args.retrieve_timeout,
         )
     return PullConfig(
         pacs=pacs,

@@ -4,6 +4,7 @@ that misbehave on demand."""
 from __future__ import annotations
 
 import json
+import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -18,13 +19,17 @@ from ingest.demo.orthanc import free_port
 class GetPacs:
     """A pynetdicom C-GET SCP on 127.0.0.1 serving the instances it is asked for by SOPInstanceUID.
 
-    It sends ``abort_after`` instances of each request, then aborts (None: never). ``require`` limits
-    the calling AE titles it accepts (empty: any).
+    It sends ``abort_after`` instances of each request, then aborts (None: never). The first
+    ``stall`` requests stay pending (after ``abort_after`` instances, if set) until the requestor
+    sends C-CANCEL; ``cancelled`` counts those. ``require`` limits the calling AE titles it accepts
+    (empty: any).
     """
 
     def __init__(self, datasets: list[Dataset], require: list[str] | None = None) -> None:
         self.datasets = {ds.SOPInstanceUID: ds for ds in datasets}
         self.abort_after: int | None = None
+        self.stall = 0
+        self.cancelled = 0
         self.requests = 0
         ae = AE(ae_title="FLAKYPACS")
         ae.require_calling_aet = require or []
@@ -40,10 +45,18 @@ class GetPacs:
         wanted = event.identifier.SOPInstanceUID
         wanted = [wanted] if isinstance(wanted, str) else list(wanted)
         selected = [self.datasets[uid] for uid in wanted if uid in self.datasets]
+        stall, self.stall = self.stall > 0, max(self.stall - 1, 0)
         yield len(selected)
         for sent, dataset in enumerate(selected):
             if sent == self.abort_after:
-                event.assoc.abort()
+                if not stall:
+                    event.assoc.abort()
+                    return
+                deadline = time.monotonic() + 60  # pending until cancelled (a test gives up after this)
+                while not event.is_cancelled and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                self.cancelled += 1
+                yield 0xFE00, None
                 return
             yield 0xFF00, dataset
 
@@ -53,7 +66,8 @@ class DicomwebPeer:
 
     It serves ``files`` (Part 10 paths). ``drop`` holds SOPInstanceUIDs it leaves out of every
     study answer (a partial transfer reported as complete) and answers 404 for when asked alone;
-    the first ``throttle`` requests get 429 with ``Retry-After: 0``. ``token`` is the bearer token
+    the first ``throttle`` requests get 429 with ``Retry-After: 0``; the first ``stall`` WADO-RS
+    answers send half their body, then wait ``stall_s`` seconds. ``token`` is the bearer token
     it requires (None: any). ``requests`` counts what it was asked, ``authorizations`` keeps the
     Authorization headers it saw.
     """
@@ -71,6 +85,8 @@ class DicomwebPeer:
         self.token = token
         self.drop: set[str] = set()
         self.throttle = 0
+        self.stall = 0
+        self.stall_s = 5.0
         self.requests: list[str] = []
         self.authorizations: list[str] = []
         peer = self
@@ -170,13 +186,27 @@ class _DicomwebHandler(BaseHTTPRequestHandler):
         )
         body += f"--{boundary}--\r\n".encode()
         content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        if peer.stall > 0:
+            peer.stall -= 1
+            return self._send(200, body, content_type, stall_s=peer.stall_s)
         self._send(200, body, content_type)
 
-    def _send(self, code: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+    def _send(
+        self, code: int, body: bytes, content_type: str, headers: dict | None = None, stall_s: float = 0
+    ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
+        if stall_s:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            time.sleep(stall_s)
+            try:
+                self.wfile.write(body[len(body) // 2 :])
+            except OSError:  # the client gave up
+                self.close_connection = True
+            return
         self.wfile.write(body)

@@ -232,3 +232,20 @@ def test_dicomweb_pull_keeps_to_the_rate_limit(study_files, tmp_path: Path) -> N
     # 6 study requests of 2 instances at 20 instances/s: the last starts 0.5 s after the first.
     assert elapsed >= 0.5
     assert json.loads((tmp_path / "pull-config.json").read_text())["max_rate"] == 20
+
+
+@pytest.mark.slow
+def test_a_wado_answer_that_stalls_is_cut_at_the_retrieve_timeout_and_retried(study_files, tmp_path) -> None:
+    with DicomwebPeer(study_files) as peer:
+        peer.stall, peer.stall_s = 1, 5.0
+        cfg = PullConfig(
+            dicomweb=DicomwebConfig(peer.url, retries=2, backoff_s=0.05, retrieve_timeout=0.5),
+            work_dir=tmp_path,
+            workers=1,
+            write_shards=False,
+        )
+        started = time.monotonic()
+        result = pull(cfg, id_salt="s", scheduler="sync", progress=False)
+        elapsed = time.monotonic() - started
+    assert result.ok and spooled_uids(tmp_path / "spool") == set(peer.instances)
+    assert elapsed < 4, "the stalled answer was cut after 0.5 s, not waited for"

@@ -12,8 +12,11 @@ import pytest
 from factories import make_instance
 from pacs_peers import GetPacs
 
+from ingest.dicom.scp import TRANSPORTS, spooled_uids
 from ingest.dicom.scu import PacsConfig, RetrieveItem, retrieve
 from ingest.polite import Pacer, PullInterrupted, Window
+
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 
 def test_window_parses_and_wraps_past_midnight() -> None:
@@ -119,3 +122,34 @@ def test_c_get_requests_keep_to_the_rate(tmp_path) -> None:
         pacs.server.shutdown()
     assert summary.ok and summary.completed == 6 and pacs.requests == 6
     assert elapsed >= 0.5, "6 single-instance requests at 10 instances/s take at least 0.5 s"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_retrieve_that_stays_pending_is_cancelled_and_retried(tmp_path, transport: str) -> None:
+    study, series = "1.2.826.0.1.3680043.10.995.1", "1.2.826.0.1.3680043.10.995.1.1"
+    paths = [
+        make_instance(tmp_path / f"{n}.dcm", study_uid=study, series_uid=series, sop_uid=f"{series}.{n}")
+        for n in range(1, 5)
+    ]
+    pacs = GetPacs([pydicom.dcmread(path) for path in paths])
+    pacs.abort_after, pacs.stall = 2, 1  # the first request sends 2 instances, then stays pending
+    try:
+        cfg = PacsConfig("127.0.0.1", pacs.port, "FLAKYPACS", retries=1, backoff_s=0.05, retrieve_timeout=1.0)
+        uids = tuple(f"{series}.{n}" for n in range(1, 5))
+        started = time.monotonic()
+        summary = retrieve(
+            cfg,
+            [RetrieveItem(study, series, uids, (CR_STORAGE,))],
+            method="get",
+            spool_dir=tmp_path / "spool",
+            workers=1,
+            progress=False,
+            transport=transport,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        pacs.server.shutdown()
+    assert pacs.cancelled == 1 and pacs.requests == 2
+    assert summary.ok and summary.completed == 4 and spooled_uids(tmp_path / "spool") == set(uids)
+    assert elapsed < 10, "cancelled after retrieve_timeout, not after the 120 s DIMSE timeout"

@@ -148,6 +148,8 @@ class PacsConfig:
     max_pdu: int = 65536
     retries: int = 3
     backoff_s: float = 1.0
+    # Total seconds for one C-MOVE / C-GET (None: no limit); past it the request is cancelled and retried.
+    retrieve_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not self.host or not isinstance(self.host, str):
@@ -168,6 +170,12 @@ class PacsConfig:
             raise ValueError(f"retries={self.retries!r}: use 0 (one attempt only) or more")
         if not isinstance(self.backoff_s, int | float) or self.backoff_s < 0:
             raise ValueError(f"backoff_s={self.backoff_s!r}: the first back-off delay must be >= 0 seconds")
+        if self.retrieve_timeout is not None and (
+            not isinstance(self.retrieve_timeout, int | float) or self.retrieve_timeout <= 0
+        ):
+            raise ValueError(
+                f"retrieve_timeout={self.retrieve_timeout!r}: seconds per C-MOVE/C-GET, > 0 (None: no limit)"
+            )
 
     @classmethod
     def parse(cls, address: str, called_aet: str | None = None, **options) -> PacsConfig:
@@ -353,7 +361,9 @@ class _PynetdicomRetrieving:
     def __init__(self, assoc: Association, cfg: PacsConfig) -> None:
         self._assoc = assoc
         self._dimse_timeout = cfg.dimse_timeout
+        self._retrieve_timeout = cfg.retrieve_timeout
         self.lost_reason: str | None = None
+        self.cancelled = False
 
     @property
     def is_established(self) -> bool:
@@ -362,14 +372,45 @@ class _PynetdicomRetrieving:
     def send_c_move(
         self, identifier: Dataset, move_aet: str, query_model: str, msg_id: int
     ) -> tuple[Dataset, Dataset | None]:
-        return self._final(self._assoc.send_c_move(identifier, move_aet, query_model, msg_id=msg_id))
+        responses = self._assoc.send_c_move(identifier, move_aet, query_model, msg_id=msg_id)
+        return self._final(responses, query_model, msg_id)
 
     def send_c_get(
         self, identifier: Dataset, query_model: str, msg_id: int
     ) -> tuple[Dataset, Dataset | None]:
-        return self._final(self._assoc.send_c_get(identifier, query_model, msg_id=msg_id))
+        responses = self._assoc.send_c_get(identifier, query_model, msg_id=msg_id)
+        return self._final(responses, query_model, msg_id)
 
-    def _final(self, responses: Iterator[tuple[Dataset, Dataset | None]]) -> tuple[Dataset, Dataset | None]:
+    def _cancel(self, query_model: str, msg_id: int) -> None:
+        """Timer thread: C-CANCEL the request still running after retrieve_timeout."""
+        context_id = next(
+            cx.context_id for cx in self._assoc.accepted_contexts if cx.abstract_syntax == query_model
+        )
+        LOGGER.warning(
+            "retrieve %d still running after retrieve_timeout=%g s: sending C-CANCEL",
+            msg_id,
+            self._retrieve_timeout,
+        )
+        self.cancelled = True
+        self._assoc.send_c_cancel(msg_id, context_id)
+
+    def _final(
+        self, responses: Iterator[tuple[Dataset, Dataset | None]], query_model: str, msg_id: int
+    ) -> tuple[Dataset, Dataset | None]:
+        self.cancelled = False
+        if self._retrieve_timeout is None:
+            return self._final_status(responses)
+        timer = threading.Timer(self._retrieve_timeout, self._cancel, (query_model, msg_id))
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._final_status(responses)
+        finally:
+            timer.cancel()
+
+    def _final_status(
+        self, responses: Iterator[tuple[Dataset, Dataset | None]]
+    ) -> tuple[Dataset, Dataset | None]:
         final: tuple[Dataset, Dataset | None] | None = None
         for status, identifier in responses:  # to the end: pynetdicom un-parks its reactor there
             if not status:
@@ -1074,6 +1115,13 @@ class _Retriever:
         if not status:
             conn.drop()
             raise PacsError(f"association lost: {assoc.lost_reason}")
+        if assoc.cancelled:
+            # A stalled retrieve: what arrived is in the spool, and the retry asks for the rest.
+            completed = int(status.get("NumberOfCompletedSuboperations") or 0)
+            raise PacsError(
+                f"no final answer within retrieve_timeout={self.cfg.retrieve_timeout:g} s: cancelled "
+                f"(C-CANCEL) after {completed} sub-operation(s)"
+            )
         return status, answer
 
     def _check_final(self, status: Dataset, identifier: Dataset | None) -> None:
@@ -1327,7 +1375,12 @@ def _open_retrieving(
             called_aet=cfg.called_aet,
             contexts=contexts,
             max_pdu=cfg.max_pdu,
-            timeouts=Timeouts(connect=cfg.network_timeout, acse=cfg.acse_timeout, dimse=cfg.dimse_timeout),
+            timeouts=Timeouts(
+                connect=cfg.network_timeout,
+                acse=cfg.acse_timeout,
+                dimse=cfg.dimse_timeout,
+                retrieve=cfg.retrieve_timeout,
+            ),
             scp_role_classes=storage_classes,
             on_store=on_store,
         )
