@@ -63,7 +63,7 @@ from ingest.dicom.scu import (
     search_by_date_windows,
 )
 from ingest.dicom.upper_layer import ReceivedInstance
-from ingest.polite import Pacer
+from ingest.polite import AdaptiveConcurrency, Pacer
 
 LOGGER = logging.getLogger("ingest.dicomweb")
 
@@ -75,6 +75,8 @@ ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 ACCEPT_JSON = "application/dicom+json"
 # Answers after which the same request may succeed later: throttling, overload, gateway trouble.
 _RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
+# Answers that say the server is overloaded: the retrieval runs fewer requests at once for a while.
+_OVERLOAD_HTTP = {429, 503}
 _MAX_RETRY_AFTER_S = 300.0
 _INTEGER_KEYS = {"NumberOfStudyRelatedInstances", "InstanceNumber"}
 _MULTIVALUED_KEYS = {"ModalitiesInStudy"}
@@ -187,26 +189,37 @@ def _get(
     path: str,
     what: str,
     total_timeout: float | None = None,
+    concurrency: AdaptiveConcurrency | None = None,
     **kwargs,
 ) -> tuple[requests.Response, bytes]:
     """One GET with retries on connection errors and retryable answers: (the response, its body).
     Raises PacsError when it fails for good.
 
     ``total_timeout`` bounds the whole answer, body included (``timeout`` bounds each read only):
-    a server that trickles or stalls mid-body is cut off and asked again."""
+    a server that trickles or stalls mid-body is cut off and asked again. Each attempt holds a
+    slot of ``concurrency``, which 429 and 503 answers shrink."""
     number = 0
     while True:
         delay = cfg.backoff_s * 2**number
+        epoch = concurrency.acquire() if concurrency is not None else 0
+        overloaded = None
         try:
             if total_timeout is None:
                 response = session.get(cfg.root + path, timeout=cfg.timeout, **kwargs)
                 body = response.content
             else:
                 response, body = _get_within(session, cfg.root + path, cfg.timeout, total_timeout, **kwargs)
+            if response.status_code in _OVERLOAD_HTTP:
+                overloaded = f"HTTP {response.status_code} from {cfg.describe()}"
         except requests.RequestException as exc:
             # The exception text names the URL only (requests keeps headers out of it).
             error = PacsError(f"{what}: {type(exc).__name__}: {exc}")
         else:
+            error = None
+        finally:
+            if concurrency is not None:
+                concurrency.release(epoch, overloaded)
+        if error is None:
             if response.status_code < 400:
                 return response, body
             error = http_error(response, what)
@@ -466,7 +479,7 @@ def received_from_part10(data: memoryview, peer: str) -> ReceivedInstance:
 class _Retriever:
     """One ``retrieve`` run: per-thread sessions, shared counts and outcomes."""
 
-    def __init__(self, cfg, spool, counts, fsync, observer, bar, pacer) -> None:
+    def __init__(self, cfg, spool, counts, fsync, observer, bar, pacer, workers: int) -> None:
         self.cfg = cfg
         self.spool = spool
         self.counts = counts
@@ -474,6 +487,7 @@ class _Retriever:
         self.observer = observer
         self.bar = bar
         self.pacer = pacer
+        self.concurrency = AdaptiveConcurrency(workers, what="WADO-RS requests")
         self.failures: list[RetrieveFailure] = []
         self.requested = self.completed = 0
         self._lock = threading.Lock()
@@ -550,6 +564,7 @@ class _Retriever:
             path,
             what,
             total_timeout=self.cfg.retrieve_timeout,
+            concurrency=self.concurrency,
             headers={"Accept": ACCEPT_DICOM},
         )
         content_type = response.headers.get("Content-Type", "")
@@ -616,7 +631,7 @@ def retrieve(
         min(workers, len(wanted)),
     )
     with tqdm(total=len(wanted), unit="item", desc="WADO-RS", disable=not progress) as bar:
-        retriever = _Retriever(cfg, spool, counts, fsync, observer, bar, pacer)
+        retriever = _Retriever(cfg, spool, counts, fsync, observer, bar, pacer, workers)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wado")
         try:
             list(pool.map(retriever.run, wanted))

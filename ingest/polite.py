@@ -142,3 +142,56 @@ class Pacer:
             start = max(now, self._next_start)
             self._next_start = start + max(instances, 1) / self.max_rate
         self._sleep(start - now)
+
+
+class AdaptiveConcurrency:
+    """How many requests may run at once, halved when the PACS says it is overloaded, grown back by
+    one after ``grow_after`` requests in a row that were not; every change is logged.
+
+    Overload signs are what the caller reports: DIMSE A7xx statuses (A702 "out of resources"), HTTP
+    429 and 503. Requests that started before a back-off cannot trigger another one, so a storm of
+    failures from the same burst halves the limit once, not once per failure.
+    """
+
+    def __init__(self, maximum: int, *, grow_after: int = 20, what: str = "requests") -> None:
+        if maximum < 1 or grow_after < 1:
+            raise ValueError(f"maximum={maximum}, grow_after={grow_after}: both must be >= 1")
+        self.maximum = maximum
+        self.limit = maximum
+        self.grow_after = grow_after
+        self.what = what
+        self.changes: list[tuple[int, int, str]] = []  # (from, to, why), for reports and tests
+        self._active = 0
+        self._epoch = 0
+        self._calm = 0
+        self._condition = threading.Condition()
+
+    def acquire(self) -> int:
+        """Wait for a free slot; returns the epoch to report the request's outcome with."""
+        with self._condition:
+            while self._active >= self.limit:
+                self._condition.wait()
+            self._active += 1
+            return self._epoch
+
+    def release(self, epoch: int, overloaded: str | None = None) -> None:
+        """End a request that started in ``epoch``; ``overloaded`` names the overload sign it met."""
+        with self._condition:
+            self._active -= 1
+            if overloaded is not None:
+                self._calm = 0
+                if epoch == self._epoch and self.limit > 1:
+                    self._change(max(1, self.limit // 2), overloaded)
+                    self._epoch += 1
+            elif self.limit < self.maximum:
+                self._calm += 1
+                if self._calm >= self.grow_after:
+                    self._calm = 0
+                    self._change(self.limit + 1, f"{self.grow_after} requests in a row without overload")
+            self._condition.notify_all()
+
+    def _change(self, limit: int, why: str) -> None:
+        log = LOGGER.warning if limit < self.limit else LOGGER.info
+        log("concurrent %s %d -> %d: %s", self.what, self.limit, limit, why)
+        self.changes.append((self.limit, limit, why))
+        self.limit = limit

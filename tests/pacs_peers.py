@@ -21,8 +21,8 @@ class GetPacs:
 
     It sends ``abort_after`` instances of each request, then aborts (None: never). The first
     ``stall`` requests stay pending (after ``abort_after`` instances, if set) until the requestor
-    sends C-CANCEL; ``cancelled`` counts those. ``require`` limits the calling AE titles it accepts
-    (empty: any).
+    sends C-CANCEL; ``cancelled`` counts those. The first ``out_of_resources`` requests are refused
+    with A702 and no sub-operation. ``require`` limits the calling AE titles it accepts (empty: any).
     """
 
     def __init__(self, datasets: list[Dataset], require: list[str] | None = None) -> None:
@@ -30,6 +30,7 @@ class GetPacs:
         self.abort_after: int | None = None
         self.stall = 0
         self.cancelled = 0
+        self.out_of_resources = 0
         self.requests = 0
         ae = AE(ae_title="FLAKYPACS")
         ae.require_calling_aet = require or []
@@ -46,7 +47,12 @@ class GetPacs:
         wanted = [wanted] if isinstance(wanted, str) else list(wanted)
         selected = [self.datasets[uid] for uid in wanted if uid in self.datasets]
         stall, self.stall = self.stall > 0, max(self.stall - 1, 0)
+        refuse, self.out_of_resources = self.out_of_resources > 0, max(self.out_of_resources - 1, 0)
         yield len(selected)
+        if refuse:
+            time.sleep(0.1)  # the storm hits requests running at once
+            yield 0xA702, None
+            return
         for sent, dataset in enumerate(selected):
             if sent == self.abort_after:
                 if not stall:

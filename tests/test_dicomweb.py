@@ -249,3 +249,17 @@ def test_a_wado_answer_that_stalls_is_cut_at_the_retrieve_timeout_and_retried(st
         elapsed = time.monotonic() - started
     assert result.ok and spooled_uids(tmp_path / "spool") == set(peer.instances)
     assert elapsed < 4, "the stalled answer was cut after 0.5 s, not waited for"
+
+
+@pytest.mark.slow
+def test_http_429_storm_backs_off_the_wado_connections(study_files, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.polite")
+    with DicomwebPeer(study_files) as peer:
+        cfg = DicomwebConfig(peer.url, retries=3, backoff_s=0.05)
+        studies = [s["StudyInstanceUID"] for s in dicomweb.find_studies(cfg)]
+        items = dicomweb.plan_retrieval(cfg, tmp_path, studies)
+        peer.throttle = 4  # the first burst of 4 parallel requests: all 429
+        summary = dicomweb.retrieve(cfg, items, spool_dir=tmp_path, workers=4, progress=False)
+    assert summary.ok and spooled_uids(tmp_path) == set(peer.instances)
+    changes = [r.getMessage() for r in caplog.records if r.name == "ingest.polite"]
+    assert changes and changes[0].startswith("concurrent WADO-RS requests 4 -> 2: HTTP 429")

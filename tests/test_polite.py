@@ -14,7 +14,7 @@ from pacs_peers import GetPacs
 
 from ingest.dicom.scp import TRANSPORTS, spooled_uids
 from ingest.dicom.scu import PacsConfig, RetrieveItem, retrieve
-from ingest.polite import Pacer, PullInterrupted, Window
+from ingest.polite import AdaptiveConcurrency, Pacer, PullInterrupted, Window
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -153,3 +153,53 @@ def test_a_retrieve_that_stays_pending_is_cancelled_and_retried(tmp_path, transp
     assert pacs.cancelled == 1 and pacs.requests == 2
     assert summary.ok and summary.completed == 4 and spooled_uids(tmp_path / "spool") == set(uids)
     assert elapsed < 10, "cancelled after retrieve_timeout, not after the 120 s DIMSE timeout"
+
+
+def test_adaptive_concurrency_halves_once_per_storm_and_grows_back(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.polite")
+    limit = AdaptiveConcurrency(8, grow_after=3, what="C-MOVE requests")
+    burst = [limit.acquire() for _ in range(8)]
+    for epoch in burst:  # eight A702s from one burst: one back-off
+        limit.release(epoch, overloaded="status 0xA702")
+    assert limit.limit == 4
+    running = [limit.acquire() for _ in range(4)]
+    fifth_started = threading.Event()
+
+    def fifth() -> None:
+        epoch = limit.acquire()  # waits: 4 already run
+        fifth_started.set()
+        limit.release(epoch)
+
+    thread = threading.Thread(target=fifth)
+    thread.start()
+    assert not fifth_started.wait(0.2), "only 4 may run at once after the back-off"
+    for epoch in running:
+        limit.release(epoch)
+    thread.join(timeout=5)
+    assert fifth_started.is_set()
+    limit.release(limit.acquire())
+    assert limit.limit == 6, "3 and then 3 more calm requests grew it by one each"
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "concurrent C-MOVE requests 8 -> 4: status 0xA702"
+    assert messages[1] == "concurrent C-MOVE requests 4 -> 5: 3 requests in a row without overload"
+
+
+@pytest.mark.slow
+def test_an_a702_storm_backs_off_and_every_instance_arrives(tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.polite")
+    study, series = "1.2.826.0.1.3680043.10.994.1", "1.2.826.0.1.3680043.10.994.1.1"
+    paths = [
+        make_instance(tmp_path / f"{n}.dcm", study_uid=study, series_uid=series, sop_uid=f"{series}.{n}")
+        for n in range(1, 9)
+    ]
+    pacs = GetPacs([pydicom.dcmread(path) for path in paths])
+    pacs.out_of_resources = 4
+    try:
+        cfg = PacsConfig("127.0.0.1", pacs.port, "FLAKYPACS", retries=3, backoff_s=0.05)
+        items = [RetrieveItem(study, series, (f"{series}.{n}",), (CR_STORAGE,)) for n in range(1, 9)]
+        summary = retrieve(cfg, items, method="get", spool_dir=tmp_path / "spool", workers=4, progress=False)
+    finally:
+        pacs.server.shutdown()
+    assert summary.ok and summary.completed == 8 and len(spooled_uids(tmp_path / "spool")) == 8
+    changes = [r.getMessage() for r in caplog.records if r.name == "ingest.polite"]
+    assert changes and changes[0].startswith("concurrent C-GET requests 4 -> 2: status 0xA702")

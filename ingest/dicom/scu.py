@@ -83,7 +83,7 @@ from ingest.dicom.scp import (
     tune_connection,
 )
 from ingest.dicom.upper_layer import ProtocolError
-from ingest.polite import Pacer
+from ingest.polite import AdaptiveConcurrency, Pacer
 
 LOGGER = logging.getLogger("ingest.dicom.scu")
 
@@ -973,7 +973,7 @@ def storage_contexts_for_get(sop_classes: Iterable[str]) -> list[tuple[str, str]
 class _Retriever:
     """Shared state of one ``retrieve`` run; each worker thread calls ``work`` with its own association."""
 
-    def __init__(self, cfg, method, destination, spool_dir, counts, opener, observer, bar):
+    def __init__(self, cfg, method, destination, spool_dir, counts, opener, observer, bar, workers=1):
         self.cfg = cfg
         self.method = method
         self.destination = destination
@@ -987,6 +987,8 @@ class _Retriever:
         self._unreachable: str | None = None
         self._lists_refused = False
         self.request_warnings = 0  # from UID-list requests: the PACS counts them per request, not study
+        # Fewer requests at once while the PACS answers A7xx ("out of resources"); see ingest.polite.
+        self.concurrency = AdaptiveConcurrency(workers, what=f"C-{method.upper()} requests")
 
     def work(self, next_batch: Callable[[], list[RetrieveItem] | None]) -> None:
         """Retrieve batches from ``next_batch()`` over one association until it returns None."""
@@ -1101,17 +1103,24 @@ class _Retriever:
     def _send(self, conn: _Connection, identifier: Dataset) -> tuple[Dataset, Dataset | None]:
         """One C-MOVE or C-GET; returns the final (status, identifier), raises PacsError on an abort."""
         assoc = conn.get()
-        if self.method == "move":
-            status, answer = assoc.send_c_move(
-                identifier,
-                self.destination,
-                StudyRootQueryRetrieveInformationModelMove,
-                msg_id=conn.next_message_id(),
-            )
-        else:
-            status, answer = assoc.send_c_get(
-                identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=conn.next_message_id()
-            )
+        epoch = self.concurrency.acquire()
+        overloaded = None
+        try:
+            if self.method == "move":
+                status, answer = assoc.send_c_move(
+                    identifier,
+                    self.destination,
+                    StudyRootQueryRetrieveInformationModelMove,
+                    msg_id=conn.next_message_id(),
+                )
+            else:
+                status, answer = assoc.send_c_get(
+                    identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=conn.next_message_id()
+                )
+            if status and status.Status >> 8 == 0xA7:
+                overloaded = f"status {_status_text(status)} from {self.cfg.describe()}"
+        finally:
+            self.concurrency.release(epoch, overloaded)
         if not status:
             conn.drop()
             raise PacsError(f"association lost: {assoc.lost_reason}")
@@ -1284,7 +1293,9 @@ def retrieve(
         with tqdm(total=len(wanted), unit="item", desc=f"C-{method.upper()}", disable=not progress) as bar:
             if processes == 1:
                 opener = _retrieve_opener(cfg, method, sop_classes, spool, counts, fsync, transport)
-                retriever = _Retriever(cfg, method, destination, spool, counts, opener, observer, bar)
+                retriever = _Retriever(
+                    cfg, method, destination, spool, counts, opener, observer, bar, n_workers
+                )
                 work: queue.Queue[list[RetrieveItem]] = queue.Queue()
                 for batch in requests:
                     work.put(batch)
@@ -1519,7 +1530,9 @@ def _retrieve_process(job: _ChildJob, connection) -> None:
         opener = _retrieve_opener(
             job.cfg, job.method, job.sop_classes, job.spool, counts, job.fsync, job.transport
         )
-        retriever = _Retriever(job.cfg, job.method, job.destination, job.spool, counts, opener, link, link)
+        retriever = _Retriever(
+            job.cfg, job.method, job.destination, job.spool, counts, opener, link, link, job.workers
+        )
         _run_threads(retriever, job.workers, link.next_batch)
         link.done(retriever.outcomes, retriever.request_warnings)
         if scp is not None:
