@@ -540,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_incomplete(result.incomplete_studies, cfg.ledger_path))
     if not result.ok:
         print(
-            f"{len(result.retrieval.failures)} retrieval(s) failed; run the same command again to retry them"
+            f"{len(result.retrieval.failures)} retrieval(s) failed, {len(result.incomplete_studies)} "
+            "study(ies) incomplete; run the same command again to retry them"
         )
         return 3
     return 0

@@ -83,7 +83,7 @@ from ingest.dicom.scp import (
     tune_connection,
 )
 from ingest.dicom.upper_layer import ProtocolError
-from ingest.polite import AdaptiveConcurrency, Pacer
+from ingest.polite import AdaptiveConcurrency, Pacer, PullInterrupted
 
 LOGGER = logging.getLogger("ingest.dicom.scu")
 
@@ -994,7 +994,10 @@ class _Retriever:
         """Retrieve batches from ``next_batch()`` over one association until it returns None."""
         with _Connection(self.cfg, self.opener) as conn:
             while True:
-                batch = next_batch()
+                try:
+                    batch = next_batch()
+                except PullInterrupted:  # Ctrl-C while the pacer held this thread: start nothing more
+                    return
                 if batch is None:
                     return
                 remaining = self._retrieve_study_list(conn, batch) if len(batch) > 1 else batch
