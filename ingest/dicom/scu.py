@@ -1297,7 +1297,7 @@ def retrieve(
             if processes == 1:
                 opener = _retrieve_opener(cfg, method, sop_classes, spool, counts, fsync, transport)
                 retriever = _Retriever(
-                    cfg, method, destination, spool, counts, opener, observer, bar, n_workers
+                    cfg, method, destination, spool, counts, opener, observer, bar, max(n_workers, 1)
                 )
                 work: queue.Queue[list[RetrieveItem]] = queue.Queue()
                 for batch in requests:
