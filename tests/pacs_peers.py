@@ -73,7 +73,9 @@ class DicomwebPeer:
     It serves ``files`` (Part 10 paths). ``drop`` holds SOPInstanceUIDs it leaves out of every
     study answer (a partial transfer reported as complete) and answers 404 for when asked alone;
     the first ``throttle`` requests get 429 with ``Retry-After: 0``; the first ``stall`` WADO-RS
-    answers send half their body, then wait ``stall_s`` seconds. ``token`` is the bearer token
+    answers send half their body, then wait ``stall_s`` seconds; after ``down_after`` WADO-RS
+    answers (None: never) it drops every connection unanswered, as a PACS going down mid-pull.
+    ``token`` is the bearer token
     it requires (None: any). ``requests`` counts what it was asked, ``authorizations`` keeps the
     Authorization headers it saw.
     """
@@ -93,6 +95,7 @@ class DicomwebPeer:
         self.throttle = 0
         self.stall = 0
         self.stall_s = 5.0
+        self.down_after: int | None = None
         self.requests: list[str] = []
         self.authorizations: list[str] = []
         peer = self
@@ -178,6 +181,11 @@ class _DicomwebHandler(BaseHTTPRequestHandler):
                 for ds, _ in members
             ]
             return self._send(200, json.dumps(body).encode(), "application/dicom+json")
+        if peer.down_after is not None:
+            if peer.down_after <= 0:
+                self.close_connection = True  # no answer at all
+                return
+            peer.down_after -= 1
         if len(parts) == 2:
             selected = [data for ds, data in members if ds.SOPInstanceUID not in peer.drop]
         else:

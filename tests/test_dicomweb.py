@@ -3,10 +3,11 @@ misbehaving DICOMweb peer on 127.0.0.1."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from datetime import date
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -152,7 +153,10 @@ def test_dicomweb_pull_from_orthanc_stores_instances_as_sent_and_resumes(
     work = tmp_path / "work"
     args = ["--dicomweb", web_orthanc.dicomweb_url, "--basic-auth-file", str(tmp_path / "basic")]
     args += ["--work", str(work), "--no-shards", "--scheduler", "sync", "--page-limit", "2"]
-    args += ["--workers", "3"]
+    # Polite, inside a window around now: the pull runs at once.
+    now = datetime.now()
+    window = f"{now - timedelta(hours=1):%H:%M}-{now + timedelta(hours=1):%H:%M}"
+    args += ["--workers", "3", "--window", window, "--max-rate", "1000", "--retrieve-timeout", "60"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"6 studies, {len(uids)} instances to fetch" in out
@@ -167,6 +171,7 @@ def test_dicomweb_pull_from_orthanc_stores_instances_as_sent_and_resumes(
     assert set(ledger["study_state"]) == {"complete"}
     # The password is nowhere: not in the console, the log, nor the saved config.
     saved = (work / "pull-config.json").read_text()
+    assert json.loads(saved)["window"] == window
     logged = "\n".join(record.getMessage() for record in caplog.records)
     for text in (out, saved, logged):
         assert SECRET not in text and "cHVsbGVy" not in text  # base64 of "puller"
@@ -263,3 +268,26 @@ def test_http_429_storm_backs_off_the_wado_connections(study_files, tmp_path, ca
     assert summary.ok and spooled_uids(tmp_path) == set(peer.instances)
     changes = [r.getMessage() for r in caplog.records if r.name == "ingest.polite"]
     assert changes and changes[0].startswith("concurrent WADO-RS requests 4 -> 2: HTTP 429")
+
+
+@pytest.mark.slow
+def test_a_pacs_down_mid_pull_leaves_missing_instances_fetched_once_later(study_files, tmp_path) -> None:
+    with DicomwebPeer(study_files) as peer:
+        peer.down_after = 2  # two studies, then nothing answers
+        cfg = dataclasses.replace(web_config(peer.url, tmp_path), workers=1)
+        first = pull(cfg, id_salt="s", scheduler="sync", progress=False)
+        assert not first.ok and first.retrieval.completed == 4
+        ledger = read_ledger(tmp_path / "ledger.parquet")
+        assert (ledger["state"] == "stored").sum() == 4 and set(ledger["state"]) == {"stored", "missing"}
+        incomplete = first.incomplete_studies
+        assert set(incomplete["study_state"]) == {"failed"} and len(incomplete) == 4
+
+        peer.down_after = None  # back up
+        again = pull(cfg, id_salt="s", scheduler="sync", progress=False)
+    assert again.ok and again.planned_instances == 8 and again.retrieval.completed == 8
+    ledger = read_ledger(tmp_path / "ledger.parquet")
+    spooled = spooled_uids(tmp_path / "spool")
+    # Nothing lost, nothing twice: the ledger's stored instances are exactly the spool's files.
+    files = list((tmp_path / "spool").rglob("*.dcm"))
+    assert set(ledger["state"]) == {"stored"} and len(ledger) == len(spooled) == len(files)
+    assert set(ledger["sop_instance_uid"]) == spooled == set(peer.instances)
