@@ -341,6 +341,13 @@ def format_incomplete(table: pd.DataFrame, ledger_path: Path, shown: int = 20) -
     return "\n".join(lines)
 
 
+def _window_argument(text: str) -> Window:
+    try:
+        return Window.parse(text)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ingest pull", description=__doc__.split("\n\n")[0])
     net = parser.add_argument_group("PACS")
@@ -405,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     polite = parser.add_argument_group("polite pulling")
     polite.add_argument(
         "--window",
-        type=Window.parse,
+        type=_window_argument,
         metavar="HH:MM-HH:MM",
         help="retrieve only inside this daily local-time window, e.g. 19:00-07:00; outside it the pull "
         "pauses and logs when it resumes (requests already running finish)",
