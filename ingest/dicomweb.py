@@ -23,21 +23,20 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
-import io
 import json
 import logging
 import os
 import re
+import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
-from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 from requests.adapters import HTTPAdapter
@@ -80,6 +79,8 @@ _OVERLOAD_HTTP = {429, 503}
 _MAX_RETRY_AFTER_S = 300.0
 _INTEGER_KEYS = {"NumberOfStudyRelatedInstances", "InstanceNumber"}
 _MULTIVALUED_KEYS = {"ModalitiesInStudy"}
+# Explicit VR elements with a 4-byte length (PS3.5 7.1.2).
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _TAGS = {keyword: f"{Tag(keyword):08X}" for keyword in {*STUDY_KEYS, *INSTANCE_KEYS}}
 
 
@@ -190,11 +191,14 @@ def _get(
     what: str,
     total_timeout: float | None = None,
     concurrency: AdaptiveConcurrency | None = None,
+    consume: Callable[[requests.Response, Iterator[bytes]], None] | None = None,
     **kwargs,
 ) -> tuple[requests.Response, bytes]:
     """One GET with retries on connection errors and retryable answers: (the response, its body).
     Raises PacsError when it fails for good.
 
+    ``consume(response, chunks)``, when given, takes a successful answer's body as it arrives
+    (the returned body is then empty); a connection lost on the way is retried like any other.
     ``total_timeout`` bounds the whole answer, body included (``timeout`` bounds each read only):
     a server that trickles or stalls mid-body is cut off and asked again. Each attempt holds a
     slot of ``concurrency``, which 429 and 503 answers shrink."""
@@ -203,10 +207,19 @@ def _get(
         delay = cfg.backoff_s * 2**number
         epoch = concurrency.acquire() if concurrency is not None else 0
         overloaded = None
+        deadline = None if total_timeout is None else time.monotonic() + total_timeout
+        read_timeout = cfg.timeout if total_timeout is None else min(cfg.timeout, total_timeout)
         try:
-            response, body = _get_within(session, cfg.root + path, cfg.timeout, total_timeout, **kwargs)
-            if response.status_code in _OVERLOAD_HTTP:
-                overloaded = f"HTTP {response.status_code} from {cfg.describe()}"
+            response = session.get(cfg.root + path, timeout=read_timeout, stream=True, **kwargs)
+            with response:
+                if response.status_code in _OVERLOAD_HTTP:
+                    overloaded = f"HTTP {response.status_code} from {cfg.describe()}"
+                chunks = _body_chunks(response, deadline, total_timeout)
+                if consume is not None and response.status_code < 400:
+                    consume(response, chunks)
+                    body = b""
+                else:
+                    body = b"".join(chunks)
         except requests.RequestException as exc:
             # The exception text names the URL only (requests keeps headers out of it).
             error = PacsError(f"{what}: {type(exc).__name__}: {exc}")
@@ -229,22 +242,13 @@ def _get(
         number += 1
 
 
-def _get_within(
-    session, url: str, timeout: float, total: float | None, **kwargs
-) -> tuple[requests.Response, bytes]:
-    """``session.get`` whose body must arrive within ``total`` seconds (None: any time).
-
-    The body is read in 1 MiB pieces: ``response.content`` reads 10 kB at a time."""
-    deadline = None if total is None else time.monotonic() + total
-    read_timeout = timeout if total is None else min(timeout, total)
-    response = session.get(url, timeout=read_timeout, stream=True, **kwargs)
-    chunks = []
-    with response:
-        for chunk in response.iter_content(chunk_size=1 << 20):
-            chunks.append(chunk)
-            if deadline is not None and time.monotonic() > deadline:
-                raise requests.Timeout(f"answer not complete within retrieve_timeout={total:g} s")
-    return response, b"".join(chunks)
+def _body_chunks(response: requests.Response, deadline: float | None, total: float | None) -> Iterator[bytes]:
+    """The body in pieces of up to 1 MiB (``response.content`` reads 10 kB at a time), ending with
+    requests.Timeout once past ``deadline``."""
+    for chunk in response.iter_content(chunk_size=1 << 20):
+        yield chunk
+        if deadline is not None and time.monotonic() > deadline:
+            raise requests.Timeout(f"answer not complete within retrieve_timeout={total:g} s")
 
 
 def http_error(response: requests.Response, what: str) -> PacsError:
@@ -418,8 +422,10 @@ def _items_for(study_uid: str, instances: list[dict], present: set[str]) -> list
 # WADO-RS
 
 
-def multipart_parts(content_type: str, body: bytes) -> Iterator[tuple[dict[str, str], memoryview]]:
-    """The (headers, body) of each part of a ``multipart/related`` body (RFC 2046).
+def multipart_parts(content_type: str, chunks: Iterable[bytes]) -> Iterator[tuple[dict[str, str], bytes]]:
+    """The (headers, body) of each part of a ``multipart/related`` body (RFC 2046) that arrives as
+    ``chunks``: each part is yielded as soon as it is complete, so it is stored while the next one
+    is still on its way.
 
     A part's ``Content-Length``, where given, bounds its body, so a boundary-like byte run inside
     pixel data cannot cut it.
@@ -428,50 +434,87 @@ def multipart_parts(content_type: str, body: bytes) -> Iterator[tuple[dict[str, 
     if match is None:
         raise ValueError(f"no boundary in Content-Type {content_type!r}")
     delimiter = b"--" + match.group(1).encode()
-    view = memoryview(body)
-    position = body.find(delimiter)
-    while position >= 0:
+    pieces = iter(chunks)
+    buffer = bytearray()
+
+    def more() -> bool:
+        chunk = next(pieces, None)
+        if chunk is None:
+            return False
+        buffer.extend(chunk)
+        return True
+
+    def find(needle: bytes, start: int) -> int:
+        """Where ``needle`` starts at or after ``start``, receiving more until it is there."""
+        searched = start
+        while (found := buffer.find(needle, searched)) < 0:
+            searched = max(start, len(buffer) - len(needle) + 1)
+            if not more():
+                raise ValueError("a multipart body ends before its close delimiter")
+        return found
+
+    def need(size: int) -> None:
+        while len(buffer) < size:
+            if not more():
+                raise ValueError("a multipart part is shorter than its Content-Length")
+
+    position = find(delimiter, 0)
+    while True:
         position += len(delimiter)
-        if body[position : position + 2] == b"--":
+        need(position + 2)
+        if buffer[position : position + 2] == b"--":
             return  # the close delimiter
-        header_end = body.find(b"\r\n\r\n", position)
-        if header_end < 0:
-            raise ValueError("a multipart part has no end of headers")
+        header_end = find(b"\r\n\r\n", position)
         headers = {}
-        for line in body[position:header_end].decode("latin-1").split("\r\n"):
+        for line in buffer[position:header_end].decode("latin-1").split("\r\n"):
             name, sep, value = line.partition(":")
             if sep:
                 headers[name.strip().lower()] = value.strip()
         start = header_end + 4
         if "content-length" in headers:
             end = start + int(headers["content-length"])
-            if end > len(body):
-                raise ValueError("a multipart part is shorter than its Content-Length")
-            next_position = body.find(delimiter, end)
+            need(end)
+            following = find(delimiter, end)
         else:
-            next_position = body.find(delimiter, start)
-            if next_position < 0:
-                raise ValueError("a multipart body has no close delimiter")
-            end = next_position - 2 if body[next_position - 2 : next_position] == b"\r\n" else next_position
-        yield headers, view[start:end]
-        position = next_position
-    raise ValueError("a multipart body without the boundary its Content-Type names")
+            following = find(delimiter, start)
+            end = following - 2 if buffer[following - 2 : following] == b"\r\n" else following
+        part = bytes(buffer[start:end])
+        del buffer[:following]  # what is handed out leaves the buffer
+        position = 0
+        yield headers, part
 
 
-def received_from_part10(data: memoryview, peer: str) -> ReceivedInstance:
+def received_from_part10(data: bytes, peer: str) -> ReceivedInstance:
     """A Part 10 file as the receiving code takes a C-STORE: UIDs and transfer syntax from its file
-    meta, the data set after it (checked against them by ``store_instance``)."""
-    if len(data) < 144 or bytes(data[128:132]) != b"DICM":
+    meta, the data set after it (checked against them by ``store_instance``).
+
+    The file meta group (explicit VR little endian, PS3.10 7.1) is read here: pydicom's reader
+    validated every value again and cost more than storing the instance."""
+    if len(data) < 144 or data[128:132] != b"DICM":
         raise ValueError("not a DICOM Part 10 file (no DICM marker)")
-    if bytes(data[132:138]) != b"\x02\x00\x00\x00UL":
-        raise ValueError("file meta information does not start with its group length")
-    meta_end = 144 + int.from_bytes(data[140:144], "little")
-    meta = read_dataset(io.BytesIO(bytes(data[132:meta_end])), is_implicit_VR=False, is_little_endian=True)
+    meta: dict[int, str] = {}
+    offset = 132
+    while offset + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, offset)
+        if group != 0x0002:
+            break
+        vr = data[offset + 4 : offset + 6]
+        if vr in _LONG_LENGTH_VRS:
+            (length,) = struct.unpack_from("<L", data, offset + 8)
+            start = offset + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, offset + 6)
+            start = offset + 8
+        if vr == b"UI":
+            meta[element] = data[start : start + length].rstrip(b"\0 ").decode("ascii", "replace")
+        offset = start + length
+    if offset > len(data):
+        raise ValueError("file meta information is cut short")
     return ReceivedInstance(
-        sop_class_uid=str(meta.get("MediaStorageSOPClassUID", "")),
-        sop_instance_uid=str(meta.get("MediaStorageSOPInstanceUID", "")),
-        transfer_syntax=UID(str(meta.get("TransferSyntaxUID", ""))),
-        dataset=bytes(data[meta_end:]),
+        sop_class_uid=meta.get(0x0002, ""),
+        sop_instance_uid=meta.get(0x0003, ""),
+        transfer_syntax=UID(meta.get(0x0010, "")),
+        dataset=data[offset:],
         source_aet="",
         peer=peer,
     )
@@ -527,18 +570,20 @@ class _Retriever:
         """Fetch ``item``; the reason the last attempt failed, None when nothing failed."""
         if self._fatal is not None:
             return f"not attempted: {self._fatal}"
+        reason = None
         if item.level == "STUDY":
             try:
                 what = f"WADO-RS study {item.study_uid}"
                 self._fetch(f"/studies/{item.study_uid}", what, len(item.sop_instance_uids))
             except PacsError as exc:
-                return self._failed(exc)
+                reason = self._failed(exc)
+                if self._fatal is not None:
+                    return reason
             leftovers = self.missing(item.sop_instance_uids)
             if not leftovers:
                 return None
-            # The study came without some of its instances: ask for each, with the usual retries.
+            # The study came (or broke off) without some of its instances: ask for each of them.
             item = dataclasses.replace(item, series_uid=None, sop_instance_uids=tuple(leftovers))
-        reason = None
         for uid in self.missing(item.sop_instance_uids):
             path = f"/studies/{item.study_uid}/instances/{uid}"
             if item.series_uid:
@@ -559,26 +604,30 @@ class _Retriever:
     def _fetch(self, path: str, what: str, instances: int) -> None:
         if self.pacer is not None:
             self.pacer.before_request(instances)
-        response, body = _get(
-            self.session(),
-            self.cfg,
-            path,
-            what,
-            total_timeout=self.cfg.retrieve_timeout,
-            concurrency=self.concurrency,
-            # Pixel data hardly compresses: gzip (Orthanc's for answers it buffers) cost ~100 ms a study.
-            headers={"Accept": ACCEPT_DICOM, "Accept-Encoding": "identity"},
-        )
-        content_type = response.headers.get("Content-Type", "")
-        if not content_type.startswith("multipart/related"):
-            raise PacsError(f"{what}: answered {content_type or 'no Content-Type'}, not multipart/related")
-        try:
-            for headers, part in multipart_parts(content_type, body):
-                self._store(headers, part, what)
-        except ValueError as exc:
-            raise PacsError(f"{what}: {exc}") from None
 
-    def _store(self, headers: dict[str, str], body: memoryview, what: str) -> None:
+        def store_parts(response: requests.Response, chunks: Iterator[bytes]) -> None:
+            content_type = response.headers.get("Content-Type", "")
+            if not content_type.startswith("multipart/related"):
+                raise ValueError(f"answered {content_type or 'no Content-Type'}, not multipart/related")
+            for headers, part in multipart_parts(content_type, chunks):
+                self._store(headers, part, what)
+
+        try:
+            _get(
+                self.session(),
+                self.cfg,
+                path,
+                what,
+                total_timeout=self.cfg.retrieve_timeout,
+                concurrency=self.concurrency,
+                consume=store_parts,
+                # Pixel data hardly compresses: gzip (Orthanc's, for answers it buffers) cost ~100 ms a study.
+                headers={"Accept": ACCEPT_DICOM, "Accept-Encoding": "identity"},
+            )
+        except ValueError as exc:
+            raise PacsError(f"{what}: {exc}", retryable=False) from None
+
+    def _store(self, headers: dict[str, str], body: bytes, what: str) -> None:
         try:
             instance = received_from_part10(body, self.cfg.describe())
         except Exception as exc:  # pydicom raises many types on malformed meta

@@ -20,7 +20,7 @@ from ingest.dataset.balance import BalanceConfig
 from ingest.demo.orthanc import DICOMWEB_PLUGIN
 from ingest.dicom.scp import spool_path, spooled_uids
 from ingest.dicom.scu import RetrieveFailure, RetrieveItem
-from ingest.dicomweb import DicomwebConfig, authorization_from, multipart_parts
+from ingest.dicomweb import DicomwebConfig, authorization_from, multipart_parts, received_from_part10
 from ingest.imaging.preprocess import PreprocessParams
 from ingest.ledger import build_ledger, incomplete_studies, read_ledger, refusal_status
 from ingest.pull import PullConfig, main, pull
@@ -43,11 +43,30 @@ def test_multipart_parts_split_with_and_without_content_length() -> None:
         + b"second"
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    parts = list(multipart_parts(f'multipart/related; type="application/dicom"; boundary="{boundary}"', body))
-    assert [bytes(part) for _, part in parts] == [tricky, b"second"]
-    assert parts[0][0]["content-type"] == "application/dicom"
+    content_type = f'multipart/related; type="application/dicom"; boundary="{boundary}"'
+    # However the body is cut into pieces as it arrives, the same parts come out.
+    for size in (1, 7, 64, len(body)):
+        chunks = [body[i : i + size] for i in range(0, len(body), size)]
+        parts = list(multipart_parts(content_type, chunks))
+        assert [part for _, part in parts] == [tricky, b"second"], size
+        assert parts[0][0]["content-type"] == "application/dicom"
     with pytest.raises(ValueError, match="no boundary"):
-        list(multipart_parts("multipart/related", body))
+        list(multipart_parts("multipart/related", [body]))
+    with pytest.raises(ValueError, match="ends before its close delimiter"):
+        list(multipart_parts(content_type, [body[:-30]]))
+
+
+def test_part10_file_meta_is_read_as_pydicom_reads_it(study_files) -> None:
+    for path in study_files[:3]:
+        data = path.read_bytes()
+        received = received_from_part10(data, "peer")
+        meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+        assert received.sop_class_uid == meta.MediaStorageSOPClassUID
+        assert received.sop_instance_uid == meta.MediaStorageSOPInstanceUID
+        assert received.transfer_syntax == meta.TransferSyntaxUID
+        assert received.dataset == data[144 + meta.FileMetaInformationGroupLength :]
+    with pytest.raises(ValueError, match="DICM"):
+        received_from_part10(b"\0" * 200, "peer")
 
 
 def test_credentials_come_from_env_or_file_and_never_show(tmp_path: Path) -> None:
