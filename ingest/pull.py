@@ -177,14 +177,20 @@ def pull(
     scheduler: str | None = None,
     dask_workers: int | None = None,
     progress: bool = True,
+    pacer: Pacer | None = None,
 ) -> PullResult:
-    """Run the stage; raises PacsError when the PACS cannot be reached at all."""
+    """Run the stage; raises PacsError when the PACS cannot be reached at all.
+
+    ``pacer`` (default: one for ``cfg.window`` and ``cfg.max_rate``) paces the searches and the
+    retrieval; a test passes one on a fake clock."""
     taxonomy = taxonomy or load_taxonomy()
     metrics = metrics or IngestMetrics()
     result = PullResult()
     cfg.spool_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cfg.work_dir / "pull-config.json", cfg.to_dict())
 
+    pacer = pacer or Pacer(cfg.window, cfg.max_rate)
+    pacer.wait_for_window()  # the searches are load on the PACS too
     metrics.set_stage("find")
     search = {
         "date_range": (cfg.date_from, cfg.date_to),
@@ -220,7 +226,6 @@ def pull(
 
     metrics.set_stage("retrieve")
     if items:
-        pacer = Pacer(cfg.window, cfg.max_rate)
         try:
             result.retrieval = _retrieve(cfg, items, metrics, progress, pacer if pacer.active else None)
         except BaseException:

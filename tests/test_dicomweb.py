@@ -23,6 +23,7 @@ from ingest.dicom.scu import RetrieveFailure, RetrieveItem
 from ingest.dicomweb import DicomwebConfig, authorization_from, multipart_parts, received_from_part10
 from ingest.imaging.preprocess import PreprocessParams
 from ingest.ledger import build_ledger, incomplete_studies, read_ledger, refusal_status
+from ingest.polite import Pacer, Window
 from ingest.pull import PullConfig, main, pull
 
 SECRET = "s3cr3t-Pa55word"
@@ -310,3 +311,28 @@ def test_a_pacs_down_mid_pull_leaves_missing_instances_fetched_once_later(study_
     files = list((tmp_path / "spool").rglob("*.dcm"))
     assert set(ledger["state"]) == {"stored"} and len(ledger) == len(spooled) == len(files)
     assert set(ledger["sop_instance_uid"]) == spooled == set(peer.instances)
+
+
+@pytest.mark.slow
+def test_outside_the_window_the_pull_waits_and_then_runs(study_files, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.polite")
+    clock = {"now": datetime(2026, 3, 2, 18, 59, 50)}  # 10 s before the window opens
+    asked_while_paused: list[int] = []
+
+    def wait(seconds: float) -> bool:
+        asked_while_paused.append(len(peer.requests))
+        clock["now"] += timedelta(seconds=seconds)
+        return False
+
+    window = Window.parse("19:00-07:00")
+    pacer = Pacer(window, now=lambda: clock["now"], wait=wait)
+    with DicomwebPeer(study_files) as peer:
+        cfg = web_config(peer.url, tmp_path, window=window)
+        result = pull(cfg, id_salt="s", scheduler="sync", progress=False, pacer=pacer)
+        assert asked_while_paused == [0] and peer.requests, "nothing asked before 19:00, all after"
+    assert result.ok and clock["now"] >= datetime(2026, 3, 2, 19, 0)
+    messages = [r.getMessage() for r in caplog.records if r.name == "ingest.polite"]
+    assert messages[:2] == [
+        "outside the pull window 19:00-07:00: pausing until 2026-03-02 19:00 (local time)",
+        "inside the pull window 19:00-07:00 again: resuming",
+    ]
