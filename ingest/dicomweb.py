@@ -192,6 +192,7 @@ def _get(
     total_timeout: float | None = None,
     concurrency: AdaptiveConcurrency | None = None,
     consume: Callable[[requests.Response, Iterator[bytes]], None] | None = None,
+    instances: int = 0,
     **kwargs,
 ) -> tuple[requests.Response, bytes]:
     """One GET with retries on connection errors and retryable answers: (the response, its body).
@@ -201,12 +202,14 @@ def _get(
     (the returned body is then empty); a connection lost on the way is retried like any other.
     ``total_timeout`` bounds the whole answer, body included (``timeout`` bounds each read only):
     a server that trickles or stalls mid-body is cut off and asked again. Each attempt holds a
-    slot of ``concurrency``, which 429 and 503 answers shrink."""
+    slot of ``concurrency``, which 429 and 503 answers shrink, and a successful one reports how
+    long its ``instances`` took."""
     number = 0
     while True:
         delay = cfg.backoff_s * 2**number
-        epoch = concurrency.acquire() if concurrency is not None else 0
+        slot = concurrency.acquire() if concurrency is not None else None
         overloaded = None
+        brought = 0
         deadline = None if total_timeout is None else time.monotonic() + total_timeout
         read_timeout = cfg.timeout if total_timeout is None else min(cfg.timeout, total_timeout)
         try:
@@ -220,14 +223,15 @@ def _get(
                     body = b""
                 else:
                     body = b"".join(chunks)
+                brought = instances if response.status_code < 400 else 0
         except requests.RequestException as exc:
             # The exception text names the URL only (requests keeps headers out of it).
             error = PacsError(f"{what}: {type(exc).__name__}: {exc}")
         else:
             error = None
         finally:
-            if concurrency is not None:
-                concurrency.release(epoch, overloaded)
+            if slot is not None:
+                concurrency.release(slot, overloaded, brought)
         if error is None:
             if response.status_code < 400:
                 return response, body
@@ -621,6 +625,7 @@ class _Retriever:
                 total_timeout=self.cfg.retrieve_timeout,
                 concurrency=self.concurrency,
                 consume=store_parts,
+                instances=instances,
                 # Pixel data hardly compresses: gzip (Orthanc's, for answers it buffers) cost ~100 ms a study.
                 headers={"Accept": ACCEPT_DICOM, "Accept-Encoding": "identity"},
             )

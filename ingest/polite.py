@@ -144,51 +144,108 @@ class Pacer:
         self._sleep(start - now)
 
 
-class AdaptiveConcurrency:
-    """How many requests may run at once, halved when the PACS says it is overloaded, grown back by
-    one after ``grow_after`` requests in a row that were not; every change is logged.
+@dataclass(frozen=True)
+class Slot:
+    """One request's place in ``AdaptiveConcurrency``: when it started, in which epoch, beside how many."""
 
-    Overload signs are what the caller reports: DIMSE A7xx statuses (A702 "out of resources"), HTTP
-    429 and 503. Requests that started before a back-off cannot trigger another one, so a storm of
-    failures from the same burst halves the limit once, not once per failure.
+    epoch: int
+    started: float
+    in_flight: int
+
+
+class AdaptiveConcurrency:
+    """How many requests may run at once, halved when the PACS shows it is overloaded, grown back by
+    one after ``grow_after`` calm requests in a row; every change is logged.
+
+    Overload signs: what the caller reports (DIMSE A7xx statuses such as A702 "out of resources",
+    HTTP 429 and 503), and rising latency. Latency is each request's seconds per instance divided by
+    the requests in flight beside it (about the PACS's own time per instance, which more parallel
+    requests alone should not change); once ``min_samples`` requests have set a baseline (the lowest
+    moving average seen), a moving average ``slowdown`` times the baseline is a sign too. A request
+    is calm when it met no sign and its latency is within twice the baseline. Requests that started
+    before a back-off cannot cause another one, so a storm from one burst halves the limit once.
     """
 
-    def __init__(self, maximum: int, *, grow_after: int = 20, what: str = "requests") -> None:
-        if maximum < 1 or grow_after < 1:
-            raise ValueError(f"maximum={maximum}, grow_after={grow_after}: both must be >= 1")
+    def __init__(
+        self,
+        maximum: int,
+        *,
+        grow_after: int = 20,
+        slowdown: float = 4.0,
+        min_samples: int = 10,
+        what: str = "requests",
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if maximum < 1 or grow_after < 1 or min_samples < 1 or slowdown <= 1:
+            raise ValueError(
+                f"maximum={maximum}, grow_after={grow_after}, min_samples={min_samples}: use >= 1; "
+                f"slowdown={slowdown}: use > 1"
+            )
         self.maximum = maximum
         self.limit = maximum
         self.grow_after = grow_after
+        self.slowdown = slowdown
+        self.min_samples = min_samples
         self.what = what
         self.changes: list[tuple[int, int, str]] = []  # (from, to, why), for reports and tests
+        self._monotonic = monotonic
         self._active = 0
         self._epoch = 0
         self._calm = 0
+        self._samples = 0
+        self._average: float | None = None  # moving average of the latency, seconds per instance
+        self._baseline: float | None = None
         self._condition = threading.Condition()
 
-    def acquire(self) -> int:
-        """Wait for a free slot; returns the epoch to report the request's outcome with."""
+    def acquire(self) -> Slot:
+        """Wait for a free slot; give it back with ``release``."""
         with self._condition:
             while self._active >= self.limit:
                 self._condition.wait()
             self._active += 1
-            return self._epoch
+            return Slot(self._epoch, self._monotonic(), self._active)
 
-    def release(self, epoch: int, overloaded: str | None = None) -> None:
-        """End a request that started in ``epoch``; ``overloaded`` names the overload sign it met."""
+    def release(self, slot: Slot, overloaded: str | None = None, instances: int = 0) -> None:
+        """End the request of ``slot``: ``overloaded`` names the overload sign it met; ``instances``
+        it brought (0: it brought none, its latency says nothing)."""
+        seconds = self._monotonic() - slot.started
         with self._condition:
+            # Beside how many it ran: the most of when it started and when it ended.
+            latency = seconds / instances / max(slot.in_flight, self._active) if instances > 0 else None
             self._active -= 1
-            if overloaded is not None:
+            # Requests from before the last back-off ran at the old limit: they say nothing of this one.
+            current = slot.epoch == self._epoch
+            slow = self._latency_sign(latency) if latency is not None and current else None
+            sign = overloaded or slow
+            if sign is not None:
                 self._calm = 0
-                if epoch == self._epoch and self.limit > 1:
-                    self._change(max(1, self.limit // 2), overloaded)
+                if current and self.limit > 1:
+                    self._change(max(1, self.limit // 2), sign)
                     self._epoch += 1
-            elif self.limit < self.maximum:
+                    self._average, self._samples = self._baseline, 0  # judge the new limit afresh
+            elif self.limit < self.maximum and self._is_calm(latency):
                 self._calm += 1
                 if self._calm >= self.grow_after:
                     self._calm = 0
-                    self._change(self.limit + 1, f"{self.grow_after} requests in a row without overload")
+                    self._change(self.limit + 1, f"{self.grow_after} calm requests in a row")
             self._condition.notify_all()
+
+    def _latency_sign(self, latency: float) -> str | None:
+        self._average = latency if self._average is None else 0.8 * self._average + 0.2 * latency
+        self._samples += 1
+        if self._samples < self.min_samples:
+            return None
+        if self._baseline is None or self._average < self._baseline:
+            self._baseline = self._average
+        if self._average > self.slowdown * self._baseline:
+            return (
+                f"latency {1000 * self._average:.0f} ms per instance, "
+                f"{self._average / self._baseline:.1f}x the best {1000 * self._baseline:.0f} ms"
+            )
+        return None
+
+    def _is_calm(self, latency: float | None) -> bool:
+        return latency is None or self._baseline is None or latency <= 2 * self._baseline
 
     def _change(self, limit: int, why: str) -> None:
         log = LOGGER.warning if limit < self.limit else LOGGER.info

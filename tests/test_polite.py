@@ -159,29 +159,54 @@ def test_adaptive_concurrency_halves_once_per_storm_and_grows_back(caplog) -> No
     caplog.set_level(logging.INFO, logger="ingest.polite")
     limit = AdaptiveConcurrency(8, grow_after=3, what="C-MOVE requests")
     burst = [limit.acquire() for _ in range(8)]
-    for epoch in burst:  # eight A702s from one burst: one back-off
-        limit.release(epoch, overloaded="status 0xA702")
+    for slot in burst:  # eight A702s from one burst: one back-off
+        limit.release(slot, overloaded="status 0xA702")
     assert limit.limit == 4
     running = [limit.acquire() for _ in range(4)]
     fifth_started = threading.Event()
 
     def fifth() -> None:
-        epoch = limit.acquire()  # waits: 4 already run
+        slot = limit.acquire()  # waits: 4 already run
         fifth_started.set()
-        limit.release(epoch)
+        limit.release(slot)
 
     thread = threading.Thread(target=fifth)
     thread.start()
     assert not fifth_started.wait(0.2), "only 4 may run at once after the back-off"
-    for epoch in running:
-        limit.release(epoch)
+    for slot in running:
+        limit.release(slot)
     thread.join(timeout=5)
     assert fifth_started.is_set()
     limit.release(limit.acquire())
     assert limit.limit == 6, "3 and then 3 more calm requests grew it by one each"
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0] == "concurrent C-MOVE requests 8 -> 4: status 0xA702"
-    assert messages[1] == "concurrent C-MOVE requests 4 -> 5: 3 requests in a row without overload"
+    assert messages[1] == "concurrent C-MOVE requests 4 -> 5: 3 calm requests in a row"
+
+
+def test_adaptive_concurrency_backs_off_when_the_pacs_slows_down_not_when_it_is_shared(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.polite")
+    clock = {"t": 0.0}
+    limit = AdaptiveConcurrency(
+        4, grow_after=5, min_samples=3, what="WADO-RS requests", monotonic=lambda: clock["t"]
+    )
+
+    def burst(seconds: float) -> None:
+        """Four requests side by side, each bringing 2 instances in ``seconds``."""
+        slots = [limit.acquire() for _ in range(limit.limit)]
+        clock["t"] += seconds
+        for slot in slots:
+            limit.release(slot, instances=2)
+
+    for _ in range(3):
+        burst(0.04)  # baseline: 4 in flight, 20 ms an instance each: 5 ms of the PACS's time
+    assert limit.limit == 4, "four requests sharing the PACS take longer each: not a slowdown"
+    burst(1.0)  # 125 ms of the PACS's time an instance: 25x
+    assert limit.limit == 2
+    assert "concurrent WADO-RS requests 4 -> 2: latency" in caplog.records[-1].getMessage()
+    for _ in range(5):
+        burst(0.01 * limit.limit)  # the PACS's 5 ms an instance again, however many run: calm
+    assert limit.limit == 4 and [change[:2] for change in limit.changes] == [(4, 2), (2, 3), (3, 4)]
 
 
 @pytest.mark.slow

@@ -1106,8 +1106,9 @@ class _Retriever:
     def _send(self, conn: _Connection, identifier: Dataset) -> tuple[Dataset, Dataset | None]:
         """One C-MOVE or C-GET; returns the final (status, identifier), raises PacsError on an abort."""
         assoc = conn.get()
-        epoch = self.concurrency.acquire()
+        slot = self.concurrency.acquire()
         overloaded = None
+        status = Dataset()
         try:
             if self.method == "move":
                 status, answer = assoc.send_c_move(
@@ -1123,7 +1124,8 @@ class _Retriever:
             if status and status.Status >> 8 == 0xA7:
                 overloaded = f"status {_status_text(status)} from {self.cfg.describe()}"
         finally:
-            self.concurrency.release(epoch, overloaded)
+            completed = int(status.get("NumberOfCompletedSuboperations") or 0) if status else 0
+            self.concurrency.release(slot, overloaded, completed)
         if not status:
             conn.drop()
             raise PacsError(f"association lost: {assoc.lost_reason}")
