@@ -96,7 +96,13 @@ def retrieval_throughput(doc: dict) -> str:
     notes = [f"- {x['method']} ({x['associations']}): {note}" for x in r["rows"] for note in x["notes"]]
     return (
         f"{r['instances']} instances in {r['studies']} studies ({r['data']}, {r['source_mb']} MB), "
-        f"{r['rounds']} round(s); the C-FIND plan took {r['plan_seconds']} s and is not in the rows.\n\n"
+        f"{r['rounds']} round(s); the C-FIND plan took {r['plan_seconds']} s"
+        + (
+            f" (the QIDO-RS plan {r['dicomweb_plan_seconds']} s)"
+            if r.get("dicomweb_plan_seconds") is not None
+            else ""
+        )
+        + " and is not in the rows.\n\n"
         + table(header, rows)
         + ("\n\n" + "\n".join(notes) if notes else "")
     )

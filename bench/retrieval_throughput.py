@@ -30,6 +30,10 @@ its row, with ``os.sync()`` before the next row so none pays for another's write
   without its fsyncs: the same client, so the difference is the receiver's;
 * dcmtk ``getscu``, one process per study (Orthanc 1.10 ends a C-GET at the first instance it cannot
   send, and ``getscu`` offers one transfer syntax per storage class);
+* ingest DICOMweb: WADO-RS (``ingest.dicomweb.retrieve``) from the same Orthanc's DICOMweb plugin,
+  with 1 and 4 keep-alive connections, and 4 without fsync, of ``ingest.dicomweb.plan_retrieval``'s
+  plan (QIDO-RS, timed separately like the C-FIND plan); skipped where ``orthanc-dicomweb`` is not
+  installed;
 * no network: the set's files written straight into a spool by 4 threads with
   ``ingest.dicom.scp.write_spool_file``, with and without its fsyncs: the most this disk lets any
   receiver store, crash-safe or not.
@@ -70,7 +74,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 from results import write_results
 
-from ingest.demo.orthanc import LOOPBACK, OrthancServer, find_dicom_files, free_port
+from ingest import dicomweb
+from ingest.demo.orthanc import DICOMWEB_PLUGIN, LOOPBACK, OrthancServer, find_dicom_files, free_port
 from ingest.dicom.scp import StorageSCP, spool_path, write_spool_file
 from ingest.dicom.scu import PacsConfig, RetrieveItem, plan_retrieval, retrieve
 
@@ -289,6 +294,49 @@ def measure_ingest(
     files, nbytes = output_files(spool)
     associations = str(workers) if processes == 1 else f"{processes} x {workers}"
     return Row(label, associations, files, expected, nbytes, seconds, command, note, cpu_seconds)
+
+
+def measure_dicomweb(
+    cfg: dicomweb.DicomwebConfig,
+    items: list[RetrieveItem],
+    workers: int,
+    spool: Path,
+    expected: int,
+    timeout: float,
+    fsync: bool = True,
+) -> Row:
+    """One WADO-RS pull timed in this process, as ``ingest pull --dicomweb`` retrieves."""
+    command = f"python -m ingest pull --dicomweb {cfg.url} --workers {workers}" + (
+        "" if fsync else " --no-fsync"
+    )
+    command += f" --work {spool.parent}  # retrieval part"
+    note = ""
+    started, cpu_started = time.monotonic(), process_cpu_seconds()
+    try:
+        summary = run_bounded(
+            lambda: dicomweb.retrieve(
+                cfg, items, spool_dir=spool, workers=workers, fsync=fsync, progress=False
+            ),
+            timeout,
+        )
+        if summary.failures:
+            note = f"{len(summary.failures)} item(s) failed: {summary.failures[0].reason}"
+    except FutureTimeout:
+        note = f"timed out after {timeout:g} s"
+    seconds = time.monotonic() - started
+    files, nbytes = output_files(spool)
+    label = "ingest DICOMweb WADO-RS" + ("" if fsync else ", --no-fsync")
+    return Row(
+        label,
+        f"{workers} HTTP",
+        files,
+        expected,
+        nbytes,
+        seconds,
+        command,
+        note,
+        process_cpu_seconds() - cpu_started,
+    )
 
 
 def process_cpu_seconds() -> float:
@@ -529,6 +577,8 @@ def measure_all(
     expected: int,
     ingest_port: int,
     dcmtk_port: int,
+    web_cfg: dicomweb.DicomwebConfig | None = None,
+    web_items: list[RetrieveItem] | None = None,
 ) -> list[Row]:
     """Every row once, each into a fresh directory under ``work/round-<n>``."""
     work = work / f"round-{round_number}"
@@ -640,6 +690,12 @@ def measure_all(
     )
     finish_row(rows, row, get_dir, args.keep)
 
+    if web_cfg is not None:
+        for workers, fsync in [*((w, True) for w in args.web_workers), (max(args.web_workers), False)]:
+            spool = work / f"dicomweb-{workers}-{'fsync' if fsync else 'nofsync'}" / "spool"
+            row = measure_dicomweb(web_cfg, web_items, workers, spool, expected, args.timeout, fsync)
+            finish_row(rows, row, spool.parent, args.keep)
+
     for fsync in (True, False):
         out_dir = work / f"spool-write-{'fsync' if fsync else 'nofsync'}"
         finish_row(rows, measure_spool_write(instances, out_dir, fsync), out_dir, args.keep)
@@ -687,6 +743,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PxW",
         help="C-GET and C-MOVE rows with P processes of W associations each (default 2x1 2x2)",
     )
+    parser.add_argument(
+        "--web-workers", type=int, nargs="+", default=[1, 4], help="HTTP connections for the DICOMweb rows"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every row (median and range)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds allowed per measurement")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (Orthanc, outputs)")
@@ -718,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dcmtk": (DCMTK_AET, LOOPBACK, dcmtk_port),
             },
             extra_options={"DicomThreadsCount": threads},
+            dicomweb_plugin=DICOMWEB_PLUGIN if DICOMWEB_PLUGIN.is_file() else None,
         ) as orthanc:
             orthanc.upload(files, progress=False)
             expected = orthanc.instance_count()
@@ -735,6 +795,16 @@ def main(argv: list[str] | None = None) -> int:
             plan_seconds = time.monotonic() - started
             print(f"ingest plan: {len(items)} items by C-FIND in {plan_seconds:.2f} s (not in the rows)")
             series_items = plan_retrieval(cfg, work / "empty-spool", study_uids, whole_studies=False)
+            web_cfg = web_items = None
+            web_plan_seconds = None
+            if orthanc.config.dicomweb_plugin is None:
+                print(f"no DICOMweb rows: {DICOMWEB_PLUGIN} missing (apt-get install -y orthanc-dicomweb)")
+            else:
+                web_cfg = dicomweb.DicomwebConfig(orthanc.dicomweb_url, retries=0)
+                started = time.monotonic()
+                web_items = dicomweb.plan_retrieval(web_cfg, work / "empty-spool", study_uids, workers=4)
+                web_plan_seconds = time.monotonic() - started
+                print(f"DICOMweb plan: {len(web_items)} items by QIDO-RS in {web_plan_seconds:.2f} s")
             for round_number in range(args.repeat):
                 print(f"round {round_number + 1} of {args.repeat}", flush=True)
                 runs.append(
@@ -751,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
                         expected,
                         ingest_port,
                         dcmtk_port,
+                        web_cfg,
+                        web_items,
                     )
                 )
     finally:
@@ -775,6 +847,7 @@ def main(argv: list[str] | None = None) -> int:
             "source_mb": round(source_mb, 1),
             "rounds": args.repeat,
             "plan_seconds": round(plan_seconds, 2),
+            "dicomweb_plan_seconds": round(web_plan_seconds, 2) if web_plan_seconds is not None else None,
             "load_average_before_after": [float(load_before), round(os.getloadavg()[0], 2)],
             "rows": row_summaries(runs),
         }

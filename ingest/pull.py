@@ -3,13 +3,17 @@
 ``python -m ingest pull --pacs HOST:PORT --called-aet AET --work DIR`` C-FINDs the studies, plans
 what the spool still lacks, retrieves it (C-MOVE into our own Storage SCP, or C-GET), scans the
 spool into ``DIR/catalog``, then balances and writes the shards of each ``--granularity`` into
-``DIR/shards-<g>``. ``--processes P --workers N`` retrieves over P x N associations in P processes
-(one core each); ``--no-fsync`` answers each C-STORE before the instance is on disk (faster, not
-crash-safe: see ``ingest.dicom.scp``). ``--transport pynetdicom`` receives and retrieves on
-pynetdicom's own associations instead of this project's faster DICOM upper layer (same spool): the
-switch for a PACS vendor's implementation that does not interoperate with the fast one. Every
-step is resumable: a second run retrieves only what is missing, re-reads only changed files and
-rewrites only shards whose content changed. Failed retrievals are reported and counted, the rest
+``DIR/shards-<g>``. ``--dicomweb URL`` (instead of ``--pacs``) does the same over DICOMweb:
+QIDO-RS searches and WADO-RS retrieval (``ingest.dicomweb``) into the same spool. After the
+retrieval ``DIR/ledger.parquet`` records every promised instance and each study's state
+(``ingest.ledger``); partial or failed studies are listed and the exit status is 3.
+``--processes P --workers N`` retrieves over P x N associations in P processes (one core
+each); ``--no-fsync`` answers each C-STORE before the instance is on disk (faster, not crash-safe:
+see ``ingest.dicom.scp``). ``--transport pynetdicom`` receives and retrieves on pynetdicom's own
+associations instead of this project's faster DICOM upper layer (same spool): the switch for a
+PACS vendor's implementation that does not interoperate with the fast one. Every step is
+resumable: a second run retrieves only what is missing, re-reads only changed files and rewrites
+only shards whose content changed. Failed retrievals are reported and counted, the rest
 of the run goes on, and nothing already stored is lost.
 """
 
@@ -23,6 +27,9 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+import pandas as pd
+
+from ingest import dicomweb
 from ingest.dask_runner import add_scheduler_argument, dask_client
 from ingest.dataset.balance import BalanceConfig
 from ingest.dataset.catalog import CatalogError, id_salt_from_env, read_catalog, scan
@@ -51,21 +58,26 @@ from ingest.dicom.scu import (
     plan_retrieval,
     retrieve,
 )
+from ingest.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV, DicomwebConfig, authorization_from
 from ingest.files import write_json_atomic
 from ingest.imaging.gpu_decode import resolve_gpu_decode
 from ingest.imaging.preprocess import PreprocessParams
+from ingest.ledger import LEDGER_NAME, build_ledger, incomplete_studies, write_ledger
 from ingest.metrics import IngestMetrics
+from ingest.polite import Pacer, PullInterrupted, Window
 
 log = logging.getLogger("ingest.pull")
 
 METHODS = ("move", "get")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PullConfig:
-    """One pull run; the shard set's granularity is ``balance.granularity``."""
+    """One pull run from ``pacs`` (DIMSE) or ``dicomweb``; the shard set's granularity is
+    ``balance.granularity``."""
 
-    pacs: PacsConfig
+    pacs: PacsConfig | None = None
+    dicomweb: DicomwebConfig | None = None
     work_dir: Path
     method: str = "move"
     transport: str = DEFAULT_TRANSPORT
@@ -79,12 +91,17 @@ class PullConfig:
     processes: int = 1
     studies_per_request: int = 50
     fsync: bool = True
+    # Polite pulling (ingest.polite): retrieve only inside this daily window, at most max_rate instances/s.
+    window: Window | None = None
+    max_rate: float | None = None
     write_shards: bool = True
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     preprocessing: PreprocessParams = field(default_factory=PreprocessParams)
     shard_size: int = 1000
 
     def __post_init__(self) -> None:
+        if (self.pacs is None) == (self.dicomweb is None):
+            raise ValueError("give one source: a PACS (--pacs HOST:PORT) or DICOMweb (--dicomweb URL)")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: use 'move' (the PACS pushes to our SCP) or 'get'")
         check_transport(self.transport)
@@ -100,6 +117,8 @@ class PullConfig:
             raise ValueError(
                 f"processes={self.processes}: use 1 (retrieve in this process) or more, up to the cores"
             )
+        if self.max_rate is not None and self.max_rate <= 0:
+            raise ValueError(f"max_rate={self.max_rate}: instances per second, > 0 (or no limit: None)")
         if self.shard_size < 1:
             raise ValueError(f"shard_size={self.shard_size}: use 1 or more samples per shard")
         if not 0 <= self.scp_port < 65536:
@@ -117,9 +136,18 @@ class PullConfig:
     def shards_dir(self) -> Path:
         return self.work_dir / f"shards-{self.balance.granularity}"
 
+    @property
+    def ledger_path(self) -> Path:
+        return self.work_dir / LEDGER_NAME
+
+    def describe_source(self) -> str:
+        return self.pacs.describe() if self.pacs is not None else self.dicomweb.describe()
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["work_dir"] = str(self.work_dir)
+        d["dicomweb"] = self.dicomweb.to_dict() if self.dicomweb is not None else None  # no credentials
+        d["window"] = str(self.window) if self.window is not None else None
         d["balance"] = self.balance.to_dict()
         d["preprocessing"] = self.preprocessing.to_dict()
         return json.loads(json.dumps(d, default=str))
@@ -132,10 +160,12 @@ class PullResult:
     retrieval: RetrieveSummary = field(default_factory=RetrieveSummary)
     catalog: dict = field(default_factory=dict)
     manifest: dict | None = None
+    # Per study (ingest.ledger.studies) of the partial and failed ones; empty when all are complete.
+    incomplete_studies: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def ok(self) -> bool:
-        return self.retrieval.ok
+        return self.retrieval.ok and self.incomplete_studies.empty
 
 
 def pull(
@@ -147,39 +177,71 @@ def pull(
     scheduler: str | None = None,
     dask_workers: int | None = None,
     progress: bool = True,
+    pacer: Pacer | None = None,
 ) -> PullResult:
-    """Run the stage; raises PacsError when the PACS cannot be reached at all."""
+    """Run the stage; raises PacsError when the PACS cannot be reached at all.
+
+    ``pacer`` (default: one for ``cfg.window`` and ``cfg.max_rate``) paces the searches and the
+    retrieval; a test passes one on a fake clock."""
     taxonomy = taxonomy or load_taxonomy()
     metrics = metrics or IngestMetrics()
     result = PullResult()
     cfg.spool_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cfg.work_dir / "pull-config.json", cfg.to_dict())
 
+    pacer = pacer or Pacer(cfg.window, cfg.max_rate)
+    pacer.wait_for_window()  # the searches are load on the PACS too
     metrics.set_stage("find")
-    echo(cfg.pacs)
-    studies = [
-        s["StudyInstanceUID"]
-        for s in find_studies(
-            cfg.pacs,
-            date_range=(cfg.date_from, cfg.date_to),
-            modalities=cfg.modalities,
-            page_limit=cfg.page_limit,
+    search = {
+        "date_range": (cfg.date_from, cfg.date_to),
+        "modalities": cfg.modalities,
+        "page_limit": cfg.page_limit,
+    }
+    promised: dict[str, list[dict]] = {}
+    if cfg.dicomweb is not None:
+        studies = [s["StudyInstanceUID"] for s in dicomweb.find_studies(cfg.dicomweb, **search)]
+        items = dicomweb.plan_retrieval(
+            cfg.dicomweb,
+            cfg.spool_dir,
+            studies,
+            workers=cfg.workers,
+            promised=promised,
+            observer=metrics,
+            progress=progress,
         )
-    ]
+    else:
+        echo(cfg.pacs)
+        studies = [s["StudyInstanceUID"] for s in find_studies(cfg.pacs, **search)]
+        items = plan_retrieval(
+            cfg.pacs, cfg.spool_dir, studies, observer=metrics, progress=progress, promised=promised
+        )
     result.studies = len(studies)
-    items = plan_retrieval(cfg.pacs, cfg.spool_dir, studies, observer=metrics, progress=progress)
     result.planned_instances = sum(len(item.sop_instance_uids) for item in items)
     log.info(
         "%d studies on %s; %d instances not yet in the spool",
         len(studies),
-        cfg.pacs.describe(),
+        cfg.describe_source(),
         result.planned_instances,
     )
 
     metrics.set_stage("retrieve")
     if items:
-        result.retrieval = _retrieve(cfg, items, metrics, progress)
+        try:
+            result.retrieval = _retrieve(cfg, items, metrics, progress, pacer if pacer.active else None)
+        except BaseException:
+            pacer.interrupt()  # Ctrl-C: threads waiting for the window or the rate stop at once
+            raise
     metrics.on_skipped(result.retrieval.already_present)
+    ledger = build_ledger(promised, cfg.spool_dir, result.retrieval.failures)
+    write_ledger(ledger, cfg.ledger_path)
+    result.incomplete_studies = incomplete_studies(ledger)
+    if not result.incomplete_studies.empty:
+        log.warning(
+            "%d of %d studies incomplete (see %s); run the same pull again to complete them",
+            len(result.incomplete_studies),
+            len(studies),
+            cfg.ledger_path,
+        )
 
     metrics.set_stage("scan")
     # One Dask cluster serves the scan and the shard writing: starting one costs seconds.
@@ -214,7 +276,20 @@ def pull(
     return result
 
 
-def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) -> RetrieveSummary:
+def _retrieve(
+    cfg: PullConfig, items, metrics: IngestMetrics, progress: bool, pacer: Pacer | None
+) -> RetrieveSummary:
+    if cfg.dicomweb is not None:
+        return dicomweb.retrieve(
+            cfg.dicomweb,
+            items,
+            spool_dir=cfg.spool_dir,
+            workers=cfg.workers,
+            fsync=cfg.fsync,
+            progress=progress,
+            observer=metrics,
+            pacer=pacer,
+        )
     if cfg.method == "get":
         return retrieve(
             cfg.pacs,
@@ -228,6 +303,7 @@ def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) ->
             observer=metrics,
             fsync=cfg.fsync,
             transport=cfg.transport,
+            pacer=pacer,
         )
     destination = cfg.pacs.move_destination or cfg.pacs.calling_aet
     # Only the PACS we query may push to us: anything else is refused and logged by the SCP. With
@@ -254,14 +330,44 @@ def _retrieve(cfg: PullConfig, items, metrics: IngestMetrics, progress: bool) ->
             progress=progress,
             observer=metrics,
             transport=cfg.transport,
+            pacer=pacer,
         )
+
+
+def format_incomplete(table: pd.DataFrame, ledger_path: Path, shown: int = 20) -> str:
+    """The partial and failed studies, a line each (the first ``shown``), for the console."""
+    lines = [f"{len(table)} incomplete study(ies) (ledger: {ledger_path}):"]
+    for row in table.head(shown).itertuples():
+        lines.append(
+            f"  {row.study_state:8} {row.study_uid}: {row.stored} of {row.instances} stored, "
+            f"{row.refused} refused, {row.missing} missing"
+        )
+    if len(table) > shown:
+        lines.append(f"  ... and {len(table) - shown} more")
+    return "\n".join(lines)
+
+
+def _window_argument(text: str) -> Window:
+    try:
+        return Window.parse(text)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ingest pull", description=__doc__.split("\n\n")[0])
     net = parser.add_argument_group("PACS")
-    net.add_argument("--pacs", required=True, metavar="HOST:PORT", help="the PACS DICOM address")
-    net.add_argument("--called-aet", required=True, help="the PACS's AE title")
+    source = net.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pacs", metavar="HOST:PORT", help="the PACS DICOM address (DIMSE)")
+    source.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="a DICOMweb service root instead (QIDO-RS + WADO-RS), e.g. https://pacs.example.org/dicom-web; "
+        f"credentials from ${TOKEN_ENV} (bearer) or ${USER_ENV}/${PASSWORD_ENV} (basic), or the files below",
+    )
+    net.add_argument("--called-aet", help="the PACS's AE title (with --pacs)")
+    net.add_argument("--token-file", type=Path, help="DICOMweb: file holding a bearer token")
+    net.add_argument("--basic-auth-file", type=Path, help="DICOMweb: file holding one line user:password")
     net.add_argument("--aet", default="PEDXRAY", help="our calling AE title (default PEDXRAY)")
     net.add_argument("--move-dest", help="C-MOVE destination AE title (default: --aet)")
     net.add_argument(
@@ -278,7 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net.add_argument("--scp-port", type=int, default=11112, help="port the PACS knows for our AE title")
     net.add_argument(
-        "--workers", type=int, default=4, help="parallel associations per retrieving process (default 4)"
+        "--workers",
+        type=int,
+        default=4,
+        help="parallel associations per retrieving process, or DICOMweb HTTP connections (default 4)",
     )
     net.add_argument(
         "--processes",
@@ -301,9 +410,29 @@ def build_parser() -> argparse.ArgumentParser:
         "(no two fsyncs per instance), still safe if the pull is killed, but after an OS crash or power "
         "loss recent instances may be empty or cut short (the catalog marks them unreadable)",
     )
-    net.add_argument("--timeout", type=float, default=120, help="seconds to wait for each DIMSE reply")
+    net.add_argument(
+        "--timeout", type=float, default=120, help="seconds to wait for each DIMSE reply or HTTP answer"
+    )
     net.add_argument("--retries", type=int, default=3, help="retries with back-off per request")
     net.add_argument("--max-pdu", type=int, default=65536, help="maximum PDU size in bytes (0: unlimited)")
+    polite = parser.add_argument_group("polite pulling")
+    polite.add_argument(
+        "--window",
+        type=_window_argument,
+        metavar="HH:MM-HH:MM",
+        help="retrieve only inside this daily local-time window, e.g. 19:00-07:00; outside it the pull "
+        "pauses and logs when it resumes (requests already running finish)",
+    )
+    polite.add_argument(
+        "--retrieve-timeout",
+        type=float,
+        metavar="S",
+        help="total seconds one C-MOVE/C-GET (or WADO-RS answer) may take; past it a C-MOVE/C-GET is "
+        "cancelled (C-CANCEL), and the request is retried for what is still missing (default: no limit)",
+    )
+    polite.add_argument(
+        "--max-rate", type=float, metavar="N", help="retrieve at most N instances per second on average"
+    )
     query = parser.add_argument_group("query")
     query.add_argument(
         "--from", dest="date_from", type=date.fromisoformat, help="first study date, YYYY-MM-DD"
@@ -330,17 +459,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> PullConfig:
-    pacs = PacsConfig.parse(
-        args.pacs,
-        called_aet=args.called_aet,
-        calling_aet=args.aet,
-        move_destination=args.move_dest,
-        dimse_timeout=args.timeout,
-        retries=args.retries,
-        max_pdu=args.max_pdu,
-    )
+    pacs = web = None
+    if args.dicomweb is not None:
+        web = DicomwebConfig(
+            args.dicomweb,
+            authorization=authorization_from(token_file=args.token_file, basic_file=args.basic_auth_file),
+            timeout=args.timeout,
+            retries=args.retries,
+            retrieve_timeout=args.retrieve_timeout,
+        )
+    else:
+        if args.called_aet is None:
+            raise ValueError("--pacs needs --called-aet (the PACS's AE title)")
+        if args.token_file or args.basic_auth_file:
+            raise ValueError("--token-file and --basic-auth-file are for --dicomweb")
+        pacs = PacsConfig.parse(
+            args.pacs,
+            called_aet=args.called_aet,
+            calling_aet=args.aet,
+            move_destination=args.move_dest,
+            dimse_timeout=args.timeout,
+            retries=args.retries,
+            max_pdu=args.max_pdu,
+            retrieve_timeout=args.retrieve_timeout,
+        )
     return PullConfig(
         pacs=pacs,
+        dicomweb=web,
         work_dir=args.work,
         method=args.method,
         transport=args.transport,
@@ -354,6 +499,8 @@ def config_from_args(args: argparse.Namespace) -> PullConfig:
         processes=args.processes,
         studies_per_request=args.studies_per_request,
         fsync=args.fsync,
+        window=args.window,
+        max_rate=args.max_rate,
         write_shards=not args.no_shards,
         balance=balance_config_from_args(args),
         preprocessing=resolve_gpu_decode(
@@ -389,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PacsError, CatalogError, ShardError, ValueError) as exc:
         print(f"error: {exc}", flush=True)
         return 1
+    except (KeyboardInterrupt, PullInterrupted):
+        print("interrupted: the spool holds only complete instances; run the same command to resume")
+        return 130
     finally:
         if server is not None:
             server.shutdown()
@@ -399,9 +549,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"catalog {cfg.catalog_path}: " + ", ".join(f"{k}={v}" for k, v in sorted(result.catalog.items())))
     if result.manifest is not None:
         print(format_manifest_summary(result.manifest, cfg.shards_dir))
+    if not result.incomplete_studies.empty:
+        print(format_incomplete(result.incomplete_studies, cfg.ledger_path))
     if not result.ok:
         print(
-            f"{len(result.retrieval.failures)} retrieval(s) failed; run the same command again to retry them"
+            f"{len(result.retrieval.failures)} retrieval(s) failed, {len(result.incomplete_studies)} "
+            "study(ies) incomplete; run the same command again to retry them"
         )
         return 3
     return 0

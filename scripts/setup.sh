@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up PedX-Ray on a fresh Debian/Ubuntu machine: system packages the tests and demo need
-# (Orthanc as the PACS, dcmtk as the reference DICOM tools, headless Chromium and its WebDriver for
+# (Orthanc and its DICOMweb plugin as the PACS, dcmtk as the reference DICOM tools, headless Chromium and its WebDriver for
 # the serving web page's test) and a virtualenv at .venv with the
 # project installed editable. Idempotent: a second run checks and changes nothing.
 set -euo pipefail
@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
+# Orthanc's DICOMweb plugin: the QIDO-RS/WADO-RS server the DICOMweb pull is tested against
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 command -v findscu >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)

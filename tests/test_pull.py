@@ -18,6 +18,7 @@ from ingest.demo.orthanc import OrthancServer, free_port
 from ingest.dicom.scp import spooled_uids
 from ingest.dicom.scu import PacsConfig
 from ingest.imaging.preprocess import PreprocessParams
+from ingest.ledger import read_ledger
 from ingest.metrics import IngestMetrics
 from ingest.pull import PullConfig, main, pull
 
@@ -103,6 +104,9 @@ def test_pull_retrieves_everything_once_and_resumes(
     assert result.ok and result.studies == len(uids)
     assert result.retrieval.completed == len(uids) == result.planned_instances
     assert spooled_uids(cfg.spool_dir) == uids
+    ledger = read_ledger(cfg.ledger_path)
+    assert set(ledger["sop_instance_uid"]) == uids and set(ledger["state"]) == {"stored"}
+    assert set(ledger["study_state"]) == {"complete"} and result.incomplete_studies.empty
     assert metric(metrics, "pedx_ingest_instances_found_total") == len(uids)
     assert metric(metrics, "pedx_ingest_instances_retrieved_total") == len(uids)
     assert metric(metrics, "pedx_ingest_bytes_retrieved_total") == result.retrieval.bytes > 0
@@ -127,11 +131,32 @@ def test_pull_retrieves_everything_once_and_resumes(
     again = pull(cfg, id_salt="s", scheduler="sync", progress=False)
     assert again.planned_instances == 5 and again.retrieval.completed == 5
     assert spooled_uids(cfg.spool_dir) == uids
+    assert set(read_ledger(cfg.ledger_path)["state"]) == {"stored"}, "every promised instance"
     assert again.catalog["reused"] == len(uids) - 5
     assert again.manifest["shards"] == manifest["shards"], "same data, same shards"
     done = pull(cfg, id_salt="s", scheduler="sync", progress=False)
     assert done.planned_instances == 0 and done.retrieval.completed == 0
     assert done.manifest["skipped_shards"] == len(manifest["shards"])
+
+
+def test_refused_retrievals_are_in_the_ledger_and_the_pull_exits_3(pacs, tmp_path: Path, capsys) -> None:
+    server, scp_port, uids = pacs
+    args = ["--pacs", f"127.0.0.1:{server.dicom_port}", "--called-aet", "TESTPACS", "--work", str(tmp_path)]
+    # A C-MOVE destination the PACS does not know: every request is refused (Orthanc: 0xC000).
+    args += ["--move-dest", "NOBODY", "--scp-port", str(scp_port), "--no-shards", "--scheduler", "sync"]
+    args += ["--retries", "0"]
+    assert main(args) == 3
+    out = capsys.readouterr().out
+    assert f"{len(EXAMS) * PER_EXAM} incomplete study(ies)" in out and "failed" in out
+    ledger = read_ledger(tmp_path / "ledger.parquet")
+    assert set(ledger["sop_instance_uid"]) == uids
+    assert set(ledger["state"]) == {"refused"} and ledger["status"].str.fullmatch("0x[0-9A-F]{4}").all()
+    assert set(ledger["study_state"]) == {"failed"}
+
+
+def test_config_needs_exactly_one_source(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="give one source"):
+        PullConfig(work_dir=tmp_path)
 
 
 def test_config_names_the_transports_when_given_another(tmp_path: Path) -> None:

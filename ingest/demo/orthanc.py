@@ -12,6 +12,7 @@ hosts; the DICOM port answers any host that can reach it, so only load data you 
 from __future__ import annotations
 
 import atexit
+import base64
 import json
 import os
 import re
@@ -34,6 +35,9 @@ from ingest.files import write_json_atomic
 
 ORTHANC_BINARY = "Orthanc"
 INSTALL_HINT = "install it with: apt-get install -y orthanc (or run scripts/setup.sh)"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+DICOMWEB_INSTALL_HINT = "install it with: apt-get install -y orthanc-dicomweb (or run scripts/setup.sh)"
+DICOMWEB_ROOT = "/dicom-web"
 LOOPBACK = "127.0.0.1"
 DEFAULT_AET = "PEDXPACS"
 
@@ -50,7 +54,7 @@ _MANAGED_OPTIONS = frozenset(
     DicomModalitiesInDatabase DicomCheckCalledAet DicomAlwaysAllowEcho DicomAlwaysAllowStore
     DicomAlwaysAllowFind DicomAlwaysAllowGet DicomAlwaysAllowMove RemoteAccessAllowed AuthenticationEnabled
     StorageCompression OverwriteInstances DicomScpTimeout LimitFindResults LimitFindInstances Plugins
-    LuaScripts SaveJobs
+    LuaScripts SaveJobs RegisteredUsers DicomWeb
     """.split()
 )
 
@@ -118,6 +122,10 @@ class OrthancConfig:
     limit_find_results: int = 0
     limit_find_instances: int = 0
     dicom_scp_timeout: int = 30
+    # Load the DICOMweb plugin (QIDO-RS, WADO-RS under DICOMWEB_ROOT) from this path.
+    dicomweb_plugin: Path | None = None
+    # HTTP basic-auth users (name -> password); empty: the REST API and DICOMweb need no login.
+    http_users: Mapping[str, str] = field(default_factory=dict)
     binary: str = ORTHANC_BINARY
     startup_timeout: float = 30.0
     stop_timeout: float = 10.0
@@ -149,6 +157,10 @@ class OrthancConfig:
             )
         if self.startup_timeout <= 0 or self.stop_timeout <= 0:
             raise ValueError("startup_timeout and stop_timeout must be positive seconds")
+        if self.dicomweb_plugin is not None and not Path(self.dicomweb_plugin).is_file():
+            raise OrthancNotFoundError(
+                f"Orthanc DICOMweb plugin {self.dicomweb_plugin} not found; {DICOMWEB_INSTALL_HINT}"
+            )
         clashes = sorted(set(self.extra_options) & _MANAGED_OPTIONS)
         if clashes:
             raise ValueError(
@@ -360,13 +372,15 @@ class OrthancServer:
             "DicomAlwaysAllowGet": True,
             "DicomAlwaysAllowMove": True,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.config.http_users),
+            "RegisteredUsers": dict(self.config.http_users),
             "StorageCompression": False,
             "OverwriteInstances": False,
             "DicomScpTimeout": self.config.dicom_scp_timeout,
             "LimitFindResults": self.config.limit_find_results,
             "LimitFindInstances": self.config.limit_find_instances,
-            "Plugins": [],
+            "Plugins": [str(self.config.dicomweb_plugin)] if self.config.dicomweb_plugin else [],
+            "DicomWeb": {"Enable": self.config.dicomweb_plugin is not None, "Root": f"{DICOMWEB_ROOT}/"},
             "LuaScripts": [],
             "SaveJobs": False,
         }
@@ -394,6 +408,11 @@ class OrthancServer:
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb service root (QIDO-RS and WADO-RS), served when ``dicomweb_plugin`` is set."""
+        return self.url + DICOMWEB_ROOT
 
     @property
     def pid(self) -> int | None:
@@ -447,6 +466,10 @@ class OrthancServer:
     ) -> Any:
         """Call the REST API; returns the decoded JSON answer (None for an empty one)."""
         request = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.config.http_users:
+            user, password = next(iter(self.config.http_users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         if body is not None:
             request.add_header("Content-Type", content_type)
         try:

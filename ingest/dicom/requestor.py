@@ -19,6 +19,7 @@ import io
 import logging
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from ingest.dicom.upper_layer import (
     ASSOCIATE_AC,
     ASSOCIATE_RJ,
     ASSOCIATE_RQ,
+    C_CANCEL_RQ,
     C_GET_RQ,
     C_MOVE_RQ,
     C_STORE_RQ,
@@ -184,11 +186,14 @@ def parse_associate_ac(body: bytes) -> tuple[dict[int, tuple[int, str]], int]:
 @dataclass(frozen=True)
 class Timeouts:
     """Seconds: ``connect`` for TCP, ``acse`` for A-ASSOCIATE and A-RELEASE answers, ``dimse`` for
-    each PDU of a response (a PACS working through a large retrieve sends one per sub-operation)."""
+    each PDU of a response (a PACS working through a large retrieve sends one per sub-operation),
+    ``retrieve`` (None: none) for a whole C-MOVE or C-GET: past it the request is cancelled
+    (C-CANCEL) and its final response, Cancel, awaited for up to ``dimse`` more."""
 
     connect: float
     acse: float
     dimse: float
+    retrieve: float | None = None
 
 
 class RequestorAssociation:
@@ -222,6 +227,8 @@ class RequestorAssociation:
         self.pdus = pdus
         self.is_established = True
         self.lost_reason: str | None = None
+        self.cancelled = False  # the last request ran past timeouts.retrieve and was cancelled
+        self._deadline: float | None = None
 
     @classmethod
     def open(
@@ -319,13 +326,15 @@ class RequestorAssociation:
                 (DATA_SET_TYPE, struct.pack("<H", 0x0000)),  # an identifier follows
             ]
         )
+        self.cancelled = False
+        self._deadline = None if self.timeouts.retrieve is None else time.monotonic() + self.timeouts.retrieve
         try:
             self.sock.settimeout(self.timeouts.dimse)
             self.sock.sendall(
                 p_data_tf(context_id, command, self.peer_max_pdu, command=True)
                 + p_data_tf(context_id, encoded, self.peer_max_pdu, command=False)
             )
-            return self._final_response(command_field | RESPONSE_BIT, msg_id)
+            return self._final_response(command_field | RESPONSE_BIT, msg_id, context_id)
         except TimeoutError:
             self._lose(f"no response within dimse_timeout={self.timeouts.dimse:g} s")
         except (OSError, ProtocolError) as exc:
@@ -338,7 +347,43 @@ class RequestorAssociation:
         self.lost_reason = reason
         self.abort()
 
-    def _final_response(self, response_field: int, msg_id: int) -> tuple[Dataset, Dataset | None]:
+    def _read_pdu(self, msg_id: int, context_id: int) -> tuple[int, memoryview]:
+        """The next PDU of a retrieve's answer; past the retrieve deadline, cancel the request first."""
+        limit = self.max_pdu or MAX_UNLIMITED_PDU
+        if self._deadline is not None and not self.cancelled:
+            remaining = self._deadline - time.monotonic()
+            if remaining > 0:
+                self.sock.settimeout(min(self.timeouts.dimse, remaining))
+                try:
+                    return self.pdus.read(limit=limit)  # resumable: a timeout keeps what arrived
+                except TimeoutError:
+                    if time.monotonic() < self._deadline:
+                        raise
+            self._cancel(msg_id, context_id)
+        self.sock.settimeout(self.timeouts.dimse)
+        return self.pdus.read(limit=limit)
+
+    def _cancel(self, msg_id: int, context_id: int) -> None:
+        LOGGER.warning(
+            "retrieve %d on %s still running after retrieve_timeout=%g s: sending C-CANCEL",
+            msg_id,
+            self.peer,
+            self.timeouts.retrieve,
+        )
+        self.cancelled = True
+        command = encode_command(
+            [
+                (COMMAND_FIELD, struct.pack("<H", C_CANCEL_RQ)),
+                (MESSAGE_ID_RESPONDED, struct.pack("<H", msg_id)),
+                (DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
+            ]
+        )
+        self.sock.settimeout(self.timeouts.dimse)
+        self.sock.sendall(p_data_tf(context_id, command, self.peer_max_pdu, command=True))
+
+    def _final_response(
+        self, response_field: int, msg_id: int, request_context: int
+    ) -> tuple[Dataset, Dataset | None]:
         """Read messages until the final response, answering C-STORE sub-operations on the way.
 
         Pending responses (one per sub-operation) are checked from their raw elements, not decoded:
@@ -347,7 +392,7 @@ class RequestorAssociation:
         command: bytes | None = None  # a command whose data set is still arriving
         command_context = 0
         while True:
-            pdu_type, body = self.pdus.read(limit=self.max_pdu or MAX_UNLIMITED_PDU)
+            pdu_type, body = self._read_pdu(msg_id, request_context)
             if pdu_type == ABORT:
                 raise ConnectionError("association aborted by the PACS")
             if pdu_type == RELEASE_RQ:

@@ -83,6 +83,7 @@ from ingest.dicom.scp import (
     tune_connection,
 )
 from ingest.dicom.upper_layer import ProtocolError
+from ingest.polite import AdaptiveConcurrency, Pacer, PullInterrupted
 
 LOGGER = logging.getLogger("ingest.dicom.scu")
 
@@ -147,6 +148,8 @@ class PacsConfig:
     max_pdu: int = 65536
     retries: int = 3
     backoff_s: float = 1.0
+    # Total seconds for one C-MOVE / C-GET (None: no limit); past it the request is cancelled and retried.
+    retrieve_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not self.host or not isinstance(self.host, str):
@@ -167,6 +170,12 @@ class PacsConfig:
             raise ValueError(f"retries={self.retries!r}: use 0 (one attempt only) or more")
         if not isinstance(self.backoff_s, int | float) or self.backoff_s < 0:
             raise ValueError(f"backoff_s={self.backoff_s!r}: the first back-off delay must be >= 0 seconds")
+        if self.retrieve_timeout is not None and (
+            not isinstance(self.retrieve_timeout, int | float) or self.retrieve_timeout <= 0
+        ):
+            raise ValueError(
+                f"retrieve_timeout={self.retrieve_timeout!r}: seconds per C-MOVE/C-GET, > 0 (None: no limit)"
+            )
 
     @classmethod
     def parse(cls, address: str, called_aet: str | None = None, **options) -> PacsConfig:
@@ -352,7 +361,9 @@ class _PynetdicomRetrieving:
     def __init__(self, assoc: Association, cfg: PacsConfig) -> None:
         self._assoc = assoc
         self._dimse_timeout = cfg.dimse_timeout
+        self._retrieve_timeout = cfg.retrieve_timeout
         self.lost_reason: str | None = None
+        self.cancelled = False
 
     @property
     def is_established(self) -> bool:
@@ -361,14 +372,45 @@ class _PynetdicomRetrieving:
     def send_c_move(
         self, identifier: Dataset, move_aet: str, query_model: str, msg_id: int
     ) -> tuple[Dataset, Dataset | None]:
-        return self._final(self._assoc.send_c_move(identifier, move_aet, query_model, msg_id=msg_id))
+        responses = self._assoc.send_c_move(identifier, move_aet, query_model, msg_id=msg_id)
+        return self._final(responses, query_model, msg_id)
 
     def send_c_get(
         self, identifier: Dataset, query_model: str, msg_id: int
     ) -> tuple[Dataset, Dataset | None]:
-        return self._final(self._assoc.send_c_get(identifier, query_model, msg_id=msg_id))
+        responses = self._assoc.send_c_get(identifier, query_model, msg_id=msg_id)
+        return self._final(responses, query_model, msg_id)
 
-    def _final(self, responses: Iterator[tuple[Dataset, Dataset | None]]) -> tuple[Dataset, Dataset | None]:
+    def _cancel(self, query_model: str, msg_id: int) -> None:
+        """Timer thread: C-CANCEL the request still running after retrieve_timeout."""
+        context_id = next(
+            cx.context_id for cx in self._assoc.accepted_contexts if cx.abstract_syntax == query_model
+        )
+        LOGGER.warning(
+            "retrieve %d still running after retrieve_timeout=%g s: sending C-CANCEL",
+            msg_id,
+            self._retrieve_timeout,
+        )
+        self.cancelled = True
+        self._assoc.send_c_cancel(msg_id, context_id)
+
+    def _final(
+        self, responses: Iterator[tuple[Dataset, Dataset | None]], query_model: str, msg_id: int
+    ) -> tuple[Dataset, Dataset | None]:
+        self.cancelled = False
+        if self._retrieve_timeout is None:
+            return self._final_status(responses)
+        timer = threading.Timer(self._retrieve_timeout, self._cancel, (query_model, msg_id))
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._final_status(responses)
+        finally:
+            timer.cancel()
+
+    def _final_status(
+        self, responses: Iterator[tuple[Dataset, Dataset | None]]
+    ) -> tuple[Dataset, Dataset | None]:
         final: tuple[Dataset, Dataset | None] | None = None
         for status, identifier in responses:  # to the end: pynetdicom un-parks its reactor there
             if not status:
@@ -573,7 +615,7 @@ def _dicom_date(value: dt.date | None) -> str:
 
 
 @dataclass(frozen=True)
-class _Window:
+class StudyWindow:
     """A study-date window, narrowed to a time-of-day range (seconds) once it is a single day."""
 
     first: dt.date | None
@@ -593,18 +635,18 @@ class _Window:
         start, end = (f"{s // 3600:02d}{s // 60 % 60:02d}{s % 60:02d}" for s in self.seconds)
         return f"{start}-{end}"
 
-    def split(self) -> list[_Window]:
+    def split(self) -> list[StudyWindow]:
         """Two halves in chronological order; [] when a single second cannot be split further."""
         first = self.first or _EARLIEST_DATE
         last = self.last or _LATEST_DATE
         if first < last:
             middle = first + (last - first) // 2
-            return [_Window(first, middle), _Window(middle + dt.timedelta(days=1), last)]
+            return [StudyWindow(first, middle), StudyWindow(middle + dt.timedelta(days=1), last)]
         start, end = self.seconds or (0, 86399)
         if start == end:
             return []
         middle = (start + end) // 2
-        return [_Window(first, last, (start, middle)), _Window(first, last, (middle + 1, end))]
+        return [StudyWindow(first, last, (start, middle)), StudyWindow(first, last, (middle + 1, end))]
 
     def describe(self) -> str:
         text = self.date_filter() or "any date"
@@ -628,6 +670,44 @@ def find_studies(
     with no ``page_limit`` the first query goes without that filter: when the PACS says it was cut,
     its length is the cap used from then on; when it was not, it already holds every study.
     """
+    with _find_connection(cfg) as conn:
+
+        def search(window: StudyWindow, modalities_filter: str) -> tuple[list[dict], bool]:
+            query = _query(
+                "STUDY",
+                STUDY_KEYS,
+                StudyDate=window.date_filter(),
+                StudyTime=window.time_filter(),
+                ModalitiesInStudy=modalities_filter,
+            )
+            what = f"C-FIND studies {window.describe()} on {cfg.describe()}"
+            return _find(conn, query, STUDY_KEYS, what)
+
+        yield from search_by_date_windows(
+            search,
+            date_range=date_range,
+            modalities=modalities,
+            page_limit=page_limit,
+            probe_without_modalities=page_limit is None,
+        )
+
+
+def search_by_date_windows(
+    search: Callable[[StudyWindow, str], tuple[list[dict], bool]],
+    *,
+    date_range: tuple[dt.date | str | None, dt.date | str | None] | None = None,
+    modalities: Sequence[str] | None = ("CR", "DX"),
+    page_limit: int | None = None,
+    probe_without_modalities: bool = False,
+) -> Iterator[dict]:
+    """Study search around a result cap, whatever the protocol: ``search(window, modalities_filter)``
+    runs one query (C-FIND, QIDO-RS) and returns (matches keyed by STUDY_KEYS, truncated).
+
+    A window that comes back at the cap, or truncated ("more matches exist"), is split in halves by
+    date, and a single over-full day by time of day, until every window is under the cap.
+    ``probe_without_modalities`` sends the first query without the ModalitiesInStudy filter (see
+    ``find_studies``); matches of other modalities are dropped here.
+    """
     if page_limit is not None and page_limit < 1:
         raise ValueError(f"page_limit={page_limit!r}: use None (no known cap) or the PACS's cap, >= 1")
     if isinstance(modalities, str):
@@ -638,66 +718,57 @@ def find_studies(
         raise ValueError(f"date_range starts after it ends: {first} > {last}")
     wanted_modalities = tuple(modalities or ())
     cap = page_limit
-    probe = cap is None
+    probe = probe_without_modalities
     seen: set[str] = set()
-    windows = [_Window(first, last)]
-    with _find_connection(cfg) as conn:
-        while windows:
-            window = windows.pop()
-            query = _query(
-                "STUDY",
-                STUDY_KEYS,
-                StudyDate=window.date_filter(),
-                StudyTime=window.time_filter(),
-                ModalitiesInStudy="" if probe else "\\".join(wanted_modalities),
-            )
-            probe = False
-            what = f"C-FIND studies {window.describe()} on {cfg.describe()}"
-            matches, truncated = _find(conn, query, STUDY_KEYS, what)
-            if truncated and matches:
-                cap = len(matches) if cap is None else min(cap, len(matches))
-            if truncated or (cap is not None and len(matches) >= cap):
-                halves = window.split()
-                if halves:
-                    if window.first is None and window.last is None:
-                        LOGGER.warning(
-                            "result cap hit without a date bound: studies without a StudyDate "
-                            "cannot be reached by date windows and are skipped"
-                        )
-                    if window.first is not None and window.first == window.last and window.seconds is None:
-                        LOGGER.warning(
-                            "over %d studies on %s: splitting by StudyTime (studies without "
-                            "a StudyTime on that day are not matched)",
-                            len(matches),
-                            window.first,
-                        )
-                    LOGGER.debug("%s: %d matches at the cap, splitting", window.describe(), len(matches))
-                    windows.extend(reversed(halves))
-                    continue
-                if truncated:
-                    raise PacsError(
-                        f"more studies than the PACS returns per query in the single second "
-                        f"{window.describe()}: raise the PACS's result cap (Orthanc: LimitFindResults)",
-                        retryable=False,
+    windows = [StudyWindow(first, last)]
+    while windows:
+        window = windows.pop()
+        matches, truncated = search(window, "" if probe else "\\".join(wanted_modalities))
+        probe = False
+        if truncated and matches:
+            cap = len(matches) if cap is None else min(cap, len(matches))
+        if truncated or (cap is not None and len(matches) >= cap):
+            halves = window.split()
+            if halves:
+                if window.first is None and window.last is None:
+                    LOGGER.warning(
+                        "result cap hit without a date bound: studies without a StudyDate "
+                        "cannot be reached by date windows and are skipped"
                     )
-                LOGGER.warning(
-                    "%d studies in the single second %s reach the result cap %d: some may be missing",
-                    len(matches),
-                    window.describe(),
-                    cap,
+                if window.first is not None and window.first == window.last and window.seconds is None:
+                    LOGGER.warning(
+                        "over %d studies on %s: splitting by StudyTime (studies without "
+                        "a StudyTime on that day are not matched)",
+                        len(matches),
+                        window.first,
+                    )
+                LOGGER.debug("%s: %d matches at the cap, splitting", window.describe(), len(matches))
+                windows.extend(reversed(halves))
+                continue
+            if truncated:
+                raise PacsError(
+                    f"more studies than the PACS returns per query in the single second "
+                    f"{window.describe()}: raise the PACS's result cap (Orthanc: LimitFindResults)",
+                    retryable=False,
                 )
-            for study in matches:
-                uid = study["StudyInstanceUID"]
-                if not uid or uid in seen:
-                    continue
-                if (
-                    wanted_modalities
-                    and study["ModalitiesInStudy"]
-                    and not (set(study["ModalitiesInStudy"]) & set(wanted_modalities))
-                ):
-                    continue  # the PACS ignored the optional ModalitiesInStudy filter, or this was the probe
-                seen.add(uid)
-                yield study
+            LOGGER.warning(
+                "%d studies in the single second %s reach the result cap %d: some may be missing",
+                len(matches),
+                window.describe(),
+                cap,
+            )
+        for study in matches:
+            uid = study["StudyInstanceUID"]
+            if not uid or uid in seen:
+                continue
+            if (
+                wanted_modalities
+                and study["ModalitiesInStudy"]
+                and not (set(study["ModalitiesInStudy"]) & set(wanted_modalities))
+            ):
+                continue  # the PACS ignored the optional ModalitiesInStudy filter, or this was the probe
+            seen.add(uid)
+            yield study
 
 
 def _check_uid(name: str, value: str) -> None:
@@ -902,7 +973,7 @@ def storage_contexts_for_get(sop_classes: Iterable[str]) -> list[tuple[str, str]
 class _Retriever:
     """Shared state of one ``retrieve`` run; each worker thread calls ``work`` with its own association."""
 
-    def __init__(self, cfg, method, destination, spool_dir, counts, opener, observer, bar):
+    def __init__(self, cfg, method, destination, spool_dir, counts, opener, observer, bar, workers=1):
         self.cfg = cfg
         self.method = method
         self.destination = destination
@@ -916,12 +987,17 @@ class _Retriever:
         self._unreachable: str | None = None
         self._lists_refused = False
         self.request_warnings = 0  # from UID-list requests: the PACS counts them per request, not study
+        # Fewer requests at once while the PACS answers A7xx ("out of resources"); see ingest.polite.
+        self.concurrency = AdaptiveConcurrency(workers, what=f"C-{method.upper()} requests")
 
     def work(self, next_batch: Callable[[], list[RetrieveItem] | None]) -> None:
         """Retrieve batches from ``next_batch()`` over one association until it returns None."""
         with _Connection(self.cfg, self.opener) as conn:
             while True:
-                batch = next_batch()
+                try:
+                    batch = next_batch()
+                except PullInterrupted:  # Ctrl-C while the pacer held this thread: start nothing more
+                    return
                 if batch is None:
                     return
                 remaining = self._retrieve_study_list(conn, batch) if len(batch) > 1 else batch
@@ -1030,20 +1106,36 @@ class _Retriever:
     def _send(self, conn: _Connection, identifier: Dataset) -> tuple[Dataset, Dataset | None]:
         """One C-MOVE or C-GET; returns the final (status, identifier), raises PacsError on an abort."""
         assoc = conn.get()
-        if self.method == "move":
-            status, answer = assoc.send_c_move(
-                identifier,
-                self.destination,
-                StudyRootQueryRetrieveInformationModelMove,
-                msg_id=conn.next_message_id(),
-            )
-        else:
-            status, answer = assoc.send_c_get(
-                identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=conn.next_message_id()
-            )
+        slot = self.concurrency.acquire()
+        overloaded = None
+        status = Dataset()
+        try:
+            if self.method == "move":
+                status, answer = assoc.send_c_move(
+                    identifier,
+                    self.destination,
+                    StudyRootQueryRetrieveInformationModelMove,
+                    msg_id=conn.next_message_id(),
+                )
+            else:
+                status, answer = assoc.send_c_get(
+                    identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=conn.next_message_id()
+                )
+            if status and status.Status >> 8 == 0xA7:
+                overloaded = f"status {_status_text(status)} from {self.cfg.describe()}"
+        finally:
+            completed = int(status.get("NumberOfCompletedSuboperations") or 0) if status else 0
+            self.concurrency.release(slot, overloaded, completed)
         if not status:
             conn.drop()
             raise PacsError(f"association lost: {assoc.lost_reason}")
+        if assoc.cancelled:
+            # A stalled retrieve: what arrived is in the spool, and the retry asks for the rest.
+            completed = int(status.get("NumberOfCompletedSuboperations") or 0)
+            raise PacsError(
+                f"no final answer within retrieve_timeout={self.cfg.retrieve_timeout:g} s: cancelled "
+                f"(C-CANCEL) after {completed} sub-operation(s)"
+            )
         return status, answer
 
     def _check_final(self, status: Dataset, identifier: Dataset | None) -> None:
@@ -1102,6 +1194,7 @@ def retrieve(
     max_studies_per_request: int = 50,
     fsync: bool = True,
     transport: str = DEFAULT_TRANSPORT,
+    pacer: Pacer | None = None,
 ) -> RetrieveSummary:
     """Retrieve ``items`` by C-MOVE (into the running ``scp``) or C-GET (into ``spool_dir``).
 
@@ -1129,6 +1222,9 @@ def retrieve(
     list request leaves incomplete are retried one per request; a PACS that sends nothing for a
     list gets one study per request for the rest of the run (of that process). ``max_studies_per_request=1``
     never sends a list.
+
+    ``pacer`` (``ingest.polite``) is asked before each request is handed to an association: outside
+    its window no request starts, and requests are spaced to its instance rate.
     """
     if method not in ("move", "get"):
         raise ValueError(f"method={method!r}: use 'move' (PACS pushes to our Storage SCP) or 'get'")
@@ -1202,11 +1298,13 @@ def retrieve(
         with tqdm(total=len(wanted), unit="item", desc=f"C-{method.upper()}", disable=not progress) as bar:
             if processes == 1:
                 opener = _retrieve_opener(cfg, method, sop_classes, spool, counts, fsync, transport)
-                retriever = _Retriever(cfg, method, destination, spool, counts, opener, observer, bar)
+                retriever = _Retriever(
+                    cfg, method, destination, spool, counts, opener, observer, bar, max(n_workers, 1)
+                )
                 work: queue.Queue[list[RetrieveItem]] = queue.Queue()
                 for batch in requests:
                     work.put(batch)
-                _run_threads(retriever, n_workers, lambda: _next_or_none(work))
+                _run_threads(retriever, n_workers, lambda: _paced(pacer, _next_or_none(work)))
                 outcomes, request_warnings, child_bytes = retriever.outcomes, retriever.request_warnings, 0
             else:
                 job = _ChildJob(
@@ -1221,7 +1319,7 @@ def retrieve(
                     transport=transport,
                 )
                 outcomes, request_warnings, child_bytes = _retrieve_in_processes(
-                    job, requests, processes, observer, bar
+                    job, requests, processes, observer, bar, pacer
                 )
     finally:
         if observer is not None:
@@ -1293,7 +1391,12 @@ def _open_retrieving(
             called_aet=cfg.called_aet,
             contexts=contexts,
             max_pdu=cfg.max_pdu,
-            timeouts=Timeouts(connect=cfg.network_timeout, acse=cfg.acse_timeout, dimse=cfg.dimse_timeout),
+            timeouts=Timeouts(
+                connect=cfg.network_timeout,
+                acse=cfg.acse_timeout,
+                dimse=cfg.dimse_timeout,
+                retrieve=cfg.retrieve_timeout,
+            ),
             scp_role_classes=storage_classes,
             on_store=on_store,
         )
@@ -1337,6 +1440,14 @@ def _raise_model_refused(cfg: PacsConfig, query_model: UID) -> NoReturn:
         "it does not serve this retrieve model to our calling AE title",
         retryable=False,
     )
+
+
+def _paced(pacer: Pacer | None, batch: list[RetrieveItem] | None) -> list[RetrieveItem] | None:
+    """``batch``, once ``pacer`` lets a request for its instances start (a study or series item
+    without a list counts as one)."""
+    if pacer is not None and batch is not None:
+        pacer.before_request(sum(len(item.sop_instance_uids) or 1 for item in batch))
+    return batch
 
 
 def _next_or_none(work: queue.Queue) -> list[RetrieveItem] | None:
@@ -1424,7 +1535,9 @@ def _retrieve_process(job: _ChildJob, connection) -> None:
         opener = _retrieve_opener(
             job.cfg, job.method, job.sop_classes, job.spool, counts, job.fsync, job.transport
         )
-        retriever = _Retriever(job.cfg, job.method, job.destination, job.spool, counts, opener, link, link)
+        retriever = _Retriever(
+            job.cfg, job.method, job.destination, job.spool, counts, opener, link, link, job.workers
+        )
         _run_threads(retriever, job.workers, link.next_batch)
         link.done(retriever.outcomes, retriever.request_warnings)
         if scp is not None:
@@ -1449,7 +1562,7 @@ def _process_context() -> multiprocessing.context.BaseContext:
 
 
 def _retrieve_in_processes(
-    job: _ChildJob, requests: list[list[RetrieveItem]], processes: int, observer, bar
+    job: _ChildJob, requests: list[list[RetrieveItem]], processes: int, observer, bar, pacer=None
 ) -> tuple[list[_ItemOutcome], int, int]:
     """Run ``requests`` in ``processes`` child processes, handing each request to whichever asks
     first; returns (outcomes, request warnings, bytes the children stored). Items of a child that
@@ -1481,7 +1594,7 @@ def _retrieve_in_processes(
                     live.discard(connection)
                     continue
                 if kind == "next":
-                    batch = pending.pop() if pending else None
+                    batch = _paced(pacer, pending.pop() if pending else None)
                     try:
                         connection.send(batch)
                     except OSError:  # it died after asking: the batch goes to the next that asks
@@ -1542,6 +1655,7 @@ def plan_retrieval(
     observer: RetrieveObserver | None = None,
     progress: bool = False,
     whole_studies: bool = True,
+    promised: dict[str, list[dict]] | None = None,
 ) -> list[RetrieveItem]:
     """What to retrieve for ``study_uids``, found by C-FIND, with spooled instances left out.
 
@@ -1549,7 +1663,8 @@ def plan_retrieval(
     ``retrieve`` sends several to a request; a partly spooled study becomes IMAGE-level items, one
     per series and ``max_instances_per_item`` missing instances. ``whole_studies=False`` plans every
     study that way. Running it again after a complete pull returns []; after a partial pull, items
-    for exactly the missing instances.
+    for exactly the missing instances. ``promised``, when given, receives every study's instances
+    (spooled or not), keyed by study UID, for the pull's ledger.
     """
     if max_instances_per_item < 1:
         raise ValueError(f"max_instances_per_item={max_instances_per_item!r} must be >= 1")
@@ -1565,6 +1680,8 @@ def plan_retrieval(
                 for series in _find_series(conn, study_uid)
             }
             instances = [instance for found in by_series.values() for instance in found]
+            if promised is not None:
+                promised[study_uid] = instances
             if observer is not None:
                 observer.on_found(len(instances))
             if whole_studies and instances and not any(i["SOPInstanceUID"] in present for i in instances):
