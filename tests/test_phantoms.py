@@ -250,6 +250,7 @@ def test_fracture_only_on_fracture_views():
         "Ankle_AP",
         "Ankle_Lateral",
         "Ankle_Mortise",
+        "Elbow_Lateral",
     }
     with pytest.raises(ValueError, match="cannot carry a fracture"):
         phantoms.render_view("Chest_Frontal", np.random.default_rng(0), age_months=50, sex="M", fracture=True)

@@ -75,15 +75,16 @@ def study_rows(plan: StudyPlan, seed: int, out_dir: Path) -> list[dict]:
         view = taxonomy.view(inst.label_68)
         sided = view.label_7 in ("Upper_Extremity", "Lower_Extremity")
         is_fracture_view = inst.label_68 in FRACTURE_VIEWS
-        bone_age = plan.bone_age_months if plan.bone_age_months is not None else plan.age_months
         rendered = render_view(
             inst.label_68,
             rng,
             age_months=plan.age_months,
             sex=plan.patient.sex,
-            bone_age_months=bone_age,
+            bone_age_months=plan.bone_age_months,
             laterality=plan.laterality,
             fracture=bool(plan.fracture) and is_fracture_view,
+            cast=plan.cast,
+            modality=site.modality,
             long_side_px=inst.long_side_px,
         )
         enc = Encoding(site.modality, site.photometric, bits, inst.transfer_syntax, site.rescale)

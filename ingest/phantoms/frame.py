@@ -22,6 +22,8 @@ class Frame:
         self.scene = scene
         self.maturity = scene.maturity
         self.rng = scene.rng
+        self.cast = scene.cast
+        self.fracture = scene.fracture
         self.origin = np.asarray(origin, float)
         a = math.radians(angle_deg)
         self._m = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) @ np.diag(
@@ -49,6 +51,15 @@ class Frame:
     def tissue_path(self, points, radius: float, thickness: float = 1.0) -> None:
         self.scene.tissue_path(self.p(points), radius * self._k, thickness)
 
+    def vessel_path(self, points, radius: float) -> None:
+        self.scene.vessel_path(self.p(points), radius * self._k)
+
+    def plaster_tube(self, p0, p1, inner: float, outer: float) -> None:
+        self.scene.plaster_tube(*self.p([p0, p1]), inner * self._k, outer * self._k)
+
+    def soft_tissue_sign(self, center, axes, angle_deg: float, amount: float) -> None:
+        self.scene.air_poly(self._ellipse_pts(center, axes, angle_deg), amount)
+
     def air_poly(self, points, amount: float) -> None:
         self.scene.air_poly(self.p(points), amount)
 
@@ -61,25 +72,53 @@ class Frame:
     def metal_poly(self, points, amount: float = 3.0) -> None:
         self.scene.metal_poly(self.p(points), amount)
 
+    def metal_path(self, points, width: float, amount: float = 3.0) -> None:
+        self.scene.metal_path(self.p(points), width * self._k, amount)
+
     def metal_line(self, p0, p1, width: float, amount: float = 3.0) -> None:
         self.scene.metal_line(*self.p([p0, p1]), width * self._k, amount)
 
     # bone
-    def bone_poly(self, points, density=1.0, marrow=0.5, cortex=0.15, fracture_axis=None) -> None:
+    def bone_poly(self, points, density=1.0, marrow=0.5, cortex=0.15) -> None:
         self.scene.bone_poly(self.p(points), density, marrow, cortex * self._k)
 
-    def bone_ellipse(self, center, axes, angle_deg=0.0, density=1.0, marrow=0.55, cortex=0.12) -> None:
+    def bone_ellipse(
+        self, center, axes, angle_deg=0.0, density=1.0, marrow=0.55, cortex=0.12, *, follows=None
+    ) -> None:
+        """An ellipse stays an ellipse under this frame's map: its axes and angle are carried through."""
         if min(axes) * self._k <= 0.02:
             return
-        cortex = min(cortex, min(axes) * 0.5)
-        self.scene.bone_poly(
-            self._ellipse_pts(center, axes, angle_deg, 24), density, marrow, cortex * self._k
+        a = np.radians(angle_deg)
+        ex = self._m @ np.array([np.cos(a), np.sin(a)]) * axes[0]
+        ey = self._m @ np.array([-np.sin(a), np.cos(a)]) * axes[1]
+        # a squeezed ellipse is still an ellipse; its principal axes come from the map's singular values
+        u, sv, _ = np.linalg.svd(np.stack([ex, ey], axis=1))
+        angle = float(np.degrees(np.arctan2(u[1, 0], u[0, 0])))
+        cortex = min(cortex, min(axes) * 0.5) * self._k
+        self.scene.bone_ellipse(
+            self.p(center),
+            (sv[0], sv[1]),
+            angle,
+            density,
+            marrow,
+            cortex,
+            follows=follows,
         )
+
+    def bone_gap(self, points, width: float, amount: float) -> None:
+        self.scene.bone_gap(self.p(points), width * self._k, amount)
 
     def bone_path(self, points, width, density=1.0, marrow=0.55) -> None:
         self.scene.bone_path(self.p(points), width * self._k, density, marrow)
 
-    def bone_ring(self, center, axes, angle_deg, width, density=1.0, start_deg=0.0, end_deg=360.0) -> None:
+    def bone_ring(
+        self, center, axes, angle_deg, width, density=1.0, start_deg=0.0, end_deg=360.0, *, shell=False
+    ) -> None:
+        if shell and self._k == 1.0:
+            self.scene.bone_ring(
+                self.p(center), axes, angle_deg, width, density, start_deg, end_deg, shell=True
+            )
+            return
         self.bone_path(arc(center, axes, angle_deg, start_deg, end_deg, 72), width, density, marrow=0.8)
 
     def long_bone(self, p0, p1, widths, *, density=1.0, marrow=0.4, cortex=None, tag=None, n=20) -> None:
