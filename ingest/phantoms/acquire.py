@@ -264,8 +264,9 @@ def process(
     fine = smooth(x, max(0.01 * min(h, w), 1.5))
     x = x + detector.enhance * rng.uniform(0.7, 1.3) * (x - fine)
     x = tone_curve(np.clip(x, -0.2, 1.2), detector.s_curve * rng.uniform(0.85, 1.15))
-    # behind the shutters nothing was exposed: shown as clear film (bright), as the collimation mask does
-    image = x * field + rng.uniform(0.85, 1.0) * (1.0 - field)
+    # behind the shutters only scatter reaches the plate: the log signal there is beyond the window, so
+    # the shutters come out white, as the vendors' masking shows them
+    image = x
     image = np.clip(image, 0.0, 1.0).astype(np.float32)
     if rng.random() < annotate:
         burn_in_text(image, rng)

@@ -27,7 +27,7 @@ class Rendered:
 def body_size(age_months: float) -> float:
     """Trunk and head size relative to the adult template: ~0.45 at birth, 1 at 18 years."""
     years = age_months / 12.0
-    return float(0.45 + 0.55 * (1.0 - np.exp(-years / 6.5)) / (1.0 - np.exp(-18.0 / 6.5)))
+    return float(min(0.45 + 0.55 * (1.0 - np.exp(-years / 6.5)) / (1.0 - np.exp(-18.0 / 6.5)), 1.0))
 
 
 def draw_fracture(spec, rng: np.random.Generator) -> Fracture:
@@ -80,7 +80,9 @@ def render_view(
     if modality not in DETECTORS:
         raise ValueError(f"modality must be one of {', '.join(DETECTORS)}, got {modality!r}")
     m = maturity(age_months if bone_age_months is None else bone_age_months, sex)
-    cut = draw_fracture(spec, rng) if fracture else None
+    # the fracture comes from its own stream, so the same child with and without it differs only there
+    fracture_rng = np.random.default_rng(int(rng.integers(1 << 62)))
+    cut = draw_fracture(spec, fracture_rng) if fracture else None
     scene = Scene(
         rng,
         spec.field_for(m),
