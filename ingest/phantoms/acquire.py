@@ -39,9 +39,9 @@ class Beam:
 
     Coefficients are mass attenuation from NIST XCOM / ICRU-44 tissues times density, at the effective
     energy of a typical paediatric technique (extremity ~50-55 kVp -> ~35 keV; skull ~65-70 kVp -> ~42 keV;
-    chest / abdomen / spine ~70-80 kVp with filtration -> ~50 keV). ``quanta`` is the mean count per pixel
-    of the unattenuated field at the rendered pixel size; ``spr`` the scatter-to-primary ratio behind 20 cm
-    of water without a grid.
+    chest / abdomen / spine ~70-80 kVp with filtration -> ~50 keV). ``quanta`` is the count per 0.5 mm pixel
+    that automatic exposure control aims for behind the patient (about 1-2 uGy at the detector, after its
+    quantum efficiency); ``spr`` the scatter-to-primary ratio behind 20 cm of water without a grid.
     """
 
     kev: float
@@ -55,11 +55,11 @@ class Beam:
 
 BEAMS = {
     # water 35 keV: 0.307 cm2/g; cortical bone (1.92 g/cm3) 0.94 cm2/g; cancellous (1.18 g/cm3) ~0.55 cm2/g
-    "extremity": Beam(35.0, 0.31, 1.80, 0.65, 0.80, 9000.0, 0.35),
+    "extremity": Beam(35.0, 0.31, 1.80, 0.65, 0.80, 6000.0, 0.35),
     # 42 keV: water 0.255; cortical 0.62 cm2/g
-    "head": Beam(42.0, 0.26, 1.19, 0.45, 0.60, 12000.0, 0.9),
+    "head": Beam(42.0, 0.26, 1.19, 0.45, 0.60, 8000.0, 0.9),
     # 50 keV: water 0.227; cortical 0.424 cm2/g; cancellous ~0.30 cm2/g
-    "trunk": Beam(50.0, 0.227, 0.81, 0.35, 0.45, 14000.0, 1.4),
+    "trunk": Beam(50.0, 0.227, 0.81, 0.35, 0.45, 8000.0, 1.4),
 }
 AIR_SHARE = 0.55  # how much of the local water path a unit of "air" (lung, bowel gas) replaces
 GRID_SPR = 0.25  # share of scatter a focused grid lets through
@@ -234,7 +234,12 @@ def expose(
         / (1 - math.exp(-1))
     )
     scatter = smooth(primary * spr, 4.0 / px_cm)
-    quanta = beam.quanta * rng.uniform(0.6, 1.4) * (px_cm / 0.05) ** 2
+    # automatic exposure control: the tube output is set so the detector behind the patient's central
+    # region receives the target dose, whatever the thickness (an infant's chest and a teenager's abdomen
+    # come out equally exposed, with more tube output behind more tissue)
+    behind = (primary + scatter)[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]
+    target = beam.quanta * rng.uniform(0.6, 1.4) * (px_cm / 0.05) ** 2
+    quanta = target / max(float(np.median(behind)), 1e-6)
     mean = (primary + scatter) * quanta
     counts = mean + np.sqrt(np.maximum(mean, 0.0)) * rng.standard_normal((h, w), dtype=np.float32)
     counts = cv2.GaussianBlur(counts, (0, 0), detector.blur_px)

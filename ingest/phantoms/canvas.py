@@ -169,18 +169,31 @@ class Scene:
         ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
         return xs + 0.5, ys + 0.5
 
-    def _inside_depth(self, pts_px: np.ndarray, box, closed: bool = True, width_px: float = 0.0):
-        """Distance (px) from each ROI pixel to an outline's edge (inside) or to a polyline (tube)."""
+    def _inside_depth(self, pts_px: np.ndarray, box, closed: bool = True):
+        """Distance (px) from each ROI pixel to an outline's edge (inside) or to a polyline (tube), and the
+        largest such distance over the whole outline (its inscribed radius).
+
+        For an outline the transform runs on a box that reaches past the image (up to one image size), so
+        an outline running off the detector measures depth from its real edge, not from the image border.
+        """
         x0, y0, x1, y1 = box
-        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        fixed = self._fixed(pts_px, (x0, y0))
-        if closed:
-            cv2.fillPoly(mask, [fixed], 255, cv2.LINE_8, SHIFT)
-            return cv2.distanceTransform(mask, cv2.DIST_L2, 5)
-        mask[:] = 255
-        cv2.polylines(mask, [fixed], False, 0, 1, cv2.LINE_8, SHIFT)
-        # a path that misses the box leaves no zero pixel: the transform then reports a huge distance
-        return np.minimum(cv2.distanceTransform(mask, cv2.DIST_L2, 5), 1e4)
+        if not closed:
+            mask = np.full((y1 - y0, x1 - x0), 255, np.uint8)
+            cv2.polylines(mask, [self._fixed(pts_px, (x0, y0))], False, 0, 1, cv2.LINE_8, SHIFT)
+            # a path that misses the box leaves no zero pixel: the transform then reports a huge distance
+            d = np.minimum(cv2.distanceTransform(mask, cv2.DIST_L2, 5), 1e4)
+            return d, float(d.max())
+        m = max(self.height, self.width)
+        lo = np.floor(pts_px.min(axis=0)).astype(int) - 2
+        hi = np.ceil(pts_px.max(axis=0)).astype(int) + 3
+        ex0, ey0 = max(min(lo[0], x0), -m), max(min(lo[1], y0), -m)
+        ex1, ey1 = min(max(hi[0], x1), self.width + m), min(max(hi[1], y1), self.height + m)
+        mask = np.zeros((ey1 - ey0, ex1 - ex0), np.uint8)
+        cv2.fillPoly(mask, [self._fixed(pts_px, (ex0, ey0))], 255, cv2.LINE_8, SHIFT)
+        mask[0, :] = mask[-1, :] = 0
+        mask[:, 0] = mask[:, -1] = 0
+        d = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
+        return d[y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0], float(d.max())
 
     # -- soft tissue and gas -------------------------------------------------------------------
     def _slab(self, pts_px: np.ndarray, thickness: float) -> None:
@@ -188,8 +201,7 @@ class Scene:
         if box is None:
             return
         x0, y0, x1, y1 = box
-        d = self._inside_depth(pts_px, box)
-        radius = float(d.max())
+        d, radius = self._inside_depth(pts_px, box)
         if radius <= 0:
             return
         depth = chord(radius, np.maximum(radius - d, 0.0)) * (SLAB_DEPTH * thickness * self.cm_per_px)
@@ -252,7 +264,7 @@ class Scene:
         if box is None or r_px <= 0.05:
             return
         x0, y0, x1, y1 = box
-        d = self._inside_depth(pts_px, box, closed=False)
+        d, _ = self._inside_depth(pts_px, box, closed=False)
         depth = chord(r_px, d)
         if hollow > 0:
             depth -= chord(self.length(hollow), d)
@@ -304,8 +316,7 @@ class Scene:
         box = self._bbox(pts_px, 1)
         if box is None:
             return
-        d = self._inside_depth(pts_px, box)
-        radius = float(d.max())
+        d, radius = self._inside_depth(pts_px, box)
         if radius <= 0.5:
             return
         ct = min(self.length(cortex), radius * 0.6)
@@ -357,7 +368,7 @@ class Scene:
         box = self._bbox(pts_px, r + 2)
         if box is None or r < 0.4:
             return
-        d = self._inside_depth(pts_px, box, closed=False)
+        d, _ = self._inside_depth(pts_px, box, closed=False)
         outer = chord(r, d)
         inner = chord(r * 0.6, d)
         self._add_bone(box, outer, inner, density, marrow)
@@ -536,7 +547,7 @@ class Scene:
         if box is None:
             return
         x0, y0, x1, y1 = box
-        d = self._inside_depth(pts_px, box, closed=False)
+        d, _ = self._inside_depth(pts_px, box, closed=False)
         keep = 1.0 - amount * np.exp(-np.square(d / r))
         self.cortical[y0:y1, x0:x1] *= keep
         self.trabecular[y0:y1, x0:x1] *= keep
