@@ -61,7 +61,7 @@ BEAMS = {
     # 50 keV: water 0.227; cortical 0.424 cm2/g; cancellous ~0.30 cm2/g
     "trunk": Beam(50.0, 0.227, 0.81, 0.35, 0.45, 8000.0, 1.4),
 }
-AIR_SHARE = 0.55  # how much of the local water path a unit of "air" (lung, bowel gas) replaces
+AIR_SHARE = 0.6  # how much of the local water path a unit of "air" (lung, bowel gas) replaces
 GRID_SPR = 0.25  # share of scatter a focused grid lets through
 ANNOTATIONS = ("PORTABLE", "SUPINE", "ERECT", "AP", "PA", "WT BEARING", "FLEX", "POST REDUCTION", "IN CAST")
 
@@ -205,8 +205,11 @@ def expose(
     field = field_mask(scene, rng, collimate)
     if marker:
         lead_marker(scene, rng, marker, field)
-    # gas replaces part of the water path; its outline rolls off like the organ's own curvature
-    air = smooth(scene.air, max(0.35 / px_cm, 0.8))
+    # gas replaces part of the water path; towards its outline the gas-filled organ gets thinner, like
+    # the chord through a rounded lung or bowel loop
+    gas = (scene.air > 0.02).astype(np.uint8)
+    edge_depth = cv2.distanceTransform(gas, cv2.DIST_L2, 5) * px_cm
+    air = smooth(scene.air * np.sqrt(np.clip(edge_depth / 2.5, 0.0, 1.0)), max(0.3 / px_cm, 0.8))
     water = scene.soft * (1.0 - np.clip(AIR_SHARE * air, 0.0, 0.85)) + scene.extra
     texture = trabecular_texture(rng, (h, w), 0.03 / px_cm)
     line_integral = (

@@ -153,7 +153,7 @@ def lung_outline(sign: float) -> np.ndarray:
     return np.array(lateral + dome + [(sign * 2.0, 6.5), (sign * 1.9, -12.0)])
 
 
-def pulmonary_vessels(s, hilum, sign: float, depth: int = 5) -> None:
+def pulmonary_vessels(s, hilum, sign: float, depth: int = 4) -> None:
     """Lung markings: arteries and veins branching from the hilum, tapering towards the periphery."""
     rng = s.rng
 
@@ -169,7 +169,7 @@ def pulmonary_vessels(s, hilum, sign: float, depth: int = 5) -> None:
 
     for angle in (-100, -65, -25, 15, 50, 85):
         base = angle if sign > 0 else 180 - angle
-        branch(np.asarray(hilum, float), base + rng.uniform(-10, 10), 0.5, depth)
+        branch(np.asarray(hilum, float), base + rng.uniform(-10, 10), 0.34, depth)
 
 
 def chest_frontal(s, *, ribs_only: float = 0.0) -> None:
@@ -205,7 +205,7 @@ def chest_frontal(s, *, ribs_only: float = 0.0) -> None:
         s.bone_path([(sign * 1.6, -13.2), (sign * 6.0, -14.5), (sign * 12.5, -15.2)], 1.0, 0.85)  # clavicle
         s.bone_ellipse((sign * 14.8, -12.5), (2.0, 2.2), 0, 0.8, 0.6, 0.2)  # humeral head
         s.bone_poly(
-            [(sign * 13.5, -14.0), (sign * 12.0, -4.0), (sign * 9.0, -11.0)], 0.4, 0.6, 0.2
+            [(sign * 13.5, -14.0), (sign * 12.0, -4.0), (sign * 9.0, -11.0)], 0.4, 0.6, 0.2, plate=0.8
         )  # scapula
 
 
@@ -213,7 +213,12 @@ def chest_lateral(s) -> None:
     """Chest lateral: anterior at -x; sternum, retrosternal air, heart, spine posteriorly, arms raised."""
     s.tissue_poly([(-9.0, -14.0), (8.0, -14.0), (10.0, 14.0), (-10.0, 14.0)], 1.0)
     s.air_poly([(-7.5, -12.0), (5.0, -12.5), (8.0, 8.0), (-8.0, 10.5)], 1.5)
-    s.air_ellipse((-3.5, 4.5), (4.5, 5.0), 20, 0.0)  # heart
+    # heart: anterior and low, against the sternum and on the diaphragm; the great vessels above it
+    s.air_poly(
+        [(-8.6, 1.0), (-6.5, -3.0), (-3.0, -4.5), (0.5, -3.0), (2.8, 1.5), (2.6, 8.2), (-8.8, 9.6)], 0.0
+    )
+    s.air_capsule((-2.0, -4.0), (0.5, -11.0), 1.2, 0.0)  # ascending aorta and arch
+    pulmonary_vessels(Frame(s, squeeze=0.6), (1.0, -1.5), -1.0, depth=4)
     s.air_capsule((-1.0, -15.0), (0.5, -3.0), 0.6, 0.5)
     s.bone_path([(-8.8, -12.5), (-9.5, -3.0), (-9.0, 6.0)], 1.0, 0.7)  # sternum
     for c in spine_points((5.2, -13.0), (6.0, 13.0), 11, 1.0):
@@ -377,7 +382,7 @@ def pelvis_ap(s, *, include_femurs: bool = True, frog: bool = False, squeeze: fl
             (sign * 9.5, 3.0),
             (sign * 4.0, 1.5),
         ]
-        f.bone_poly(wing, 0.75, 0.5, 0.35)
+        f.bone_poly(wing, 0.75, 0.5, 0.35, plate=1.0)  # the iliac wing is a thin plate seen en face
         f.bone_ring((sign * 4.5, 6.5), (2.4, 1.8), 0, 0.7, 0.8)  # obturator ring
         f.bone_path([(sign * 0.6, 5.2), (sign * 3.5, 4.8), (sign * 7.5, 4.0)], 1.2, 0.85)  # superior ramus
         hip = (sign * 9.5, 3.0)
@@ -441,7 +446,7 @@ def sacrum_coccyx(s, *, si_joint: bool = False) -> None:
             (sign * 8.0, 4.0),
             (sign * 3.5, 2.0),
         ]
-        s.bone_poly(wing, 0.8, 0.5, 0.35)
+        s.bone_poly(wing, 0.8, 0.5, 0.35, plate=1.0)
         if si_joint:
             s.air_capsule((sign * 4.4, -6.0), (sign * 3.6, 2.0), 0.25, 0.6)
     vertebra_ap(s, (0.0, -9.5), 4.0, 2.5, density=0.75)

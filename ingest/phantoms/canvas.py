@@ -310,8 +310,11 @@ class Scene:
         self.cortical[y0:y1, x0:x1] += (outer - inner) * (density * k)
         self.trabecular[y0:y1, x0:x1] += inner * (density * marrow * k)
 
-    def bone_poly(self, points, density: float = 1.0, marrow: float = 0.5, cortex: float = 0.15) -> None:
-        """A bone with a free outline: a rounded slab with a compact shell ``cortex`` units thick."""
+    def bone_poly(
+        self, points, density: float = 1.0, marrow: float = 0.5, cortex: float = 0.15, plate: float = 2.2
+    ) -> None:
+        """A bone with a free outline: a rounded slab with a compact shell ``cortex`` units thick, at most
+        ``plate`` units deep along the beam."""
         pts_px = self.px(points)
         box = self._bbox(pts_px, 1)
         if box is None:
@@ -320,9 +323,12 @@ class Scene:
         if radius <= 0.5:
             return
         ct = min(self.length(cortex), radius * 0.6)
-        outer = chord(radius, np.maximum(radius - d, 0.0)) * SLAB_DEPTH
-        inner = chord(radius - ct, np.maximum(radius - d, 0.0)) * SLAB_DEPTH
-        inner = np.where(d > ct, inner, 0.0)
+        # a broad outline is a plate (ilium, scapula, vertebral body seen en face), not a ball: its depth
+        # is capped, so inside it the beam crosses two cortical tables and the cancellous bone between
+        cap = self.length(plate)
+        outer = np.minimum(chord(radius, np.maximum(radius - d, 0.0)) * SLAB_DEPTH, cap)
+        inner = np.minimum(chord(radius - ct, np.maximum(radius - d, 0.0)) * SLAB_DEPTH, cap - 2 * ct)
+        inner = np.where(d > ct, np.maximum(inner, 0.0), 0.0)
         self._add_bone(box, outer, inner, density, marrow)
 
     def bone_ellipse(

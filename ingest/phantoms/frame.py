@@ -79,8 +79,8 @@ class Frame:
         self.scene.metal_line(*self.p([p0, p1]), width * self._k, amount)
 
     # bone
-    def bone_poly(self, points, density=1.0, marrow=0.5, cortex=0.15) -> None:
-        self.scene.bone_poly(self.p(points), density, marrow, cortex * self._k)
+    def bone_poly(self, points, density=1.0, marrow=0.5, cortex=0.15, plate=2.2) -> None:
+        self.scene.bone_poly(self.p(points), density, marrow, cortex * self._k, plate * self._k)
 
     def bone_ellipse(
         self, center, axes, angle_deg=0.0, density=1.0, marrow=0.55, cortex=0.12, *, follows=None

@@ -166,9 +166,10 @@ def elbow_lateral(s, L: float) -> None:
         epi1="humerus_proximal",
         tag="humerus",
     )
+    e = s.maturity.ossification(0.9, 6.0)  # the capitellum appears around the first birthday
     s.bone_ellipse(
-        (0.0, 0.02 * L), (w * 0.55, w * 0.5), 0, 0.9, 0.6, w * 0.1, follows="humerus"
-    )  # capitellum / trochlea rings
+        (w * 0.1, 0.02 * L), (w * 0.4 * e, w * 0.35 * e), 0, 0.9, 0.6, w * 0.06, follows="humerus"
+    )  # capitellum
     growing_bone(s, (w * 0.2, w * 0.55), (1.5 * L, w * 0.45), (w * 0.75, w * 0.35, w * 0.4), tag="ulna")
     growing_bone(
         s,
@@ -203,7 +204,7 @@ def shoulder(s, *, axial: bool = False) -> None:
         s.bone_path(arc((-14.0, y - 3.0), (12.0, 4.0), 0, 0, 70, 12), 0.8, 0.45)
     s.bone_path([(-14.0, -5.5), (-5.0, -6.6), (0.5, -6.0)], 1.2, 0.85)  # clavicle
     s.bone_path([(0.5, -6.0), (3.5, -6.2)], 1.4, 0.85)  # acromion
-    s.bone_poly([(-1.5, -4.5), (-1.0, 1.5), (-3.5, 9.0), (-9.0, 3.0)], 0.6, 0.5, 0.3)  # scapula
+    s.bone_poly([(-1.5, -4.5), (-1.0, 1.5), (-3.5, 9.0), (-9.0, 3.0)], 0.6, 0.5, 0.3, plate=0.8)  # scapula
     s.bone_path([(-1.6, -3.0), (-1.2, 0.5)], 0.9, 0.9)  # glenoid rim
     e = m.epiphysis("humerus_proximal")
     head = (1.3, -1.8)

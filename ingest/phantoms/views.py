@@ -244,7 +244,7 @@ view(
     by_hand(1.3, 1.3),
     fracture_sites={"humerus": (0.1, 0.2, ("supracondylar",))},
     **EXTREMITY,
-)(lambda s: limbs.elbow_lateral(at(s, 0.45 * hand_len(s), -0.35 * hand_len(s)), hand_len(s)))
+)(lambda s: limbs.elbow_lateral(at(s, 0.2 * hand_len(s), -0.2 * hand_len(s)), hand_len(s)))
 view("Humerus_Oblique", (16.0, 42.0), **EXTREMITY)(limbs.humerus_oblique)
 view("Shoulder_AP", (24.0, 22.0), **TRUNK)(lambda s: limbs.shoulder(at(s, -1.0, 1.0)))
 view("Shoulder_Axial", (26.0, 16.0), **TRUNK)(lambda s: limbs.shoulder(s, axial=True))
