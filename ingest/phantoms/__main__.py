@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--task",
         choices=("views", "bone_age", "fracture"),
         default="views",
-        help="views: all 68 views (default); bone_age: hand PA only; fracture: wrist/forearm/ankle",
+        help="views: all 68 views (default); bone_age: hand PA only; fracture: wrist/forearm/elbow/ankle",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="processes (default: all cores for big runs)"

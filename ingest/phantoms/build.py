@@ -259,7 +259,7 @@ def generate_task_set(
     transfer_syntax: str | None = None,
 ) -> pd.DataFrame:
     """A fine-tuning set: ``bone_age`` (one hand PA per study, ages spread over 0-18 y) or ``fracture``
-    (wrist / forearm / ankle studies, about half fractured)."""
+    (wrist / forearm / elbow / ankle studies, about half fractured)."""
     if task not in ("bone_age", "fracture"):
         raise ValueError(
             f"task must be 'bone_age' or 'fracture', got {task!r}; use generate() for the view mix"
