@@ -49,6 +49,15 @@ def smooth(image: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+def rounded(points, iterations: int = 2) -> np.ndarray:
+    """Chaikin corner cutting of a closed outline: anatomy has no sharp polygon corners."""
+    pts = np.asarray(points, float).reshape(-1, 2)
+    for _ in range(iterations):
+        nxt = np.roll(pts, -1, axis=0)
+        pts = np.stack([0.75 * pts + 0.25 * nxt, 0.25 * pts + 0.75 * nxt], axis=1).reshape(-1, 2)
+    return pts
+
+
 def chord(radius, distance) -> np.ndarray:
     """Path length through a circle of ``radius`` along a line ``distance`` from its centre."""
     return 2.0 * np.sqrt(np.maximum(np.square(radius) - np.square(distance), 0.0))
@@ -208,7 +217,7 @@ class Scene:
         np.maximum(self.soft[y0:y1, x0:x1], depth, out=self.soft[y0:y1, x0:x1])
 
     def tissue_poly(self, points, thickness: float = 1.0) -> None:
-        self._slab(self.px(points), thickness)
+        self._slab(self.px(rounded(points)), thickness)
 
     def tissue_ellipse(self, center, axes, angle_deg: float = 0.0, thickness: float = 1.0) -> None:
         self._ellipsoid(self.soft, center, axes, angle_deg, thickness, combine="max")
@@ -228,7 +237,7 @@ class Scene:
         self._tube(self.plaster, [p0, p1], outer, 1.0, combine="add", hollow=inner)
 
     def air_poly(self, points, amount: float) -> None:
-        cv2.fillPoly(self.air, [self._fixed(self.px(points))], float(amount), cv2.LINE_8, SHIFT)
+        cv2.fillPoly(self.air, [self._fixed(self.px(rounded(points, 1)))], float(amount), cv2.LINE_8, SHIFT)
 
     def air_ellipse(self, center, axes, angle_deg: float = 0.0, amount: float = 0.5) -> None:
         self.air_poly(arc(center, axes, angle_deg, 0, 360, 32)[:-1], amount)
@@ -315,7 +324,7 @@ class Scene:
     ) -> None:
         """A bone with a free outline: a rounded slab with a compact shell ``cortex`` units thick, at most
         ``plate`` units deep along the beam."""
-        pts_px = self.px(points)
+        pts_px = self.px(rounded(points))
         box = self._bbox(pts_px, 1)
         if box is None:
             return

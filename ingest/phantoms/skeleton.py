@@ -83,15 +83,15 @@ def growing_bone(
             at = joint + inward * (gap + thick)
             plates.append((at, width * 0.45, 0.3 * e.scar))
     shaft = widths[1]
-    profile = [
-        widths[0],
-        0.6 * widths[0] + 0.4 * shaft,
-        shaft,
-        shaft,
-        shaft,
-        0.6 * widths[2] + 0.4 * shaft,
-        widths[2],
-    ]
+    # metaphyses flare like a trumpet: the width rises slowly off the shaft, then fast near the physis
+    flare = (0.04, 0.15, 0.4)
+    profile = (
+        [widths[0]]
+        + [shaft + (widths[0] - shaft) * f for f in flare[::-1]]
+        + [shaft] * 5
+        + [shaft + (widths[2] - shaft) * f for f in flare]
+        + [widths[2]]
+    )
     s.long_bone(ends[0], ends[1], profile, density=density, tag=tag)
     for centre, axes, cortex in caps:
         s.bone_ellipse(centre, axes, angle, density * 0.95, 0.6, cortex, follows=tag)
