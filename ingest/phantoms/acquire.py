@@ -265,8 +265,18 @@ def process(
     sample = signal[:: max(h // 256, 1), :: max(w // 256, 1)][inside]
     if sample.size < 50:
         sample = signal.ravel()
+    # exposure recognition: leave out direct (unattenuated) radiation around the body, then window
+    # the anatomy's own histogram
+    floor, top = np.percentile(sample, [0.5, 99.5])
+    anatomy = sample[sample > floor + 0.12 * (top - floor)]
+    if anatomy.size >= 50:
+        sample = anatomy
     lo, hi = np.percentile(sample, [rng.uniform(0.5, 3.0), rng.uniform(98.5, 99.8)])
     x = (signal - lo) / max(hi - lo, 1e-6)
+    # the values of interest land mid-scale: the anatomy's median goes to a mid grey
+    median = float(np.clip((np.median(sample) - lo) / max(hi - lo, 1e-6), 0.05, 0.95))
+    gamma = float(np.clip(np.log(rng.uniform(0.42, 0.55)) / np.log(median), 0.4, 2.5))
+    x = np.power(np.clip(x, 0.0, 1.2), gamma)
     large = smooth(x, 0.08 * min(h, w))
     x = x - detector.equalise * rng.uniform(0.7, 1.2) * (large - float(np.median(large)))
     fine = smooth(x, max(0.01 * min(h, w), 1.5))

@@ -28,8 +28,13 @@ def hand_len(s) -> float:
     return s.maturity.hand_length_cm
 
 
-def by_hand(width: float, height: float):
-    return lambda m: (width * m.hand_length_cm, height * m.hand_length_cm)
+def by_hand(width: float, height: float, margin: tuple[float, float] = (0.0, 0.0)):
+    """A field collimated to the hand; ``margin`` (cm) is the slack radiographers leave, which makes a small
+    child's hand fill less of the image than a teenager's."""
+    return lambda m: (width * m.hand_length_cm + margin[0], height * m.hand_length_cm + margin[1])
+
+
+HAND_MARGIN = (2.5, 4.0)
 
 
 def by_growth(width: float, height: float, pad: float = 4.0):
@@ -201,9 +206,9 @@ def hand_view(squeeze: float, spread: float, cy: float):
     return draw
 
 
-view("Hand_PA", by_hand(0.82, 1.42), **EXTREMITY)(hand_view(1.0, 1.0, 0.42))
-view("Hand_Oblique", by_hand(0.7, 1.42), **EXTREMITY)(hand_view(0.62, 0.8, 0.42))
-view("Hand_Lateral", by_hand(0.6, 1.42), **EXTREMITY)(hand_view(0.28, 0.5, 0.42))
+view("Hand_PA", by_hand(0.82, 1.42, HAND_MARGIN), **EXTREMITY)(hand_view(1.0, 1.0, 0.42))
+view("Hand_Oblique", by_hand(0.7, 1.42, HAND_MARGIN), **EXTREMITY)(hand_view(0.62, 0.8, 0.42))
+view("Hand_Lateral", by_hand(0.6, 1.42, HAND_MARGIN), **EXTREMITY)(hand_view(0.28, 0.5, 0.42))
 view("Wrist_AP", by_hand(0.62, 0.72), fracture_sites=WRIST_FRACTURES, **FOREARM_CAST, **EXTREMITY)(
     hand_view(1.0, 1.0, -0.02)
 )
