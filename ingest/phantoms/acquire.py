@@ -209,7 +209,7 @@ def expose(
     # the chord through a rounded lung or bowel loop
     gas = (scene.air > 0.02).astype(np.uint8)
     edge_depth = cv2.distanceTransform(gas, cv2.DIST_L2, 5) * px_cm
-    air = smooth(scene.air * np.sqrt(np.clip(edge_depth / 2.5, 0.0, 1.0)), max(0.3 / px_cm, 0.8))
+    air = smooth(scene.air * np.sqrt(np.clip(edge_depth / 1.2, 0.0, 1.0)), max(0.3 / px_cm, 0.8))
     water = scene.soft * (1.0 - np.clip(AIR_SHARE * air, 0.0, 0.85)) + scene.extra
     texture = trabecular_texture(rng, (h, w), 0.03 / px_cm)
     line_integral = (

@@ -215,9 +215,9 @@ def chest_lateral(s) -> None:
     s.air_poly([(-7.5, -12.0), (5.0, -12.5), (8.0, 8.0), (-8.0, 10.5)], 1.5)
     # heart: anterior and low, against the sternum and on the diaphragm; the great vessels above it
     s.air_poly(
-        [(-8.6, 1.0), (-6.5, -3.0), (-3.0, -4.5), (0.5, -3.0), (2.8, 1.5), (2.6, 8.2), (-8.8, 9.6)], 0.0
+        [(-8.6, 2.5), (-6.5, -1.0), (-3.5, -2.2), (-1.2, -0.8), (0.2, 3.0), (0.0, 8.6), (-8.8, 9.6)], 0.0
     )
-    s.air_capsule((-2.0, -4.0), (0.5, -11.0), 1.2, 0.0)  # ascending aorta and arch
+    s.air_capsule((-2.2, -1.5), (0.3, -9.5), 0.9, 0.0)  # ascending aorta and arch
     pulmonary_vessels(Frame(s, squeeze=0.6), (1.0, -1.5), -1.0, depth=4)
     s.air_capsule((-1.0, -15.0), (0.5, -3.0), 0.6, 0.5)
     s.bone_path([(-8.8, -12.5), (-9.5, -3.0), (-9.0, 6.0)], 1.0, 0.7)  # sternum
