@@ -56,6 +56,6 @@ def test_edge_rise_measures_blur_in_millimetres():
 
 
 def test_phantoms_pass_the_check(capsys):
-    assert check.main(["--studies", "4", "--seed", "11"]) == 0
+    assert check.main(["--studies", "8", "--seed", "11"]) == 0
     out = capsys.readouterr().out
     assert "spectrum_beta" in out and "OUT OF RANGE" not in out

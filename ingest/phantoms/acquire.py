@@ -63,6 +63,7 @@ BEAMS = {
 }
 AIR_SHARE = 0.6  # how much of the local water path a unit of "air" (lung, bowel gas) replaces
 GRID_SPR = 0.25  # share of scatter a focused grid lets through
+DISPLAY_FLOOR = 0.02  # the tone curve's asymptotes sit this far inside [0, 1]
 ANNOTATIONS = ("PORTABLE", "SUPINE", "ERECT", "AP", "PA", "WT BEARING", "FLEX", "POST REDUCTION", "IN CAST")
 
 
@@ -183,9 +184,9 @@ def burn_in_text(image: np.ndarray, rng: np.random.Generator) -> None:
 
 
 def tone_curve(x: np.ndarray, steepness: float) -> np.ndarray:
-    """A film-like S curve normalised to map 0 -> 0 and 1 -> 1."""
-    lo, hi = 1 / (1 + math.exp(steepness * 0.5)), 1 / (1 + math.exp(-steepness * 0.5))
-    return (1 / (1 + np.exp(-steepness * (x - 0.5))) - lo) / (hi - lo)
+    """A film-like S curve with a toe and a shoulder: it approaches black and white without reaching them,
+    so burned-out background and shutters keep their noise instead of becoming one flat value."""
+    return DISPLAY_FLOOR + (1.0 - 2 * DISPLAY_FLOOR) / (1 + np.exp(-steepness * np.clip(x - 0.5, -6.0, 6.0)))
 
 
 def expose(
@@ -281,11 +282,9 @@ def process(
     x = x - detector.equalise * rng.uniform(0.7, 1.2) * (large - float(np.median(large)))
     fine = smooth(x, max(0.01 * min(h, w), 1.5))
     x = x + detector.enhance * rng.uniform(0.7, 1.3) * (x - fine)
-    x = tone_curve(np.clip(x, -0.2, 1.2), detector.s_curve * rng.uniform(0.85, 1.15))
-    # behind the shutters only scatter reaches the plate: the log signal there is beyond the window, so
-    # the shutters come out white, as the vendors' masking shows them
-    image = x
-    image = np.clip(image, 0.0, 1.0).astype(np.float32)
+    # behind the shutters only scatter reaches the plate: the log signal there is far above the window,
+    # so the shutters come out near white
+    image = tone_curve(x, detector.s_curve * rng.uniform(0.85, 1.15)).astype(np.float32)
     if rng.random() < annotate:
         burn_in_text(image, rng)
     return image

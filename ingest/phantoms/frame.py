@@ -114,9 +114,18 @@ class Frame:
     def bone_ring(
         self, center, axes, angle_deg, width, density=1.0, start_deg=0.0, end_deg=360.0, *, shell=False
     ) -> None:
-        if shell and self._k == 1.0:
+        if shell and abs(self._m[0, 1]) < 1e-9 and abs(self._m[1, 0]) < 1e-9 and angle_deg == 0.0:
+            # an axis-aligned map keeps an axis-aligned ellipsoidal shell one, with scaled axes
+            sx, sy = abs(self._m[0, 0]), abs(self._m[1, 1])
             self.scene.bone_ring(
-                self.p(center), axes, angle_deg, width, density, start_deg, end_deg, shell=True
+                self.p(center),
+                (axes[0] * sx, axes[1] * sy),
+                0.0,
+                width * self._k,
+                density,
+                start_deg,
+                end_deg,
+                shell=True,
             )
             return
         self.bone_path(arc(center, axes, angle_deg, start_deg, end_deg, 72), width, density, marrow=0.8)
