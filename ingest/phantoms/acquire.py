@@ -63,8 +63,13 @@ BEAMS = {
 }
 AIR_SHARE = 0.6  # how much of the local water path a unit of "air" (lung, bowel gas) replaces
 GRID_SPR = 0.25  # share of scatter a focused grid lets through
-DISPLAY_FLOOR = 0.02  # the tone curve's asymptotes sit this far inside [0, 1]
-ANNOTATIONS = ("PORTABLE", "SUPINE", "ERECT", "AP", "PA", "WT BEARING", "FLEX", "POST REDUCTION", "IN CAST")
+DISPLAY_FLOOR = 0.04  # where the tone curve's S part meets its toe and shoulder
+# what technologists type onto images, by technique family
+ANNOTATIONS = {
+    "extremity": ("WT BEARING", "FLEX", "POST REDUCTION", "IN CAST", "AP", "PA", "LAT", "OBL"),
+    "head": ("AP", "PA", "LAT", "SUPINE", "PORTABLE"),
+    "trunk": ("PORTABLE", "SUPINE", "ERECT", "AP", "PA", "LAT", "INSP"),
+}
 
 
 @dataclass(frozen=True)
@@ -163,13 +168,13 @@ def devices(scene: Scene, rng: np.random.Generator) -> None:
         scene.metal_disc(c, 0.18, 3.0)  # its snap
 
 
-def burn_in_text(image: np.ndarray, rng: np.random.Generator) -> None:
+def burn_in_text(image: np.ndarray, rng: np.random.Generator, words: tuple[str, ...]) -> None:
     """Annotations a technologist or the modality burned into the pixels (white, after processing)."""
     h, w = image.shape
     mask = np.zeros((h, w), np.uint8)
     scale = 0.35 + 0.004 * min(h, w) * rng.uniform(0.5, 0.9) / 3
     for _ in range(int(rng.integers(1, 3))):
-        text = ANNOTATIONS[int(rng.integers(len(ANNOTATIONS)))]
+        text = words[int(rng.integers(len(words)))]
         if rng.random() < 0.4:
             day, month, hour, minute = (
                 int(rng.integers(lo, hi)) for lo, hi in ((1, 29), (1, 13), (7, 20), (0, 60))
@@ -184,9 +189,17 @@ def burn_in_text(image: np.ndarray, rng: np.random.Generator) -> None:
 
 
 def tone_curve(x: np.ndarray, steepness: float) -> np.ndarray:
-    """A film-like S curve with a toe and a shoulder: it approaches black and white without reaching them,
-    so burned-out background and shutters keep their noise instead of becoming one flat value."""
-    return DISPLAY_FLOOR + (1.0 - 2 * DISPLAY_FLOOR) / (1 + np.exp(-steepness * np.clip(x - 0.5, -6.0, 6.0)))
+    """A film-like S curve from ``DISPLAY_FLOOR`` (x = 0) to 1 - ``DISPLAY_FLOOR`` (x = 1), continued by an
+    exponential toe and shoulder that approach black and white without reaching them, so burned-out
+    background and shutters keep their noise instead of becoming one flat value."""
+    lo = 1 / (1 + math.exp(steepness * 0.5))
+    scale = (1 - 2 * DISPLAY_FLOOR) / (1 - 2 * lo)
+    logistic = 1 / (1 + np.exp(-steepness * (np.clip(x, 0.0, 1.0) - 0.5)))
+    y = DISPLAY_FLOOR + scale * (logistic - lo)
+    rate = scale * steepness * lo * (1 - lo) / DISPLAY_FLOOR  # matches the curve's slope at 0 and 1
+    toe = DISPLAY_FLOOR * np.exp(rate * np.clip(x, -50.0 / rate, 0.0))
+    shoulder = 1 - DISPLAY_FLOOR * np.exp(-rate * np.clip(x - 1.0, 0.0, 50.0 / rate))
+    return np.where(x < 0, toe, np.where(x > 1, shoulder, y))
 
 
 def expose(
@@ -199,6 +212,7 @@ def expose(
     grid: bool = False,
     motion: float = 0.03,
     annotate: float = 0.3,
+    words: tuple[str, ...] = ANNOTATIONS["extremity"],
 ) -> np.ndarray:
     """The processed radiograph of ``scene`` as float32 in [0, 1], bone bright."""
     rng, h, w = scene.rng, scene.height, scene.width
@@ -254,11 +268,14 @@ def expose(
         lines = 1.0 - rng.uniform(0.015, 0.04) * (0.5 + 0.5 * np.cos(2 * np.pi * freq * coord))
         counts *= lines[None, :] if len(coord) == w else lines[:, None]
     signal = -np.log(np.maximum(counts, 1.0) / quanta)  # attenuation: bone high, air low
-    return process(signal, field, detector, rng, annotate)
+    image = process(signal, field, detector, rng)
+    if rng.random() < annotate:
+        burn_in_text(image, rng, words)
+    return image
 
 
 def process(
-    signal: np.ndarray, field: np.ndarray, detector: Detector, rng: np.random.Generator, annotate: float
+    signal: np.ndarray, field: np.ndarray, detector: Detector, rng: np.random.Generator
 ) -> np.ndarray:
     """Vendor-like image processing: exposure recognition, equalisation, edge enhancement, tone curve."""
     h, w = signal.shape
@@ -277,7 +294,7 @@ def process(
     # the values of interest land mid-scale: the anatomy's median goes to a mid grey
     median = float(np.clip((np.median(sample) - lo) / max(hi - lo, 1e-6), 0.05, 0.95))
     gamma = float(np.clip(np.log(rng.uniform(0.42, 0.55)) / np.log(median), 0.4, 2.5))
-    x = np.power(np.clip(x, 0.0, 1.2), gamma)
+    x = np.where(x > 0, np.power(np.maximum(x, 0.0), gamma), x)  # below the window: left for the toe
     large = smooth(x, 0.08 * min(h, w))
     x = x - detector.equalise * rng.uniform(0.7, 1.2) * (large - float(np.median(large)))
     fine = smooth(x, max(0.01 * min(h, w), 1.5))
@@ -285,6 +302,4 @@ def process(
     # behind the shutters only scatter reaches the plate: the log signal there is far above the window,
     # so the shutters come out near white
     image = tone_curve(x, detector.s_curve * rng.uniform(0.85, 1.15)).astype(np.float32)
-    if rng.random() < annotate:
-        burn_in_text(image, rng)
     return image

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import views  # noqa: F401  (registers the 68 views)
-from .acquire import BEAMS, DETECTORS, devices, expose
+from .acquire import ANNOTATIONS, BEAMS, DETECTORS, devices, expose
 from .canvas import Fracture, Scene
 from .frame import Frame
 from .maturity import maturity
@@ -101,7 +101,14 @@ def render_view(
     spec.draw(Frame(scene, squeeze=turn))
     if spec.devices and rng.random() < spec.devices:
         devices(scene, rng)
-    image = expose(scene, BEAMS[spec.beam], DETECTORS[modality], marker=laterality, grid=spec.grid)
+    image = expose(
+        scene,
+        BEAMS[spec.beam],
+        DETECTORS[modality],
+        marker=laterality,
+        grid=spec.grid,
+        words=ANNOTATIONS[spec.beam],
+    )
     return Rendered(
         image,
         scene.fracture_drawn,
