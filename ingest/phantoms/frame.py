@@ -3,7 +3,9 @@
 Views reuse one anatomical drawing under several projections (an oblique squeezes the x axis, a decubitus
 chest is the frontal chest turned 90 degrees, a zoomed view shifts the origin). ``Frame`` applies
 p' = origin + R(angle) @ diag(squeeze, 1) @ p to every point before handing it to the scene, and frames nest.
-Ellipses become polygons so that a squeeze stays exact.
+An ellipsoid stays an ellipsoid under the map (its axes follow from the map's singular values); widths of
+tubes scale by the map's mean stretch. ``render_view`` also draws every view through a frame that turns the
+part slightly about the vertical axis (positioning variation).
 """
 
 from __future__ import annotations
