@@ -250,6 +250,7 @@ def test_fracture_only_on_fracture_views():
         "Ankle_AP",
         "Ankle_Lateral",
         "Ankle_Mortise",
+        "Elbow_Lateral",
     }
     with pytest.raises(ValueError, match="cannot carry a fracture"):
         phantoms.render_view("Chest_Frontal", np.random.default_rng(0), age_months=50, sex="M", fracture=True)
@@ -335,3 +336,102 @@ def test_cli_contact_sheet_and_bone_age_strip(tmp_path):
 
     assert cv2.imread(str(sheet), cv2.IMREAD_GRAYSCALE).shape[0] > 1000
     assert cv2.imread(str(strip), cv2.IMREAD_GRAYSCALE).shape[1] > 1000
+
+
+def test_path_lengths_follow_the_closed_form_chords():
+    m = maturity(120, "M")
+    scene = Scene(np.random.default_rng(0), (20.0, 20.0), m, long_side_px=400, rotate_deg=0.0)
+    scene.tissue_capsule((-5.0, 0.0), (5.0, 0.0), 3.0)  # a 6 cm limb: 6 cm of water through its axis
+    scene.long_bone((-5.0, 0.0), (5.0, 0.0), (1.6, 1.6, 1.6), tag="x")  # a straight tube, 1.6 cm across
+    cy, cx = (int(v) for v in scene.px((0.0, 0.0))[0][::-1])
+    assert scene.soft[cy, cx] == pytest.approx(6.0, rel=0.03)
+    column = scene.cortical[:, cx]
+    edge, centre = column[cy - int(scene.length(0.45))], column[cy]
+    assert edge > centre > 0  # the cortex is brightest where the beam runs tangent to it
+    assert scene.trabecular[cy, cx] > 0 and scene.trabecular[cy - int(scene.length(0.7)), cx] == 0
+
+
+def test_a_bigger_child_attenuates_more():
+    def mean_chest(age):
+        return phantoms.render_view(
+            "Chest_Frontal", np.random.default_rng(1), age_months=age, sex="F", long_side_px=300
+        )
+
+    from ingest.phantoms.render import body_size
+
+    assert body_size(6) < body_size(120) < body_size(220) <= 1.0
+    assert mean_chest(6).pixel_spacing_mm < mean_chest(200).pixel_spacing_mm
+
+
+def test_rendering_is_deterministic_per_seed_and_modality_changes_processing():
+    def draw(seed, modality="DX"):
+        return phantoms.render_view(
+            "Knee_AP",
+            np.random.default_rng(seed),
+            age_months=90,
+            sex="M",
+            modality=modality,
+            long_side_px=300,
+        ).image
+
+    assert np.array_equal(draw(4), draw(4))
+    assert not np.array_equal(draw(4), draw(5))
+    assert not np.array_equal(draw(4), draw(4, "CR"))
+    with pytest.raises(ValueError, match="modality"):
+        draw(4, "MR")
+
+
+@pytest.mark.parametrize(
+    ("label", "kinds"),
+    [
+        ("Wrist_AP", {"buckle", "greenstick", "salter_harris_2"}),
+        ("Elbow_Lateral", {"supracondylar"}),
+    ],
+)
+def test_fracture_kinds_and_subtlety(label, kinds):
+    seen, changes = set(), []
+    for seed in range(12):
+        plain = phantoms.render_view(
+            label, np.random.default_rng(seed), age_months=100, sex="F", long_side_px=300
+        )
+        broken = phantoms.render_view(
+            label, np.random.default_rng(seed), age_months=100, sex="F", long_side_px=300, fracture=True
+        )
+        assert broken.fracture and broken.fracture_kind in kinds
+        seen.add(broken.fracture_kind)
+        changes.append(float(np.abs(plain.image - broken.image).mean()))
+    assert seen == kinds
+    assert max(changes) > 2 * min(changes)  # from faint to obvious
+
+
+def test_cast_only_on_castable_views_and_it_covers_the_forearm():
+    bare = phantoms.render_view("Wrist_AP", np.random.default_rng(2), age_months=100, sex="M")
+    cast = phantoms.render_view("Wrist_AP", np.random.default_rng(2), age_months=100, sex="M", cast=True)
+    assert cast.cast and not bare.cast
+    assert not np.array_equal(bare.image, cast.image)
+    assert not phantoms.render_view(
+        "Hand_PA", np.random.default_rng(2), age_months=100, sex="M", cast=True
+    ).cast
+
+
+def test_bone_age_spread_follows_greulich_pyle_and_stays_with_the_child():
+    from ingest.phantoms.maturity import bone_age_sd_months
+
+    assert bone_age_sd_months(6, "M") < 2.0 < 8.0 < bone_age_sd_months(120, "M") < 12.0
+    plans = plan_studies("views", 600, seed=1)
+    older = [p for p in plans if 72 < p.age_months < 190]  # clear of the 0-227 month clip
+    offsets = np.array([p.bone_age_months - p.age_months for p in older])
+    assert 8.0 < offsets.std() < 13.0 and abs(offsets.mean()) < 3.0
+    by_patient: dict[str, list[float]] = {}
+    for p in older:
+        sd = bone_age_sd_months(p.age_months, p.patient.sex)
+        by_patient.setdefault(p.patient.patient_id, []).append((p.bone_age_months - p.age_months) / sd)
+    repeats = [z for z in by_patient.values() if len(z) > 1]
+    assert repeats and all(np.ptp(z) < 0.2 for z in repeats)  # the child's maturity is a trait
+
+
+def test_plan_puts_casts_only_on_fractured_castable_studies():
+    plans = plan_studies("fracture", 300, seed=2)
+    casts = [p for p in plans if p.cast]
+    assert casts and all(p.fracture for p in casts)
+    assert all(any(phantoms.REGISTRY[i.label_68].castable for i in p.instances) for p in casts)

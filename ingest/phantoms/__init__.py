@@ -1,7 +1,7 @@
 """Phantom PACS: procedurally drawn pediatric radiographs as DICOM, for all 68 views, with known ground truth.
 
 ``generate`` writes the mixed view set a demo PACS serves; ``generate_task_set`` writes the bone-age (hand PA)
-or fracture (wrist / forearm / ankle) fine-tuning sets; ``render_view`` draws one image without DICOM.
+or fracture (wrist / forearm / elbow / ankle) fine-tuning sets; ``render_view`` draws one image without DICOM.
 """
 
 from .build import COLUMNS, GROUND_TRUTH, SITE_CODES, generate, generate_task_set

@@ -24,7 +24,7 @@ def _tile(image: np.ndarray, caption: str) -> np.ndarray:
     h, w = image.shape
     scale = TILE / max(h, w)
     small = cv2.resize(
-        (image * 255).astype(np.uint8),
+        (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8),
         (max(int(w * scale), 1), max(int(h * scale), 1)),
         interpolation=cv2.INTER_AREA,
     )
@@ -60,6 +60,41 @@ def contact_sheet(seed: int = 0, age_years: float = 9.0, columns: int = 10) -> n
     return _grid(tiles, columns)
 
 
+STRIP_VIEWS = (
+    "Chest_Frontal",
+    "Chest_Lateral",
+    "Hand_PA",
+    "Wrist_AP",
+    "Skull_Lateral",
+    "Pelvis_AP",
+    "Knee_AP",
+    "L_Spine_Lateral",
+    "Abdomen_Supine",
+    "Elbow_Lateral",
+)
+
+
+def sheet_tile(sheet: np.ndarray, label: str, columns: int = 10) -> np.ndarray:
+    """The tile of ``label`` cut out of a contact sheet laid out as ``contact_sheet`` lays it out."""
+    index = sorted(REGISTRY).index(label)
+    row, col = divmod(index, columns)
+    h = TILE + LABEL_BAND
+    tile = sheet[row * h : (row + 1) * h, col * TILE : (col + 1) * TILE]
+    if tile.shape != (h, TILE):
+        raise ValueError(f"the sheet is too small to hold {label!r} at row {row}, column {col}")
+    return tile
+
+
+def before_after(before_sheet: np.ndarray, after_sheet: np.ndarray) -> np.ndarray:
+    """Two rows of the same views: cut from an earlier contact sheet (before) and from this one (after)."""
+    rows = []
+    for name, sheet in (("before", before_sheet), ("after", after_sheet)):
+        band = np.full((LABEL_BAND + 6, TILE * len(STRIP_VIEWS)), 20, np.uint8)
+        cv2.putText(band, name, (6, LABEL_BAND), cv2.FONT_HERSHEY_SIMPLEX, 0.7, 255, 2, cv2.LINE_AA)
+        rows += [band, np.hstack([sheet_tile(sheet, label) for label in STRIP_VIEWS])]
+    return np.vstack(rows)
+
+
 def bone_age_strip(ages_years=(1, 3, 6, 9, 12, 15, 18), sex: str = "M", seed: int = 0) -> np.ndarray:
     """Hand PA at several bone ages, same child otherwise: the maturity signal a model must learn."""
     tiles = []
@@ -79,13 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--task",
         choices=("views", "bone_age", "fracture"),
         default="views",
-        help="views: all 68 views (default); bone_age: hand PA only; fracture: wrist/forearm/ankle",
+        help="views: all 68 views (default); bone_age: hand PA only; fracture: wrist/forearm/elbow/ankle",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="processes (default: all cores for big runs)"
     )
     parser.add_argument(
         "--contact-sheet", type=Path, help="also write a PNG with one labelled example per view"
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="an earlier contact sheet PNG: put a before/after strip of the same views above the new one",
     )
     parser.add_argument("--bone-age-strip", type=Path, help="also write a PNG of hand PA at 1-18 years")
     parser.add_argument(
@@ -138,7 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.contact_sheet is not None:
         args.contact_sheet.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(args.contact_sheet), contact_sheet(args.seed))
+        sheet = contact_sheet(args.seed)
+        if args.before is not None:
+            before = cv2.imread(str(args.before), cv2.IMREAD_GRAYSCALE)
+            if before is None:
+                parser.error(f"--before {args.before}: not a readable image")
+            strip = before_after(before, sheet)
+            sheet = np.vstack([strip, np.full((12, sheet.shape[1]), 20, np.uint8), sheet])
+        cv2.imwrite(str(args.contact_sheet), sheet)
         print(f"contact sheet: {args.contact_sheet}")
     if args.bone_age_strip is not None:
         args.bone_age_strip.parent.mkdir(parents=True, exist_ok=True)

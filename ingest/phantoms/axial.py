@@ -14,11 +14,30 @@ from .skeleton import rotate, spine_points, vertebra_ap, vertebra_lateral
 
 
 # -- head ----------------------------------------------------------------------------------------
+def sutures(s, lines) -> None:
+    """Cranial sutures as lucent seams through the vault: wide in infants, a fine line once interdigitated;
+    the anterior fontanelle is a gap until about 18 months."""
+    years = s.maturity.skeletal_years
+    width = 0.12 + 0.5 * np.exp(-years / 1.2)
+    for line in lines:
+        pts = np.asarray(line, float)
+        wiggle = s.rng.normal(0.0, 0.05 + 0.04 * min(years, 6.0) / 6.0, (6 * (len(pts) - 1), 2))
+        dense = (
+            np.concatenate(
+                [np.linspace(a, b, 6, endpoint=False) for a, b in zip(pts[:-1], pts[1:], strict=True)]
+            )
+            + wiggle
+        )
+        s.bone_gap(np.vstack([dense, pts[-1:]]), width, 0.45)
+    if years < 1.5:
+        s.bone_gap([(0.0, -9.6), (0.0, -8.2)], 1.6 * (1.5 - years) / 1.5 + 0.2, 0.8)
+
+
 def head_frontal(s, *, projection: str = "pa") -> None:
     """Skull PA/AP: 'pa', 'caldwell' (orbits), 'waters' (sinuses), 'towne', 'smv' (zygomatic arch)."""
     s.tissue_ellipse((0.0, 0.0), (8.4, 10.6), 0, 1.0)
     if projection == "smv":
-        s.bone_ring((0.0, 0.0), (7.2, 9.2), 0, 0.5, 0.9)
+        s.bone_ring((0.0, 0.0), (7.2, 9.2), 0, 0.5, 0.9, shell=True)
         for sign in (-1, 1):
             s.bone_path(
                 [(sign * 5.0, -5.5), (sign * 7.4, -2.0), (sign * 5.0, 1.5)], 0.6, 1.0
@@ -29,7 +48,8 @@ def head_frontal(s, *, projection: str = "pa") -> None:
         s.air_ellipse((0.0, -4.5), (2.0, 2.5), 0, 0.5)
         return
     if projection == "towne":
-        s.bone_ring((0.0, -1.0), (7.4, 9.0), 0, 0.55, 0.9)
+        s.bone_ring((0.0, -1.0), (7.4, 9.0), 0, 0.55, 0.9, shell=True)
+        sutures(s, [[(0.0, -9.8), (-6.8, 0.5)], [(0.0, -9.8), (6.8, 0.5)]])  # lambdoid
         s.bone_path([(-6.5, 1.0), (-1.8, 4.0)], 0.9, 1.1)
         s.bone_path([(6.5, 1.0), (1.8, 4.0)], 0.9, 1.1)
         s.air_ellipse((0.0, 5.0), (1.6, 1.3), 0, 0.7)  # foramen magnum with the dorsum sellae in it
@@ -37,7 +57,8 @@ def head_frontal(s, *, projection: str = "pa") -> None:
         s.bone_path(arc((0.0, 5.5), (6.0, 3.5), 0, 15, 165, 14), 0.8, 0.8)  # mandibular condyles arc
         s.bone_path([(0.0, -10.0), (0.0, -3.0)], 0.25, 0.5)  # sagittal suture
         return
-    s.bone_ring((0.0, -0.5), (7.5, 9.7), 0, 0.6, 0.9)
+    s.bone_ring((0.0, -0.5), (7.5, 9.7), 0, 0.6, 0.9, shell=True)
+    sutures(s, [[(0.0, -10.0), (0.0, -5.0)], [(0.0, -9.0), (-6.5, -2.0)], [(0.0, -9.0), (6.5, -2.0)]])
     orbit_y = 0.8 if projection != "waters" else -0.6
     petrous_y = {"pa": 1.2, "caldwell": 2.8, "waters": 5.6}[projection]
     for sign in (-1, 1):
@@ -63,7 +84,8 @@ def head_lateral(s, *, cells: float = 0.4) -> None:
     s.tissue_ellipse((0.0, -1.0), (10.3, 8.7), 0, 1.0)
     s.tissue_poly([(-9.5, 0.0), (-11.0, 2.5), (-9.3, 4.0), (-9.0, 8.5), (-3.0, 10.0), (3.0, 7.0)], 1.0)
     s.tissue_capsule((3.0, 5.0), (3.5, 14.0), 4.0, 1.0)
-    s.bone_ring((0.0, -1.2), (9.5, 7.9), 0, 0.55, 0.9, 180, 390)
+    s.bone_ring((0.0, -1.2), (9.5, 7.9), 0, 0.55, 0.9, shell=True)
+    sutures(s, [[(-2.5, -9.0), (-3.5, -4.0), (-5.2, 0.5)], [(4.5, -7.8), (7.0, -3.5), (8.3, 0.5)]])
     s.bone_path([(-8.5, 1.0), (-3.0, 1.3), (0.0, 0.6)], 0.5, 0.9)  # anterior cranial base
     s.bone_path(arc((0.8, 0.5), (0.8, 0.6), 0, 0, 180, 8), 0.3, 1.0)  # sella turcica
     s.bone_path([(0.5, 1.2), (4.5, 3.0)], 1.2, 1.2)  # petrous / clivus
@@ -99,6 +121,57 @@ def cochlea(s) -> None:
 
 
 # -- thorax ----------------------------------------------------------------------------------------
+# cardiomediastinal silhouette (patient's left at +x): SVC and right atrium on the right, aortic knob,
+# pulmonary trunk and left ventricle on the left, resting on the diaphragm
+HEART = np.concatenate(
+    [
+        [(-1.8, -14.0), (1.8, -14.0), (2.2, -10.5)],
+        arc((3.0, -8.8), (1.2, 1.0), 0, 240, 420, 6),  # aortic knob
+        [(3.4, -6.8), (4.4, -5.5)],  # pulmonary trunk
+        arc((3.0, 2.0), (6.3, 5.8), 0, -75, 75, 12),  # left ventricle
+        [(2.0, 7.8), (-3.0, 7.8)],
+        arc((-1.5, 2.5), (3.0, 4.5), 0, 110, 250, 8),  # right atrium
+        [(-2.4, -6.0), (-2.2, -10.0)],
+    ]
+)
+
+
+def lung_outline(sign: float) -> np.ndarray:
+    """One lung: apex, lateral chest wall to the costophrenic angle, then the diaphragm dome medially."""
+    dome_top = 4.0 if sign < 0 else 4.8  # the right hemidiaphragm sits higher (the liver under it)
+    lateral = [
+        (sign * 3.0, -13.3),
+        (sign * 6.5, -13.6),
+        (sign * 10.5, -9.0),
+        (sign * 12.3, -2.0),
+        (sign * 12.6, 8.6),
+    ]
+    dome = [
+        (sign * (12.6 - 10.4 * k), 8.6 - (8.6 - dome_top) * np.sin(np.pi * min(k * 1.25, 1.0) / 2))
+        for k in np.linspace(0.0, 1.0, 10)[1:]
+    ]
+    return np.array(lateral + dome + [(sign * 2.0, 6.5), (sign * 1.9, -12.0)])
+
+
+def pulmonary_vessels(s, hilum, sign: float, depth: int = 4) -> None:
+    """Lung markings: arteries and veins branching from the hilum, tapering towards the periphery."""
+    rng = s.rng
+
+    def branch(p, angle, radius, level):
+        length = rng.uniform(2.0, 3.6) * (0.8 ** (depth - level))
+        a = np.radians(angle)
+        end = p + length * np.array([np.cos(a), np.sin(a)])
+        mid = (p + end) / 2 + rng.normal(0.0, 0.15, 2)
+        s.vessel_path([p, mid, end], radius)
+        if level > 1:
+            for turn in (-1, 1):
+                branch(end, angle + turn * rng.uniform(15, 35), radius * 0.72, level - 1)
+
+    for angle in (-100, -65, -25, 15, 50, 85):
+        base = angle if sign > 0 else 180 - angle
+        branch(np.asarray(hilum, float), base + rng.uniform(-10, 10), 0.34, depth)
+
+
 def chest_frontal(s, *, ribs_only: float = 0.0) -> None:
     """Chest PA/AP: lungs, heart, mediastinum, spine, ribs, clavicles, shoulders. Patient's left at +x."""
     s.tissue_poly(
@@ -106,18 +179,10 @@ def chest_frontal(s, *, ribs_only: float = 0.0) -> None:
     )
     s.tissue_capsule((0.0, -19.0), (0.0, -13.0), 3.5, 1.0)
     for sign in (-1, 1):
-        lung = [
-            (sign * 1.8, -12.0),
-            (sign * 6.0, -13.0),
-            (sign * 11.5, -6.0),
-            (sign * 12.5, 6.0),
-            (sign * 12.0, 9.5),
-            (sign * 7.0, 6.5),
-            (sign * 2.0, 6.0),
-        ]
-        s.air_poly(lung, 1.5 + 0.5 * ribs_only)
-    s.air_ellipse((1.5, 1.5), (5.5, 5.0), 10, 0.0)  # heart shadow replaces lung
-    s.air_poly([(-1.8, -14.0), (1.8, -14.0), (1.8, 2.0), (-1.8, 2.0)], 0.0)  # mediastinum
+        s.air_poly(lung_outline(sign), 1.5 + 0.5 * ribs_only)
+    s.air_poly(HEART, 0.0)  # heart and great vessels replace lung
+    for sign in (-1, 1):
+        pulmonary_vessels(s, (sign * 3.2, -2.5), sign)
     s.air_capsule((0.0, -18.0), (0.3, -4.0), 0.6, 0.5)  # trachea
     s.air_ellipse((5.5, 9.0), (2.5, 1.4), 0, 0.7)  # gastric bubble under the left dome
     for k, c in enumerate(spine_points((0.0, -14.0), (0.0, 13.0), 12)):
@@ -140,7 +205,7 @@ def chest_frontal(s, *, ribs_only: float = 0.0) -> None:
         s.bone_path([(sign * 1.6, -13.2), (sign * 6.0, -14.5), (sign * 12.5, -15.2)], 1.0, 0.85)  # clavicle
         s.bone_ellipse((sign * 14.8, -12.5), (2.0, 2.2), 0, 0.8, 0.6, 0.2)  # humeral head
         s.bone_poly(
-            [(sign * 13.5, -14.0), (sign * 12.0, -4.0), (sign * 9.0, -11.0)], 0.4, 0.6, 0.2
+            [(sign * 13.5, -14.0), (sign * 12.0, -4.0), (sign * 9.0, -11.0)], 0.4, 0.6, 0.2, plate=0.8
         )  # scapula
 
 
@@ -148,7 +213,12 @@ def chest_lateral(s) -> None:
     """Chest lateral: anterior at -x; sternum, retrosternal air, heart, spine posteriorly, arms raised."""
     s.tissue_poly([(-9.0, -14.0), (8.0, -14.0), (10.0, 14.0), (-10.0, 14.0)], 1.0)
     s.air_poly([(-7.5, -12.0), (5.0, -12.5), (8.0, 8.0), (-8.0, 10.5)], 1.5)
-    s.air_ellipse((-3.5, 4.5), (4.5, 5.0), 20, 0.0)  # heart
+    # heart: anterior and low, against the sternum and on the diaphragm; the great vessels above it
+    s.air_poly(
+        [(-8.6, 2.5), (-6.5, -1.0), (-3.5, -2.2), (-1.2, -0.8), (0.2, 3.0), (0.0, 8.6), (-8.8, 9.6)], 0.0
+    )
+    s.air_capsule((-2.2, -1.5), (0.3, -9.5), 0.9, 0.0)  # ascending aorta and arch
+    pulmonary_vessels(Frame(s, squeeze=0.6), (1.0, -1.5), -1.0, depth=4)
     s.air_capsule((-1.0, -15.0), (0.5, -3.0), 0.6, 0.5)
     s.bone_path([(-8.8, -12.5), (-9.5, -3.0), (-9.0, 6.0)], 1.0, 0.7)  # sternum
     for c in spine_points((5.2, -13.0), (6.0, 13.0), 11, 1.0):
@@ -312,7 +382,7 @@ def pelvis_ap(s, *, include_femurs: bool = True, frog: bool = False, squeeze: fl
             (sign * 9.5, 3.0),
             (sign * 4.0, 1.5),
         ]
-        f.bone_poly(wing, 0.75, 0.5, 0.35)
+        f.bone_poly(wing, 0.75, 0.5, 0.35, plate=1.0)  # the iliac wing is a thin plate seen en face
         f.bone_ring((sign * 4.5, 6.5), (2.4, 1.8), 0, 0.7, 0.8)  # obturator ring
         f.bone_path([(sign * 0.6, 5.2), (sign * 3.5, 4.8), (sign * 7.5, 4.0)], 1.2, 0.85)  # superior ramus
         hip = (sign * 9.5, 3.0)
@@ -376,7 +446,7 @@ def sacrum_coccyx(s, *, si_joint: bool = False) -> None:
             (sign * 8.0, 4.0),
             (sign * 3.5, 2.0),
         ]
-        s.bone_poly(wing, 0.8, 0.5, 0.35)
+        s.bone_poly(wing, 0.8, 0.5, 0.35, plate=1.0)
         if si_joint:
             s.air_capsule((sign * 4.4, -6.0), (sign * 3.6, 2.0), 0.25, 0.6)
     vertebra_ap(s, (0.0, -9.5), 4.0, 2.5, density=0.75)

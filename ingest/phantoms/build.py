@@ -80,15 +80,16 @@ def study_rows(plan: StudyPlan, seed: int, out_dir: Path, burned_in_text: bool =
         view = taxonomy.view(inst.label_68)
         sided = view.label_7 in ("Upper_Extremity", "Lower_Extremity")
         is_fracture_view = inst.label_68 in FRACTURE_VIEWS
-        bone_age = plan.bone_age_months if plan.bone_age_months is not None else plan.age_months
         rendered = render_view(
             inst.label_68,
             rng,
             age_months=plan.age_months,
             sex=plan.patient.sex,
-            bone_age_months=bone_age,
+            bone_age_months=plan.bone_age_months,
             laterality=plan.laterality,
             fracture=bool(plan.fracture) and is_fracture_view,
+            cast=plan.cast,
+            modality=site.modality,
             long_side_px=inst.long_side_px,
         )
         enc = Encoding(site.modality, site.photometric, bits, inst.transfer_syntax, site.rescale)
@@ -286,7 +287,7 @@ def generate_task_set(
     burned_in_text: bool = False,
 ) -> pd.DataFrame:
     """A fine-tuning set: ``bone_age`` (one hand PA per study, ages spread over 0-18 y) or ``fracture``
-    (wrist / forearm / ankle studies, about half fractured)."""
+    (wrist / forearm / elbow / ankle studies, about half fractured)."""
     if task not in ("bone_age", "fracture"):
         raise ValueError(
             f"task must be 'bone_age' or 'fracture', got {task!r}; use generate() for the view mix"

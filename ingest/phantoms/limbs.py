@@ -107,6 +107,8 @@ def forearm(s, wrist, elbow, width: float, *, crossed: float = 0.0) -> None:
     u = (elbow - wrist) / np.hypot(*(elbow - wrist))
     n = np.array([-u[1], u[0]])
     s.tissue_capsule(wrist, elbow + u * 2.0, width * 0.95, 1.0)
+    if s.cast:  # a short-arm cast from the palm to below the elbow
+        s.plaster_tube(wrist - u * width * 1.4, elbow - u * width * 0.6, width * 1.05, width * 1.4)
     rw, uw = width * 0.55, width * 0.35
     r_dist, r_prox = wrist + n * (-width * 0.18), elbow + n * (-width * (0.2 - crossed * 0.45))
     u_dist, u_prox = wrist + n * width * 0.3 + u * width * 0.05, elbow + n * (width * (0.25 - crossed * 0.45))
@@ -149,10 +151,25 @@ def elbow_lateral(s, L: float) -> None:
     w = 0.3 * L
     s.tissue_capsule((0.0, 0.0), (0.0, -1.6 * L), w * 1.4, 1.0)
     s.tissue_capsule((0.0, 0.0), (1.5 * L, 0.1 * L), w * 1.2, 1.0)
+    # fat pads hug the distal humerus; a joint effusion (fracture) lifts them into lucent triangles
+    s.soft_tissue_sign((-w * 0.6, -w * 0.9), (w * 0.25, w * 0.6), -20, 0.25)
+    if s.fracture is not None and s.fracture.tag == "humerus":
+        lift = 0.5 + s.fracture.severity
+        s.soft_tissue_sign((w * 0.75, -w * 1.2), (w * 0.2 * lift, w * 0.55 * lift), 15, 0.35)  # posterior pad
+        s.soft_tissue_sign((-w * 0.85, -w * 1.1), (w * 0.25 * lift, w * 0.7 * lift), -30, 0.35)  # sail sign
     growing_bone(
-        s, (0.0, 0.0), (0.0, -1.6 * L), (w * 1.1, w * 0.5, w), epi0="humerus_distal", epi1="humerus_proximal"
+        s,
+        (0.0, 0.0),
+        (0.0, -1.6 * L),
+        (w * 1.1, w * 0.5, w),
+        epi0="humerus_distal",
+        epi1="humerus_proximal",
+        tag="humerus",
     )
-    s.bone_ellipse((0.0, 0.02 * L), (w * 0.55, w * 0.5), 0, 0.9, 0.6, w * 0.1)  # capitellum / trochlea rings
+    e = s.maturity.ossification(0.9, 6.0)  # the capitellum appears around the first birthday
+    s.bone_ellipse(
+        (w * 0.1, 0.02 * L), (w * 0.4 * e, w * 0.35 * e), 0, 0.9, 0.6, w * 0.06, follows="humerus"
+    )  # capitellum
     growing_bone(s, (w * 0.2, w * 0.55), (1.5 * L, w * 0.45), (w * 0.75, w * 0.35, w * 0.4), tag="ulna")
     growing_bone(
         s,
@@ -187,7 +204,7 @@ def shoulder(s, *, axial: bool = False) -> None:
         s.bone_path(arc((-14.0, y - 3.0), (12.0, 4.0), 0, 0, 70, 12), 0.8, 0.45)
     s.bone_path([(-14.0, -5.5), (-5.0, -6.6), (0.5, -6.0)], 1.2, 0.85)  # clavicle
     s.bone_path([(0.5, -6.0), (3.5, -6.2)], 1.4, 0.85)  # acromion
-    s.bone_poly([(-1.5, -4.5), (-1.0, 1.5), (-3.5, 9.0), (-9.0, 3.0)], 0.6, 0.5, 0.3)  # scapula
+    s.bone_poly([(-1.5, -4.5), (-1.0, 1.5), (-3.5, 9.0), (-9.0, 3.0)], 0.6, 0.5, 0.3, plate=0.8)  # scapula
     s.bone_path([(-1.6, -3.0), (-1.2, 0.5)], 0.9, 0.9)  # glenoid rim
     e = m.epiphysis("humerus_proximal")
     head = (1.3, -1.8)
@@ -277,6 +294,9 @@ def leg(s, *, knee=(0.0, 0.0), ankle=(0.0, 34.0), fibula_side: float = -1.0, ove
     """Tibia and fibula between the knee and ankle joint lines; ``overlap`` hides the fibula behind it."""
     knee, ankle = np.asarray(knee, float), np.asarray(ankle, float)
     s.tissue_capsule(knee, ankle, 4.5, 1.0)
+    if s.cast:  # a below-knee cast around the leg and ankle
+        u = (ankle - knee) / np.hypot(*(ankle - knee))
+        s.plaster_tube(knee + u * 6.0, ankle + u * 6.0, 5.0, 6.2)
     off = fibula_side * (3.0 - 2.4 * overlap)
     growing_bone(
         s,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 MATURITY_RATE = {"M": 1.0, "F": 1.15}
 MAX_AGE_MONTHS = 18 * 12 + 11
 
@@ -52,6 +54,55 @@ EPIPHYSIS_YEARS = {
 THUMB_SESAMOID_ONSET_YEARS = 13.0  # appears shortly before the pubertal growth spurt
 PHYSIS_CLOSING_YEARS = 4.0  # the growth plate narrows over the last years before fusion
 ADULT_HAND_LENGTH_CM = 18.7
+
+
+# Between-child spread of skeletal age around chronological age: standard deviations (months) of the
+# Greulich-Pyle reference by chronological age (years), from Greulich & Pyle, "Radiographic Atlas of
+# Skeletal Development of the Hand and Wrist", 2nd ed. (1959), rounded. Small in infancy, ~9-12 months from
+# school age on, as RSNA-style cohorts show.
+BONE_AGE_SD_MONTHS = {
+    "M": (
+        (0.25, 0.7),
+        (1.0, 2.0),
+        (2.0, 3.9),
+        (3.0, 4.5),
+        (4.0, 5.4),
+        (5.0, 8.4),
+        (6.0, 8.8),
+        (8.0, 8.9),
+        (10.0, 9.0),
+        (12.0, 10.1),
+        (14.0, 10.4),
+        (16.0, 11.3),
+        (17.0, 12.9),
+    ),
+    "F": (
+        (0.25, 0.7),
+        (1.0, 1.8),
+        (2.0, 4.6),
+        (3.0, 6.0),
+        (4.0, 9.0),
+        (5.0, 10.7),
+        (6.0, 11.7),
+        (8.0, 10.7),
+        (10.0, 11.2),
+        (12.0, 11.2),
+        (14.0, 11.3),
+        (16.0, 10.7),
+        (17.0, 10.7),
+    ),
+}
+
+
+def bone_age_sd_months(age_months: float, sex: str) -> float:
+    """Standard deviation of bone age for a child of this chronological age and sex (Greulich-Pyle)."""
+    years, sds = zip(*BONE_AGE_SD_MONTHS[sex], strict=True)
+    return float(np.interp(age_months / 12.0, years, sds))
+
+
+def bone_age_for(age_months: float, sex: str, z: float) -> float:
+    """The bone age of a child whose maturity sits ``z`` standard deviations from the mean for its age."""
+    return float(np.clip(age_months + z * bone_age_sd_months(age_months, sex), 0.0, MAX_AGE_MONTHS))
 
 
 def smoothstep(x: float) -> float:

@@ -21,8 +21,9 @@ from pydicom.uid import (
 
 from ingest.dataset.taxonomy import Taxonomy, load_taxonomy
 
-from .maturity import MAX_AGE_MONTHS
+from .maturity import bone_age_for
 from .render import FRACTURE_VIEWS
+from .spec import REGISTRY
 
 TASKS = ("views", "bone_age", "fracture")
 FIRST_DAY = dt.date(2014, 1, 1)
@@ -84,6 +85,7 @@ QUIRKS = (
 )
 QUIRK_RATE = 0.1
 FRACTURE_RATE = {"views": 0.3, "fracture": 0.5}
+CAST_RATE = 0.15  # fractured studies imaged again in a cast (the follow-up after reduction)
 TALL_VIEWS = {"Whole_Spine_AP", "Whole_Lower_AP", "Whole_Lower_Lateral", "T_L_Spine", "Upper_Extremity_Other"}
 
 
@@ -114,6 +116,7 @@ class Patient:
     name: str
     sex: str
     birth_date: dt.date
+    maturity_z: float  # how advanced this child's skeleton is, in standard deviations; kept across visits
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,9 @@ class StudyPlan:
     study_date: dt.date
     site: Site
     laterality: str  # L or R: limbs are imaged one side at a time
-    bone_age_months: float | None
+    bone_age_months: float
     fracture: bool | None  # None for a study without fracture views
+    cast: bool  # a follow-up of the fracture, imaged through a cast
     instances: tuple[InstancePlan, ...]
 
     @property
@@ -181,7 +185,13 @@ def _patient(rng: np.random.Generator, number: int, seed: int, study_date: dt.da
     name = (
         f"{LAST_NAMES[int(rng.integers(len(LAST_NAMES)))]}^{FIRST_NAMES[int(rng.integers(len(FIRST_NAMES)))]}"
     )
-    return Patient(f"PX{seed % 1000:03d}{number:06d}", name, sex, study_date - dt.timedelta(days=age_days))
+    return Patient(
+        f"PX{seed % 1000:03d}{number:06d}",
+        name,
+        sex,
+        study_date - dt.timedelta(days=age_days),
+        float(np.clip(rng.normal(), -2.5, 2.5)),
+    )
 
 
 def _encodings(
@@ -244,12 +254,13 @@ def plan_studies(
         extra = int(rng.integers(0, min(2, len(group)) + 1)) if task != "bone_age" else 0
         chosen = [first] + [group[int(i)] for i in rng.permutation(len(group))[:extra]]
         age_months = (study_date - patient.birth_date).days / 30.4375
-        bone_age = None
-        if "Hand_PA" in chosen:
-            # bone age scatters around the chronological age, as in clinical cohorts (SD ~ 10 months)
-            bone_age = float(np.clip(age_months + rng.normal(0.0, 10.0), 0.0, MAX_AGE_MONTHS))
+        # bone age scatters around the chronological age by the child's own maturity (Greulich-Pyle SD);
+        # every view of the study is drawn at it, and a hand PA reports it
+        bone_age = bone_age_for(age_months, patient.sex, patient.maturity_z)
         has_fracture_view = any(v in FRACTURE_VIEWS for v in chosen)
         fracture = bool(rng.random() < FRACTURE_RATE.get(task, 0.0)) if has_fracture_view else None
+        castable = any(REGISTRY[v].castable for v in chosen)
+        cast = bool(fracture) and castable and bool(rng.random() < CAST_RATE)
         site = SITES[int(rng.integers(len(SITES)))]
         laterality = "L" if rng.random() < 0.5 else "R"
         plans.append(
@@ -261,6 +272,7 @@ def plan_studies(
                 laterality,
                 bone_age,
                 fracture,
+                cast,
                 _encodings(rng, chosen, QUIRK_RATE, transfer_syntax),
             )
         )

@@ -56,9 +56,10 @@ def growing_bone(
     j0, j1 = np.asarray(j0, float), np.asarray(j1, float)
     length = float(np.hypot(*(j1 - j0)))
     u = (j1 - j0) / length
+    nrm = np.array([-u[1], u[0]])
     angle = math.degrees(math.atan2(u[1], u[0]))
     cart = m.cartilage
-    ends = []
+    ends, caps, plates = [], [], []
     for joint, inward, width, name in ((j0, u, widths[0], epi0), (j1, -u, widths[2], epi1)):
         gap = width * JOINT_SPACE
         if name is None:
@@ -71,23 +72,31 @@ def growing_bone(
         else:
             ends.append(joint + inward * (gap + thick + width * (0.06 + 0.3 * cart) * e.physis))
         if e.present:
-            centre = joint + inward * (gap + thick / 2)
-            s.bone_ellipse(centre, (thick / 2, width * e.width / 2), angle, density * 0.95, 0.6, thick * 0.18)
+            # the centre starts round and flattens into a cap as wide as the metaphysis; just before
+            # fusion it overhangs it slightly ("capping")
+            cap_width = width * e.width * (1.0 + 0.08 * (1.0 - e.physis) * (not e.fused))
+            caps.append((joint + inward * (gap + thick / 2), (thick / 2, cap_width / 2), thick * 0.18))
+        if not e.fused:
+            # zone of provisional calcification: a thin dense band capping the metaphysis at the physis
+            plates.append((ends[-1] + inward * width * 0.02, width * 0.4, 0.35 * (0.3 + 0.7 * e.physis)))
         if e.scar > 0:
             at = joint + inward * (gap + thick)
-            nrm = np.array([-u[1], u[0]]) * width * 0.45
-            s.bone_path([at - nrm, at + nrm], width * 0.05, density * 0.3 * e.scar, marrow=1.0)
+            plates.append((at, width * 0.45, 0.3 * e.scar))
     shaft = widths[1]
-    profile = [
-        widths[0],
-        0.6 * widths[0] + 0.4 * shaft,
-        shaft,
-        shaft,
-        shaft,
-        0.6 * widths[2] + 0.4 * shaft,
-        widths[2],
-    ]
+    # metaphyses flare like a trumpet: the width rises slowly off the shaft, then fast near the physis
+    flare = (0.04, 0.15, 0.4)
+    profile = (
+        [widths[0]]
+        + [shaft + (widths[0] - shaft) * f for f in flare[::-1]]
+        + [shaft] * 5
+        + [shaft + (widths[2] - shaft) * f for f in flare]
+        + [widths[2]]
+    )
     s.long_bone(ends[0], ends[1], profile, density=density, tag=tag)
+    for centre, axes, cortex in caps:
+        s.bone_ellipse(centre, axes, angle, density * 0.95, 0.6, cortex, follows=tag)
+    for at, half, strength in plates:
+        s.bone_path([at - nrm * half, at + nrm * half], shaft * 0.08, density * strength, marrow=1.0)
     return ends[0], ends[1]
 
 

@@ -12,9 +12,11 @@ from .canvas import arc
 from .frame import Frame
 from .spec import view
 
-EXTREMITY = {"mu_soft": 0.45, "round_units": 0.8, "photons": 3000.0}
-TRUNK = {"mu_soft": 0.55, "round_units": 2.5, "photons": 2000.0}
-HEAD = {"mu_soft": 0.5, "round_units": 1.2, "photons": 2500.0}
+EXTREMITY = {"beam": "extremity"}
+TRUNK = {"beam": "trunk", "grid": True, "devices": 0.08}
+HEAD = {"beam": "head", "grid": True}
+# distal radius and ulna: the common paediatric wrist fractures (torus, greenstick, Salter-Harris II)
+DISTAL_FOREARM = ("buckle", "buckle", "greenstick", "salter_harris_2")
 
 
 def at(s, cx: float, cy: float, **kw) -> Frame:
@@ -26,8 +28,13 @@ def hand_len(s) -> float:
     return s.maturity.hand_length_cm
 
 
-def by_hand(width: float, height: float):
-    return lambda m: (width * m.hand_length_cm, height * m.hand_length_cm)
+def by_hand(width: float, height: float, margin: tuple[float, float] = (0.0, 0.0)):
+    """A field collimated to the hand; ``margin`` (cm) is the slack radiographers leave, which makes a small
+    child's hand fill less of the image than a teenager's."""
+    return lambda m: (width * m.hand_length_cm + margin[0], height * m.hand_length_cm + margin[1])
+
+
+HAND_MARGIN = (2.5, 4.0)
 
 
 def by_growth(width: float, height: float, pad: float = 4.0):
@@ -53,7 +60,7 @@ view("Zygomatic", (24.0, 24.0), paired=False, **HEAD)(lambda s: axial.head_front
 
 
 # -- chest and abdomen -----------------------------------------------------------------------------
-view("Chest_Frontal", (32.0, 34.0), paired=False, **TRUNK)(axial.chest_frontal)
+view("Chest_Frontal", (32.0, 34.0), paired=False, **(TRUNK | {"devices": 0.2}))(axial.chest_frontal)
 view("Chest_Lateral", (26.0, 32.0), paired=False, **TRUNK)(axial.chest_lateral)
 view("Chest_Decubitus", (34.0, 30.0), paired=False, **TRUNK)(axial.chest_decubitus)
 view("Chest_Rib", (18.0, 26.0), **TRUNK)(
@@ -184,7 +191,11 @@ view("Pelvis_Coccyx_Sacrum", (18.0, 24.0), paired=False, **TRUNK)(
 
 
 # -- upper extremity -------------------------------------------------------------------------------
-WRIST_FRACTURES = {"radius": (0.05, 0.16), "ulna": (0.04, 0.12)}
+WRIST_FRACTURES = {
+    "radius": (0.05, 0.16, DISTAL_FOREARM),
+    "ulna": (0.04, 0.12, ("buckle", "greenstick", "salter_harris_2")),
+}
+FOREARM_CAST = {"castable": True}
 
 
 def hand_view(squeeze: float, spread: float, cy: float):
@@ -195,11 +206,13 @@ def hand_view(squeeze: float, spread: float, cy: float):
     return draw
 
 
-view("Hand_PA", by_hand(0.82, 1.42), **EXTREMITY)(hand_view(1.0, 1.0, 0.42))
-view("Hand_Oblique", by_hand(0.7, 1.42), **EXTREMITY)(hand_view(0.62, 0.8, 0.42))
-view("Hand_Lateral", by_hand(0.6, 1.42), **EXTREMITY)(hand_view(0.28, 0.5, 0.42))
-view("Wrist_AP", by_hand(0.62, 0.72), fracture_sites=WRIST_FRACTURES, **EXTREMITY)(hand_view(1.0, 1.0, -0.02))
-view("Wrist_Oblique", by_hand(0.55, 0.72), fracture_sites=WRIST_FRACTURES, **EXTREMITY)(
+view("Hand_PA", by_hand(0.82, 1.42, HAND_MARGIN), **EXTREMITY)(hand_view(1.0, 1.0, 0.42))
+view("Hand_Oblique", by_hand(0.7, 1.42, HAND_MARGIN), **EXTREMITY)(hand_view(0.62, 0.8, 0.42))
+view("Hand_Lateral", by_hand(0.6, 1.42, HAND_MARGIN), **EXTREMITY)(hand_view(0.28, 0.5, 0.42))
+view("Wrist_AP", by_hand(0.62, 0.72), fracture_sites=WRIST_FRACTURES, **FOREARM_CAST, **EXTREMITY)(
+    hand_view(1.0, 1.0, -0.02)
+)
+view("Wrist_Oblique", by_hand(0.55, 0.72), fracture_sites=WRIST_FRACTURES, **FOREARM_CAST, **EXTREMITY)(
     hand_view(0.65, 0.9, -0.02)
 )
 
@@ -213,7 +226,11 @@ def finger(s) -> None:
 @view(
     "Forearm_Oblique",
     by_hand(0.62, 1.85),
-    fracture_sites={"radius": (0.1, 0.85), "ulna": (0.1, 0.85)},
+    fracture_sites={
+        "radius": (0.05, 0.6, ("buckle", "greenstick", "greenstick")),
+        "ulna": (0.05, 0.6, ("buckle", "greenstick", "greenstick")),
+    },
+    **FOREARM_CAST,
     **EXTREMITY,
 )
 def forearm_oblique(s) -> None:
@@ -227,24 +244,30 @@ def upper_extremity_other(s) -> None:
     limbs.upper_limb(at(s, 0.0, 0.95 * L), L)
 
 
-view("Elbow_Lateral", by_hand(1.3, 1.3), **EXTREMITY)(
-    lambda s: limbs.elbow_lateral(at(s, 0.45 * hand_len(s), -0.35 * hand_len(s)), hand_len(s))
-)
+view(
+    "Elbow_Lateral",
+    by_hand(1.3, 1.3),
+    fracture_sites={"humerus": (0.1, 0.2, ("supracondylar",))},
+    **EXTREMITY,
+)(lambda s: limbs.elbow_lateral(at(s, 0.2 * hand_len(s), -0.2 * hand_len(s)), hand_len(s)))
 view("Humerus_Oblique", (16.0, 42.0), **EXTREMITY)(limbs.humerus_oblique)
 view("Shoulder_AP", (24.0, 22.0), **TRUNK)(lambda s: limbs.shoulder(at(s, -1.0, 1.0)))
 view("Shoulder_Axial", (26.0, 16.0), **TRUNK)(lambda s: limbs.shoulder(s, axial=True))
 
 
 # -- lower extremity -------------------------------------------------------------------------------
-ANKLE_FRACTURES = {"tibia": (0.88, 0.96), "fibula": (0.84, 0.94)}
+ANKLE_FRACTURES = {
+    "tibia": (0.88, 0.96, ("buckle", "salter_harris_2")),
+    "fibula": (0.84, 0.94, ("buckle", "greenstick")),
+}
 
-view("Ankle_AP", (14.0, 18.0), fracture_sites=ANKLE_FRACTURES, **EXTREMITY)(
+view("Ankle_AP", (14.0, 18.0), fracture_sites=ANKLE_FRACTURES, castable=True, **EXTREMITY)(
     lambda s: limbs.ankle(at(s, 0.0, -2.5), projection="ap")
 )
-view("Ankle_Mortise", (14.0, 18.0), fracture_sites=ANKLE_FRACTURES, **EXTREMITY)(
+view("Ankle_Mortise", (14.0, 18.0), fracture_sites=ANKLE_FRACTURES, castable=True, **EXTREMITY)(
     lambda s: limbs.ankle(at(s, 0.0, -2.5), projection="mortise")
 )
-view("Ankle_Lateral", (20.0, 18.0), fracture_sites=ANKLE_FRACTURES, **EXTREMITY)(
+view("Ankle_Lateral", (20.0, 18.0), fracture_sites=ANKLE_FRACTURES, castable=True, **EXTREMITY)(
     lambda s: limbs.ankle(at(s, 2.0, -1.5), projection="lateral")
 )
 view("Ankle_Stress", (16.0, 18.0), **EXTREMITY)(lambda s: limbs.ankle(at(s, 0.5, -2.5), projection="stress"))
