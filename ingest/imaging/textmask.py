@@ -37,7 +37,7 @@ WINDOW = (0.04, 0.012)  # width and height of the window the stroke starts are c
 START_RATE = 0.14  # stroke starts per pixel in the window, at a 512-pixel long side
 BRIGHT_RATE = 0.15  # share of the window that is bright ink
 INK_GRAY = 220  # bright ink: printed text is at or near full white
-GROW = (1.0, 0.3)  # masked margin across and down, as a share of a box's height
+GROW = (1.0, 0.8)  # masked margin across and down, as a share of a box's height
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
