@@ -101,7 +101,7 @@ until [ "$(serve status --address "$RAY_DASHBOARD_ADDRESS" | grep -c 'status: RU
     ((SECONDS < deadline)) || { serve status --address "$RAY_DASHBOARD_ADDRESS"; exit 1; }
     sleep 2
 done
-dcm=$(find "$work/phantoms" -name '*.dcm' | head -1)
+dcm=$(find "$work/phantoms" -name '*.dcm' -print -quit)  # not | head: SIGPIPE under pipefail
 echo "GET /healthz: $(curl -sf "$url/healthz")"
 echo "GET /v1/models: $(curl -sf "$url/v1/models" | head -c 300)..."
 echo "POST /v1/view: $(curl -sf -X POST "$url/v1/view?granularity=7&top_k=3" \
