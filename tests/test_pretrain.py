@@ -333,7 +333,7 @@ def test_run_on_object_storage_exports_best_and_resumes(ray_session, shards, s3_
     remote_shards = f"{s3_bucket}/{tmp_path.name}/shards"
     storage.copy_tree(shards, remote_shards)
     runs = f"{s3_bucket}/{tmp_path.name}/runs"
-    result = run_pretraining(tiny_config(remote_shards, runs, epochs=1), progress=False)
+    result = run_pretraining(tiny_config(remote_shards, runs, epochs=1, warmup_epochs=0), progress=False)
     run_dir = f"{runs}/run"
     assert (result.run_dir, result.best_dir) == (run_dir, f"{run_dir}/best")
     assert storage.list_files(result.best_dir) == ["config.json", "metrics.json", "model.pt"]

@@ -202,6 +202,13 @@ def balance(catalog: pd.DataFrame, config: BalanceConfig) -> tuple[pd.DataFrame,
     for split in SPLITS:
         counts = selected.loc[selected["split"] == split, label].value_counts()
         report.counts[split] = {c: int(counts.get(c, 0)) for c in classes if c not in report.dropped_classes}
+    # What a kept class really misses: a patient moved whole to fine-tuning can bring more instances
+    # than its quota, and those cannot train (patients stay on one side), so the class ends up shorter
+    # than the pool alone says.
+    for c in report.counts["train"]:
+        missing = config.per_class - report.counts["train"][c] - report.counts["finetune"][c]
+        if missing > 0:
+            report.shortfall[c] = missing
     return selected.drop(columns=["_patient", "_patient_rank", "_rank"]), report
 
 
