@@ -189,6 +189,22 @@ def test_stop_ends_the_process_and_frees_the_ports(orthanc_binary, tmp_path):
         os.kill(pid, 0)
 
 
+def test_a_stopped_pacs_restarts_at_once_on_its_own_ports(orthanc_binary, tmp_path):
+    first = OrthancServer(tmp_path / "orthanc").start()
+    ports = {"dicom_port": first.dicom_port, "http_port": first.http_port}
+    for _ in range(3):  # connections the server closes first leave its port in TIME-WAIT
+        with socket.create_connection(("127.0.0.1", first.http_port), timeout=5) as conn:
+            conn.sendall(b"GET /system HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            while conn.recv(65536):
+                pass
+    first.stop()
+    second = OrthancServer(tmp_path / "orthanc", **ports).start()
+    try:
+        assert (second.dicom_port, second.http_port) == (ports["dicom_port"], ports["http_port"])
+    finally:
+        second.stop()
+
+
 def test_missing_binary_error_says_how_to_install():
     with pytest.raises(
         OrthancNotFoundError, match=r"not found on PATH; install it with: apt-get install -y orthanc"

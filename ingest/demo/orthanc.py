@@ -177,7 +177,10 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """No one listens on ``port``. Connections of a stopped server still in TIME-WAIT do not count:
+    Orthanc binds with SO_REUSEADDR, so it can listen there again at once, and so does this probe."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:
