@@ -94,18 +94,35 @@ def retrieval_throughput(doc: dict) -> str:
         rows.append([x["method"], x["associations"], count, f"{x['images_per_s']:.1f}{spread}", ratio, cpu])
     header = ["method", "associations", "instances", "images/s", "÷ dcmtk, same round", "our CPU ms/instance"]
     notes = [f"- {x['method']} ({x['associations']}): {note}" for x in r["rows"] for note in x["notes"]]
-    return (
-        f"{r['instances']} instances in {r['studies']} studies ({r['data']}, {r['source_mb']} MB), "
-        f"{r['rounds']} round(s); the C-FIND plan took {r['plan_seconds']} s"
-        + (
-            f" (the QIDO-RS plan {r['dicomweb_plan_seconds']} s)"
-            if r.get("dicomweb_plan_seconds") is not None
-            else ""
+    what = f"{r['instances']} instances in {r['studies']} studies ({r['data']}, {r['source_mb']} MB)"
+    parts = []
+    if r.get("planning"):
+        planning = [
+            [
+                x["planner"],
+                f"{x['studies_per_s']:.0f}",
+                f"{x['range'][0]:.0f}–{x['range'][1]:.0f}",
+                x["seconds"],
+            ]
+            for x in r["planning"]
+        ]
+        parts.append(
+            f"Planning {r['studies']} studies ({r['data']}), {r['rounds']} run(s) each:\n\n"
+            + table(["planner", "studies/s (median)", "range", "seconds"], planning)
         )
-        + " and is not in the rows.\n\n"
-        + table(header, rows)
-        + ("\n\n" + "\n".join(notes) if notes else "")
-    )
+    if rows:
+        plan = ""
+        if r.get("plan_seconds") is not None:
+            plan = f"; the C-FIND plan took {r['plan_seconds']} s"
+            if r.get("dicomweb_plan_seconds") is not None:
+                plan += f" (the QIDO-RS plan {r['dicomweb_plan_seconds']} s)"
+            plan += " and is not in the rows"
+        parts.append(
+            f"{what}, {r['rounds']} round(s){plan}.\n\n"
+            + table(header, rows)
+            + ("\n\n" + "\n".join(notes) if notes else "")
+        )
+    return "\n\n".join(parts)
 
 
 def train_throughput(doc: dict) -> str:

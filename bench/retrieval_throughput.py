@@ -39,8 +39,10 @@ its row, with ``os.sync()`` before the next row so none pays for another's write
   receiver store, crash-safe or not.
 
 Seconds run from the first retrieve request to the last file on disk; the ingest plan (C-FIND per
-series and instance) is made once beforehand and timed separately. Files and bytes are counted in
-each output directory, and a row whose count differs from what Orthanc holds is flagged.
+series and instance) is made once beforehand and timed separately. The planning rows time that plan
+(C-FIND over 1, 4 and 8 associations, ``plan_retrieval(..., workers=N)``; QIDO-RS over 4 connections)
+in studies/s, each the median of ``--repeat`` runs; ``--plan-only`` stops after them. Files and
+bytes are counted in each output directory, and a row whose count differs from what Orthanc holds is flagged.
 ``--repeat N`` runs every row N times, round by round (so a burst of load elsewhere hits all rows
 alike), and reports the median and the range of images/s, and each row's rate over dcmtk's
 ``movescu`` + ``storescp`` (one association) in the same round. The in-process ingest rows also give the
@@ -704,6 +706,63 @@ def measure_all(
     return rows
 
 
+def measure_planning(
+    cfg: PacsConfig,
+    web_cfg: dicomweb.DicomwebConfig | None,
+    empty_spool: Path,
+    study_uids: Sequence[str],
+    args: argparse.Namespace,
+) -> list[dict]:
+    """Studies/s of a first pull's plan (nothing spooled yet): median and range over --repeat runs."""
+    planners: list[tuple[str, Callable[[], list]]] = [
+        (
+            f"C-FIND, {workers} association(s)",
+            lambda workers=workers: plan_retrieval(cfg, empty_spool, study_uids, workers=workers),
+        )
+        for workers in args.plan_workers
+    ]
+    if web_cfg is not None:
+        planners.append(
+            (
+                "QIDO-RS, 4 connection(s)",
+                lambda: dicomweb.plan_retrieval(web_cfg, empty_spool, study_uids, workers=4),
+            )
+        )
+    seconds: dict[str, list[float]] = {name: [] for name, _ in planners}
+    for _ in range(args.repeat):
+        for name, plan in planners:  # alternated, so a burst of load elsewhere hits every row alike
+            started = time.monotonic()
+            plan()
+            seconds[name].append(time.monotonic() - started)
+    rows = []
+    for name, times in seconds.items():
+        rates = [len(study_uids) / t for t in times]
+        rows.append(
+            {
+                "planner": name,
+                "studies_per_s": round(statistics.median(rates), 1),
+                "range": [round(min(rates), 1), round(max(rates), 1)],
+                "seconds": round(statistics.median(times), 3),
+            }
+        )
+    return rows
+
+
+def markdown_planning_table(rows: list[dict], studies: int) -> str:
+    lines = [
+        f"Planning {studies} studies (series + instance C-FINDs, or QIDO-RS per study):",
+        "",
+        "| planner | studies/s (median) | range | seconds |",
+        "|---|---:|---|---:|",
+    ]
+    for row in rows:
+        low, high = row["range"]
+        lines.append(
+            f"| {row['planner']} | {row['studies_per_s']:.0f} | {low:.0f}–{high:.0f} | {row['seconds']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def process_layout(text: str) -> tuple[int, int]:
     """``PxW`` -> (processes, associations per process)."""
     try:
@@ -746,6 +805,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--web-workers", type=int, nargs="+", default=[1, 4], help="HTTP connections for the DICOMweb rows"
     )
+    parser.add_argument(
+        "--plan-workers", type=int, nargs="+", default=[1, 4, 8], help="associations for the planning rows"
+    )
+    parser.add_argument("--plan-only", action="store_true", help="measure the planning rows only")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every row (median and range)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds allowed per measurement")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (Orthanc, outputs)")
@@ -766,7 +829,9 @@ def main(argv: list[str] | None = None) -> int:
         dcmtk_port = free_port()
     # Orthanc serves at most DicomThreadsCount associations at once (4 by default): allow the widest run.
     widest_multi = [processes * workers for processes, workers in args.multi_process]
-    threads = max([*args.move_workers, *args.get_workers, *args.baseline_workers, *widest_multi, 4])
+    threads = max(
+        [*args.move_workers, *args.get_workers, *args.baseline_workers, *widest_multi, *args.plan_workers, 4]
+    )
     runs: list[list[Row]] = []
     try:
         with OrthancServer(
@@ -790,21 +855,22 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             cfg = PacsConfig(LOOPBACK, orthanc.dicom_port, PACS_AET, calling_aet=INGEST_AET, retries=0)
-            started = time.monotonic()
-            items = plan_retrieval(cfg, work / "empty-spool", study_uids)
-            plan_seconds = time.monotonic() - started
-            print(f"ingest plan: {len(items)} items by C-FIND in {plan_seconds:.2f} s (not in the rows)")
-            series_items = plan_retrieval(cfg, work / "empty-spool", study_uids, whole_studies=False)
-            web_cfg = web_items = None
-            web_plan_seconds = None
+            web_cfg = None
             if orthanc.config.dicomweb_plugin is None:
                 print(f"no DICOMweb rows: {DICOMWEB_PLUGIN} missing (apt-get install -y orthanc-dicomweb)")
             else:
                 web_cfg = dicomweb.DicomwebConfig(orthanc.dicomweb_url, retries=0)
-                started = time.monotonic()
+            planning = measure_planning(cfg, web_cfg, work / "empty-spool", study_uids, args)
+            print(markdown_planning_table(planning, len(study_uids)), flush=True)
+            items = plan_retrieval(cfg, work / "empty-spool", study_uids, workers=4)
+            series_items = plan_retrieval(
+                cfg, work / "empty-spool", study_uids, whole_studies=False, workers=4
+            )
+            web_items = None
+            if web_cfg is not None:
                 web_items = dicomweb.plan_retrieval(web_cfg, work / "empty-spool", study_uids, workers=4)
-                web_plan_seconds = time.monotonic() - started
-                print(f"DICOMweb plan: {len(web_items)} items by QIDO-RS in {web_plan_seconds:.2f} s")
+            if args.plan_only:
+                args.repeat = 0
             for round_number in range(args.repeat):
                 print(f"round {round_number + 1} of {args.repeat}", flush=True)
                 runs.append(
@@ -837,8 +903,9 @@ def main(argv: list[str] | None = None) -> int:
         f"({data_name}, {source_mb:.1f} MB), {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
         f"{args.repeat} round(s), load average before/after {load_before} / {os.getloadavg()[0]:.1f}"
     )
-    print()
-    print(markdown_table(runs))
+    if runs:
+        print()
+        print(markdown_table(runs))
     if args.json:
         results = {
             "data": data_name,
@@ -846,8 +913,7 @@ def main(argv: list[str] | None = None) -> int:
             "studies": len(study_uids),
             "source_mb": round(source_mb, 1),
             "rounds": args.repeat,
-            "plan_seconds": round(plan_seconds, 2),
-            "dicomweb_plan_seconds": round(web_plan_seconds, 2) if web_plan_seconds is not None else None,
+            "planning": planning,
             "load_average_before_after": [float(load_before), round(os.getloadavg()[0], 2)],
             "rows": row_summaries(runs),
         }

@@ -12,7 +12,8 @@ C-FIND or QIDO-RS search promised:
 
 The spool, not a PACS's counters, says what is stored, so a partial transfer reported as complete
 still shows as ``missing``. A re-run of the same pull fetches exactly what is not stored and
-rewrites the ledger.
+rewrites the ledger. The ledger is also the plan a re-run starts from: a study it records complete,
+with every instance still in the spool, is not searched again (``--requery-complete`` searches it).
 """
 
 from __future__ import annotations
@@ -108,3 +109,26 @@ def write_ledger(ledger: pd.DataFrame, path: str | Path) -> Path:
 
 def read_ledger(path: str | Path) -> pd.DataFrame:
     return pd.read_parquet(path)
+
+
+def completed_studies(path: str | Path, present: set[str]) -> dict[str, list[dict]]:
+    """The studies an earlier ledger at ``path`` recorded complete and whose instances are all still
+    among ``present`` (the spool's UIDs), with their promised instances as the search gave them.
+
+    A re-run plans these from the ledger instead of asking the PACS again; {} without a ledger.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    ledger = read_ledger(path)
+    complete = ledger[ledger["study_state"] == "complete"]
+    found: dict[str, list[dict]] = {}
+    for study_uid, rows in complete.groupby("study_uid", sort=False):
+        if not rows["sop_instance_uid"].isin(present).all():
+            continue  # an instance left the spool since: the search runs again for this study
+        columns = rows[["series_uid", "sop_instance_uid", "sop_class_uid"]].itertuples(index=False)
+        found[study_uid] = [
+            {"SeriesInstanceUID": series, "SOPInstanceUID": uid, "SOPClassUID": sop_class}
+            for series, uid, sop_class in columns
+        ]
+    return found

@@ -7,6 +7,8 @@ spool into ``DIR/catalog``, then balances and writes the shards of each ``--gran
 QIDO-RS searches and WADO-RS retrieval (``ingest.dicomweb``) into the same spool. After the
 retrieval ``DIR/ledger.parquet`` records every promised instance and each study's state
 (``ingest.ledger``); partial or failed studies are listed and the exit status is 3.
+The instance-level searches run over ``--workers`` associations (or HTTP connections), and a
+re-run plans the studies its ledger records complete without searching them again.
 ``--processes P --workers N`` retrieves over P x N associations in P processes (one core
 each); ``--no-fsync`` answers each C-STORE before the instance is on disk (faster, not crash-safe:
 see ``ingest.dicom.scp``). ``--transport pynetdicom`` receives and retrieves on pynetdicom's own
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ from ingest.dicom.scp import (
     StorageSCP,
     check_transport,
     setup_cli_logging,
+    spooled_uids,
 )
 from ingest.dicom.scu import (
     PacsConfig,
@@ -62,7 +66,7 @@ from ingest.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV, DicomwebConfig, a
 from ingest.files import write_json_atomic
 from ingest.imaging.gpu_decode import resolve_gpu_decode
 from ingest.imaging.preprocess import PreprocessParams
-from ingest.ledger import LEDGER_NAME, build_ledger, incomplete_studies, write_ledger
+from ingest.ledger import LEDGER_NAME, build_ledger, completed_studies, incomplete_studies, write_ledger
 from ingest.metrics import IngestMetrics
 from ingest.polite import Pacer, PullInterrupted, Window
 
@@ -94,6 +98,8 @@ class PullConfig:
     # Polite pulling (ingest.polite): retrieve only inside this daily window, at most max_rate instances/s.
     window: Window | None = None
     max_rate: float | None = None
+    # A re-run plans the studies its ledger records complete from the ledger, without a search.
+    requery_complete: bool = False
     write_shards: bool = True
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     preprocessing: PreprocessParams = field(default_factory=PreprocessParams)
@@ -200,21 +206,28 @@ def pull(
     promised: dict[str, list[dict]] = {}
     if cfg.dicomweb is not None:
         studies = [s["StudyInstanceUID"] for s in dicomweb.find_studies(cfg.dicomweb, **search)]
-        items = dicomweb.plan_retrieval(
-            cfg.dicomweb,
-            cfg.spool_dir,
-            studies,
-            workers=cfg.workers,
-            promised=promised,
-            observer=metrics,
-            progress=progress,
-        )
     else:
         echo(cfg.pacs)
         studies = [s["StudyInstanceUID"] for s in find_studies(cfg.pacs, **search)]
-        items = plan_retrieval(
-            cfg.pacs, cfg.spool_dir, studies, observer=metrics, progress=progress, promised=promised
+    known = {} if cfg.requery_complete else completed_studies(cfg.ledger_path, spooled_uids(cfg.spool_dir))
+    promised.update((uid, known[uid]) for uid in studies if uid in known)
+    to_search = [uid for uid in studies if uid not in known]
+    if promised:
+        log.info(
+            "%d studies complete in %s: planned from it, not searched again",
+            len(promised),
+            cfg.ledger_path,
         )
+    known_instances = sum(len(instances) for instances in promised.values())
+    metrics.on_found(known_instances)
+    metrics.on_skipped(known_instances)
+    if cfg.dicomweb is not None:
+        plan = functools.partial(dicomweb.plan_retrieval, cfg.dicomweb)
+    else:
+        plan = functools.partial(plan_retrieval, cfg.pacs)
+    items = plan(
+        cfg.spool_dir, to_search, workers=cfg.workers, promised=promised, observer=metrics, progress=progress
+    )
     result.studies = len(studies)
     result.planned_instances = sum(len(item.sop_instance_uids) for item in items)
     log.info(
@@ -442,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--modality", nargs="+", default=["CR", "DX"], help="ModalitiesInStudy (default CR DX)"
     )
     query.add_argument("--page-limit", type=int, help="the PACS's C-FIND result cap, if known")
+    query.add_argument(
+        "--requery-complete",
+        action="store_true",
+        help="search again the studies the last run's ledger records complete (default: a re-run "
+        "plans them from the ledger, so only new and incomplete studies cost instance-level searches)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--work",
@@ -501,6 +520,7 @@ def config_from_args(args: argparse.Namespace) -> PullConfig:
         fsync=args.fsync,
         window=args.window,
         max_rate=args.max_rate,
+        requery_complete=args.requery_complete,
         write_shards=not args.no_shards,
         balance=balance_config_from_args(args),
         preprocessing=resolve_gpu_decode(

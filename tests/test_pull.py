@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import signal
 import tarfile
+import threading
 from datetime import date
 from pathlib import Path
 
 import pytest
 from factories import radiograph, write
+from waiting import wait_until
 
 from ingest.dataset.balance import BalanceConfig
 from ingest.dataset.catalog import read_catalog
 from ingest.dataset.deid import pseudonymise_rows
 from ingest.demo.orthanc import OrthancServer, free_port
+from ingest.dicom import scu
 from ingest.dicom.scp import spooled_uids
-from ingest.dicom.scu import PacsConfig
+from ingest.dicom.scu import PacsConfig, find_studies, plan_retrieval
 from ingest.imaging.preprocess import PreprocessParams
 from ingest.ledger import read_ledger
 from ingest.metrics import IngestMetrics
@@ -280,3 +286,106 @@ def test_pull_of_the_phantom_pacs_labels_correctly_and_shards_match_the_catalog(
     for cls in manifest["classes"]:
         total = sum(manifest["counts"][s][cls] for s in ("train", "finetune"))
         assert total + manifest["balance_report"]["shortfall"].get(cls, 0) == 8, "short classes are reported"
+
+
+def test_parallel_planning_gives_the_plan_of_one_association(pacs, tmp_path: Path) -> None:
+    server, _, uids = pacs
+    cfg = PacsConfig("127.0.0.1", server.dicom_port, "TESTPACS", retries=1, backoff_s=0.1)
+    studies = [s["StudyInstanceUID"] for s in find_studies(cfg)]
+    one, many = {}, {}
+    serial = plan_retrieval(cfg, tmp_path, studies, promised=one)
+    parallel = plan_retrieval(cfg, tmp_path, studies, promised=many, workers=4)
+    assert parallel == serial, "same items, in the order of the studies"
+    assert many == one and list(many) == studies
+    assert {uid for item in parallel for uid in item.sop_instance_uids} == uids
+
+
+def test_a_rerun_searches_only_the_studies_its_ledger_does_not_record_complete(
+    pacs, tmp_path: Path, monkeypatch
+) -> None:
+    _, _, uids = pacs
+    cfg = config(pacs, tmp_path / "work", "get")
+    assert pull(cfg, id_salt="s", scheduler="sync", progress=False).ok
+    lost = sorted(cfg.spool_dir.rglob("*.dcm"))[0]
+    lost.unlink()
+    lost_study = read_ledger(cfg.ledger_path).set_index("sop_instance_uid").at[lost.stem, "study_uid"]
+
+    searched: list[str] = []
+    find_series = scu._find_series
+
+    def spy(conn, study_uid):
+        searched.append(study_uid)
+        return find_series(conn, study_uid)
+
+    monkeypatch.setattr(scu, "_find_series", spy)
+    again = pull(cfg, id_salt="s", scheduler="sync", progress=False)
+    assert searched == [lost_study], "only the study with an instance gone from the spool"
+    assert again.ok and again.planned_instances == 1 and spooled_uids(cfg.spool_dir) == uids
+    ledger = read_ledger(cfg.ledger_path)
+    assert set(ledger["sop_instance_uid"]) == uids and set(ledger["state"]) == {"stored"}
+
+    searched.clear()
+    pull(dataclasses.replace(cfg, requery_complete=True), id_salt="s", scheduler="sync", progress=False)
+    assert len(searched) == len(set(ledger["study_uid"])), "--requery-complete searches every study"
+
+
+@pytest.mark.parametrize("method", ["get", "move"])
+def test_a_pacs_restarted_mid_pull_loses_and_duplicates_nothing(
+    orthanc_binary, tmp_path: Path, method
+) -> None:
+    """Orthanc limited to one DICOM thread (fewer than our 2 associations) is killed while a paced
+    pull runs and comes back on its ports: after at most one re-run every instance is in the spool
+    once, and the ledger's count matches the spool."""
+    data = tmp_path / "data"
+    uids = set()
+    for i in range(16):
+        ds = radiograph(patient_id=f"R{i}", study_key=f"restart-{i}", study_date=date(2017, 1 + i % 12, 5))
+        write(ds, data)
+        uids.add(ds.SOPInstanceUID)
+    scp_port = free_port()
+    options = {
+        "aet": "TESTPACS",
+        "modalities": {"pedxray": ("PEDXRAY", "127.0.0.1", scp_port)},
+        "extra_options": {"DicomThreadsCount": 1},
+    }
+    server = OrthancServer(tmp_path / "orthanc", **options).start()
+    restarted = None
+    try:
+        server.upload(sorted(data.glob("*.dcm")), progress=False)
+        ports = {"dicom_port": server.dicom_port, "http_port": server.http_port}
+        cfg = PullConfig(
+            pacs=PacsConfig("127.0.0.1", server.dicom_port, "TESTPACS", retries=4, backoff_s=0.5),
+            work_dir=tmp_path / "work",
+            method=method,
+            scp_port=scp_port,
+            workers=2,
+            studies_per_request=1,
+            max_rate=8,  # ~2 s of retrieval: time to restart the PACS in the middle of it
+            write_shards=False,
+        )
+        outcome: dict = {}
+        puller = threading.Thread(
+            target=lambda: outcome.update(result=pull(cfg, id_salt="s", scheduler="sync", progress=False))
+        )
+        puller.start()
+        wait_until(lambda: len(spooled_uids(cfg.spool_dir)) >= 3, 60, "the pull stored nothing")
+        os.kill(server.pid, signal.SIGKILL)  # a crash: Orthanc's own stop would let running requests end
+        server.stop()
+        assert len(spooled_uids(cfg.spool_dir)) < len(uids), "the PACS went down after the pull had ended"
+        restarted = OrthancServer(tmp_path / "orthanc", **options, **ports).start()
+        puller.join(timeout=120)
+        assert not puller.is_alive(), "the pull hangs after the PACS came back"
+        result = outcome["result"]
+        if not result.ok:  # what the restart cut short is fetched by the re-run
+            result = pull(cfg, id_salt="s", scheduler="sync", progress=False)
+        assert result.ok
+    finally:
+        server.stop()
+        if restarted is not None:
+            restarted.stop()
+    assert spooled_uids(cfg.spool_dir) == uids
+    assert sorted(path.stem for path in cfg.spool_dir.rglob("*.dcm")) == sorted(uids), "each once"
+    assert not list(cfg.spool_dir.rglob(".*")), "no temporary file left"
+    ledger = read_ledger(cfg.ledger_path)
+    assert len(ledger) == ledger["sop_instance_uid"].nunique() == len(uids)
+    assert set(ledger["state"]) == {"stored"} and set(ledger["study_state"]) == {"complete"}
