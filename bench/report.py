@@ -107,7 +107,7 @@ def retrieval_throughput(doc: dict) -> str:
             for x in r["planning"]
         ]
         parts.append(
-            f"Planning {r['studies']} studies ({r['data']}), {r['rounds']} run(s) each:\n\n"
+            f"Planning {r['studies']} studies ({r['data']}), {r['planning_runs']} run(s) each:\n\n"
             + table(["planner", "studies/s (median)", "range", "seconds"], planning)
         )
     if rows:

@@ -40,7 +40,8 @@ its row, with ``os.sync()`` before the next row so none pays for another's write
 
 Seconds run from the first retrieve request to the last file on disk; the ingest plan (C-FIND per
 series and instance) is made once beforehand and timed separately. The planning rows time that plan
-(C-FIND over 1, 4 and 8 associations, ``plan_retrieval(..., workers=N)``; QIDO-RS over 4 connections)
+(per-study C-FINDs over 1, 4 and 8 associations, ``plan_retrieval(..., workers=N)``; relational
+C-FINDs of 50 studies each over 1 and 4, ``--relational-find``; QIDO-RS over 4 connections)
 in studies/s, each the median of ``--repeat`` runs; ``--plan-only`` stops after them. Files and
 bytes are counted in each output directory, and a row whose count differs from what Orthanc holds is flagged.
 ``--repeat N`` runs every row N times, round by round (so a burst of load elsewhere hits all rows
@@ -79,7 +80,7 @@ from results import write_results
 from ingest import dicomweb
 from ingest.demo.orthanc import DICOMWEB_PLUGIN, LOOPBACK, OrthancServer, find_dicom_files, free_port
 from ingest.dicom.scp import StorageSCP, spool_path, write_spool_file
-from ingest.dicom.scu import PacsConfig, RetrieveItem, plan_retrieval, retrieve
+from ingest.dicom.scu import PacsConfig, RetrieveItem, find_studies, plan_retrieval, retrieve
 
 PACS_AET = "BENCHPACS"
 INGEST_AET = "PEDXRAY"
@@ -503,6 +504,8 @@ def finish_row(rows: list[Row], row: Row, output: Path, keep: bool) -> None:
 def row_summaries(runs: Sequence[Sequence[Row]]) -> list[dict]:
     """One dict per row of the first round: the median over rounds and the range of images/s, and the
     median and range of its rate over dcmtk's in the same round."""
+    if not runs:
+        return []
     reference = next(
         (i for i, row in enumerate(runs[0]) if (row.method, row.associations) == REFERENCE), None
     )
@@ -721,6 +724,18 @@ def measure_planning(
         )
         for workers in args.plan_workers
     ]
+    counts = {
+        s["StudyInstanceUID"]: s["NumberOfStudyRelatedInstances"] for s in find_studies(cfg, modalities=())
+    }
+    planners += [
+        (
+            f"C-FIND relational, 50 studies per query, {workers} association(s)",
+            lambda workers=workers: plan_retrieval(
+                cfg, empty_spool, study_uids, workers=workers, relational=True, expected_instances=counts
+            ),
+        )
+        for workers in (1, 4)
+    ]
     if web_cfg is not None:
         planners.append(
             (
@@ -750,7 +765,7 @@ def measure_planning(
 
 def markdown_planning_table(rows: list[dict], studies: int) -> str:
     lines = [
-        f"Planning {studies} studies (series + instance C-FINDs, or QIDO-RS per study):",
+        f"Planning {studies} studies:",
         "",
         "| planner | studies/s (median) | range | seconds |",
         "|---|---:|---|---:|",
@@ -869,10 +884,9 @@ def main(argv: list[str] | None = None) -> int:
             web_items = None
             if web_cfg is not None:
                 web_items = dicomweb.plan_retrieval(web_cfg, work / "empty-spool", study_uids, workers=4)
-            if args.plan_only:
-                args.repeat = 0
-            for round_number in range(args.repeat):
-                print(f"round {round_number + 1} of {args.repeat}", flush=True)
+            rounds = 0 if args.plan_only else args.repeat
+            for round_number in range(rounds):
+                print(f"round {round_number + 1} of {rounds}", flush=True)
                 runs.append(
                     measure_all(
                         args,
@@ -901,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Retrieval from Orthanc 1.10 on loopback, {expected} instances / {len(study_uids)} studies "
         f"({data_name}, {source_mb:.1f} MB), {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
-        f"{args.repeat} round(s), load average before/after {load_before} / {os.getloadavg()[0]:.1f}"
+        f"{len(runs)} round(s), load average before/after {load_before} / {os.getloadavg()[0]:.1f}"
     )
     if runs:
         print()
@@ -912,7 +926,8 @@ def main(argv: list[str] | None = None) -> int:
             "instances": expected,
             "studies": len(study_uids),
             "source_mb": round(source_mb, 1),
-            "rounds": args.repeat,
+            "rounds": len(runs),
+            "planning_runs": args.repeat,
             "planning": planning,
             "load_average_before_after": [float(load_before), round(os.getloadavg()[0], 2)],
             "rows": row_summaries(runs),

@@ -100,6 +100,8 @@ class PullConfig:
     max_rate: float | None = None
     # A re-run plans the studies its ledger records complete from the ledger, without a search.
     requery_complete: bool = False
+    # Plan with relational IMAGE-level C-FINDs, many studies per query (ingest.dicom.scu.plan_retrieval).
+    relational_find: bool = False
     write_shards: bool = True
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     preprocessing: PreprocessParams = field(default_factory=PreprocessParams)
@@ -108,6 +110,8 @@ class PullConfig:
     def __post_init__(self) -> None:
         if (self.pacs is None) == (self.dicomweb is None):
             raise ValueError("give one source: a PACS (--pacs HOST:PORT) or DICOMweb (--dicomweb URL)")
+        if self.relational_find and self.dicomweb is not None:
+            raise ValueError("--relational-find plans C-FINDs: use it with --pacs, not --dicomweb")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: use 'move' (the PACS pushes to our SCP) or 'get'")
         check_transport(self.transport)
@@ -206,9 +210,17 @@ def pull(
     promised: dict[str, list[dict]] = {}
     if cfg.dicomweb is not None:
         studies = [s["StudyInstanceUID"] for s in dicomweb.find_studies(cfg.dicomweb, **search)]
+        plan = functools.partial(dicomweb.plan_retrieval, cfg.dicomweb)
     else:
         echo(cfg.pacs)
-        studies = [s["StudyInstanceUID"] for s in find_studies(cfg.pacs, **search)]
+        found = list(find_studies(cfg.pacs, **search))
+        studies = [s["StudyInstanceUID"] for s in found]
+        plan = functools.partial(
+            plan_retrieval,
+            cfg.pacs,
+            relational=cfg.relational_find,
+            expected_instances={s["StudyInstanceUID"]: s["NumberOfStudyRelatedInstances"] for s in found},
+        )
     known = {} if cfg.requery_complete else completed_studies(cfg.ledger_path, spooled_uids(cfg.spool_dir))
     promised.update((uid, known[uid]) for uid in studies if uid in known)
     to_search = [uid for uid in studies if uid not in known]
@@ -221,10 +233,6 @@ def pull(
     known_instances = sum(len(instances) for instances in promised.values())
     metrics.on_found(known_instances)
     metrics.on_skipped(known_instances)
-    if cfg.dicomweb is not None:
-        plan = functools.partial(dicomweb.plan_retrieval, cfg.dicomweb)
-    else:
-        plan = functools.partial(plan_retrieval, cfg.pacs)
     items = plan(
         cfg.spool_dir, to_search, workers=cfg.workers, promised=promised, observer=metrics, progress=progress
     )
@@ -456,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     query.add_argument("--page-limit", type=int, help="the PACS's C-FIND result cap, if known")
     query.add_argument(
+        "--relational-find",
+        action="store_true",
+        help="plan with IMAGE-level C-FINDs by StudyInstanceUID list, 50 studies per query, for a PACS "
+        "that answers relational queries (Orthanc, dcm4chee); a study the answer leaves out or short "
+        "is searched per series as usual",
+    )
+    query.add_argument(
         "--requery-complete",
         action="store_true",
         help="search again the studies the last run's ledger records complete (default: a re-run "
@@ -521,6 +536,7 @@ def config_from_args(args: argparse.Namespace) -> PullConfig:
         window=args.window,
         max_rate=args.max_rate,
         requery_complete=args.requery_complete,
+        relational_find=args.relational_find,
         write_shards=not args.no_shards,
         balance=balance_config_from_args(args),
         preprocessing=resolve_gpu_decode(

@@ -300,6 +300,67 @@ def test_parallel_planning_gives_the_plan_of_one_association(pacs, tmp_path: Pat
     assert {uid for item in parallel for uid in item.sop_instance_uids} == uids
 
 
+def spy_on_series_searches(monkeypatch) -> list[str]:
+    searched: list[str] = []
+    find_series = scu._find_series
+
+    def spy(conn, study_uid):
+        searched.append(study_uid)
+        return find_series(conn, study_uid)
+
+    monkeypatch.setattr(scu, "_find_series", spy)
+    return searched
+
+
+def test_relational_planning_asks_for_many_studies_at_once_and_checks_the_counts(
+    pacs, tmp_path: Path, monkeypatch
+) -> None:
+    server, _, uids = pacs
+    cfg = PacsConfig("127.0.0.1", server.dicom_port, "TESTPACS", retries=1, backoff_s=0.1)
+    found = list(find_studies(cfg))
+    studies = [s["StudyInstanceUID"] for s in found]
+    counts = {s["StudyInstanceUID"]: s["NumberOfStudyRelatedInstances"] for s in found}
+    hierarchical, relational = {}, {}
+    expected = plan_retrieval(cfg, tmp_path, studies, promised=hierarchical)
+    searched = spy_on_series_searches(monkeypatch)
+    plan = plan_retrieval(
+        cfg,
+        tmp_path,
+        studies,
+        promised=relational,
+        relational=True,
+        studies_per_query=10,
+        expected_instances=counts,
+    )
+    assert plan == expected and relational == hierarchical
+    assert searched == [], "every study answered by the 3 list queries"
+
+    short = studies[5]  # the study search promised more than the relational answer holds
+    plan = plan_retrieval(cfg, tmp_path, studies, relational=True, expected_instances=counts | {short: 2})
+    assert searched == [short] and plan == expected
+
+
+def test_relational_answers_a_pacs_cuts_short_are_asked_again_in_halves(
+    orthanc_binary, tmp_path: Path, monkeypatch
+) -> None:
+    data = tmp_path / "data"
+    uids = set()
+    for i in range(8):
+        ds = radiograph(patient_id=f"C{i}", study_key=f"cut-{i}")
+        write(ds, data)
+        uids.add(ds.SOPInstanceUID)
+    # Orthanc ends an instance answer at LimitFindInstances and says so (0xFE00).
+    with OrthancServer(tmp_path / "orthanc", aet="TESTPACS", limit_find_instances=3) as server:
+        server.upload(sorted(data.glob("*.dcm")), progress=False)
+        cfg = PacsConfig("127.0.0.1", server.dicom_port, "TESTPACS", retries=1, backoff_s=0.1)
+        found = list(find_studies(cfg))
+        counts = {s["StudyInstanceUID"]: s["NumberOfStudyRelatedInstances"] for s in found}
+        searched = spy_on_series_searches(monkeypatch)
+        plan = plan_retrieval(cfg, tmp_path, list(counts), relational=True, expected_instances=counts)
+    assert {uid for item in plan for uid in item.sop_instance_uids} == uids
+    assert searched == [], "halves of 4, 2 and 1 studies fit under the cap: no per-series search"
+
+
 def test_a_rerun_searches_only_the_studies_its_ledger_does_not_record_complete(
     pacs, tmp_path: Path, monkeypatch
 ) -> None:
@@ -310,14 +371,7 @@ def test_a_rerun_searches_only_the_studies_its_ledger_does_not_record_complete(
     lost.unlink()
     lost_study = read_ledger(cfg.ledger_path).set_index("sop_instance_uid").at[lost.stem, "study_uid"]
 
-    searched: list[str] = []
-    find_series = scu._find_series
-
-    def spy(conn, study_uid):
-        searched.append(study_uid)
-        return find_series(conn, study_uid)
-
-    monkeypatch.setattr(scu, "_find_series", spy)
+    searched = spy_on_series_searches(monkeypatch)
     again = pull(cfg, id_salt="s", scheduler="sync", progress=False)
     assert searched == [lost_study], "only the study with an instance gone from the spool"
     assert again.ok and again.planned_instances == 1 and spooled_uids(cfg.spool_dir) == uids

@@ -32,6 +32,7 @@ from tune_spaces.run import (
     CellASHA,
     SweepConfig,
     SweepError,
+    _job,
     build_parser,
     config_from_args,
     job_config,
@@ -160,6 +161,20 @@ def test_cli_resolves_yaml_below_flags(tmp_path):
     assert sweep.pretrain_base == {"use_gpu": True, "gpus_per_worker": 0.25}
     with pytest.raises(ConfigError, match="needs fine-tuning data"):
         SweepConfig(mode="transfer")
+
+
+def test_relative_data_paths_reach_the_trials_absolute(tmp_path, monkeypatch):
+    """Tune starts each trial in its own working directory: a path relative to where the sweep was
+    started must not be read from there."""
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(
+        ["transfer", "--data", "rsna:labels.csv", "--set", "images=pngs", "--pedxnet", "7=ckpt",
+         "--results", "out"]
+    )  # fmt: skip
+    job = _job(config_from_args(args), "finetune", {7: "ckpt"})
+    assert job["base"]["data"] == f"rsna:{tmp_path / 'labels.csv'}"
+    assert job["base"]["images"] == str(tmp_path / "pngs")
+    assert job["pedxnet"] == {7: str(tmp_path / "ckpt")} and job["results"] == str(tmp_path / "out")
 
 
 # ---------------------------------------------------------------- scheduling

@@ -147,7 +147,7 @@ def _job(sweep: SweepConfig, mode: str, pedxnet: dict[int, str]) -> dict[str, An
         base["data"] = sweep.data
     return {
         "mode": mode,
-        "base": base,
+        "base": _with_absolute_paths(base),
         "shards": {int(g): storage.resolve(p) for g, p in sweep.shards.items()},
         "pedxnet": {int(g): storage.resolve(p) for g, p in pedxnet.items()},
         "imagenet": storage.resolve(sweep.imagenet) if sweep.imagenet else "",
@@ -155,6 +155,23 @@ def _job(sweep: SweepConfig, mode: str, pedxnet: dict[int, str]) -> dict[str, An
         "cache_dir": str(Path("cache").resolve() if storage.is_uri(results) else results / "cache"),
         "results": str(results),
     }
+
+
+# Fine-tuning fields that name files or folders (pedx_ray.finetune.FinetuneConfig).
+_PATH_FIELDS = ("images", "labels", "val_list", "test_list", "cache_dir")
+
+
+def _with_absolute_paths(base: dict[str, Any]) -> dict[str, Any]:
+    """Tune runs each trial in a working directory of its own: paths given relative to where the
+    sweep was started are fixed here, before they travel to the trials."""
+    fixed = dict(base)
+    kind, sep, path = str(fixed.get("data", "")).partition(":")
+    if sep and path:
+        fixed["data"] = f"{kind}:{storage.resolve(path)}"
+    for name in _PATH_FIELDS:
+        if fixed.get(name):
+            fixed[name] = storage.resolve(fixed[name])
+    return fixed
 
 
 def _resolve_init(token: str, job: dict) -> str:

@@ -227,11 +227,11 @@ PHANTOM_ABLATION = Space(
     name="PHANTOM_ABLATION",
     mode="ablation",
     description="The documented small ablation: scratch / PedXnet-7C / PedXnet-30C × 100% / 50% / 20% "
-    "of the training split × 2 seeds.",
+    "of the training split × 3 seeds.",
     params={
         "init": tune.grid_search(["scratch", "pedxnet-7", "pedxnet-30"]),
         "train_size": tune.grid_search(["100%", "50%", "20%"]),
-        "seed": tune.grid_search([0, 1]),
+        "seed": tune.grid_search([0, 1, 2]),
         "lr": 1e-3,
     },
     grid_axes=("init", "train_size"),
