@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -73,6 +74,7 @@ from ingest.polite import Pacer, PullInterrupted, Window
 log = logging.getLogger("ingest.pull")
 
 METHODS = ("move", "get")
+PLAN_AHEAD = 1000  # studies searched ahead of the retrieval (and what a Ctrl-C may wait to finish)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,25 +235,35 @@ def pull(
     known_instances = sum(len(instances) for instances in promised.values())
     metrics.on_found(known_instances)
     metrics.on_skipped(known_instances)
-    items = plan(
-        cfg.spool_dir, to_search, workers=cfg.workers, promised=promised, observer=metrics, progress=progress
-    )
     result.studies = len(studies)
-    result.planned_instances = sum(len(item.sop_instance_uids) for item in items)
-    log.info(
-        "%d studies on %s; %d instances not yet in the spool",
-        len(studies),
-        cfg.describe_source(),
-        result.planned_instances,
-    )
-
-    metrics.set_stage("retrieve")
-    if items:
-        try:
-            result.retrieval = _retrieve(cfg, items, metrics, progress, pacer if pacer.active else None)
-        except BaseException:
-            pacer.interrupt()  # Ctrl-C: threads waiting for the window or the rate stop at once
-            raise
+    log.info("%d studies on %s, %d to search", len(studies), cfg.describe_source(), len(to_search))
+    # Planning is pipelined with retrieval: the next PLAN_AHEAD studies are searched while the
+    # retrieval of the ones before runs, so the first retrieval does not wait for a million searches.
+    chunks = [to_search[start : start + PLAN_AHEAD] for start in range(0, len(to_search), PLAN_AHEAD)]
+    search_options = {"workers": cfg.workers, "promised": promised, "observer": metrics}
+    planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan-ahead")
+    try:
+        with _Retriever(cfg, metrics, progress, pacer if pacer.active else None) as retriever:
+            ahead = None
+            for number, chunk in enumerate(chunks):
+                current = ahead or planner.submit(
+                    plan, cfg.spool_dir, chunk, progress=progress, **search_options
+                )
+                if number + 1 < len(chunks):
+                    following = chunks[number + 1]
+                    ahead = planner.submit(plan, cfg.spool_dir, following, progress=False, **search_options)
+                items = current.result()
+                metrics.set_stage("retrieve")
+                result.planned_instances += sum(len(item.sop_instance_uids) for item in items)
+                if items:
+                    retriever.fetch(items)
+            result.retrieval = retriever.summary
+    except BaseException:
+        pacer.interrupt()  # Ctrl-C: threads waiting for the window or the rate stop at once
+        raise
+    finally:
+        planner.shutdown(wait=False, cancel_futures=True)
+    log.info("%d instances were not yet in the spool", result.planned_instances)
     metrics.on_skipped(result.retrieval.already_present)
     ledger = build_ledger(promised, cfg.spool_dir, result.retrieval.failures)
     write_ledger(ledger, cfg.ledger_path)
@@ -297,62 +309,62 @@ def pull(
     return result
 
 
-def _retrieve(
-    cfg: PullConfig, items, metrics: IngestMetrics, progress: bool, pacer: Pacer | None
-) -> RetrieveSummary:
-    if cfg.dicomweb is not None:
-        return dicomweb.retrieve(
-            cfg.dicomweb,
-            items,
-            spool_dir=cfg.spool_dir,
-            workers=cfg.workers,
-            fsync=cfg.fsync,
-            progress=progress,
-            observer=metrics,
-            pacer=pacer,
-        )
-    if cfg.method == "get":
-        return retrieve(
-            cfg.pacs,
-            items,
-            method="get",
-            spool_dir=cfg.spool_dir,
-            workers=cfg.workers,
-            processes=cfg.processes,
-            max_studies_per_request=cfg.studies_per_request,
-            progress=progress,
-            observer=metrics,
-            fsync=cfg.fsync,
-            transport=cfg.transport,
-            pacer=pacer,
-        )
-    destination = cfg.pacs.move_destination or cfg.pacs.calling_aet
-    # Only the PACS we query may push to us: anything else is refused and logged by the SCP. With
-    # several processes each listens on the same port, and the kernel spreads the PACS's associations.
-    scp = StorageSCP(
-        cfg.spool_dir,
-        destination,
-        cfg.scp_port,
-        [cfg.pacs.called_aet],
-        cfg.scp_host,
-        share_port=cfg.processes > 1,
-        fsync=cfg.fsync,
-        transport=cfg.transport,
-    )
-    with scp:
-        return retrieve(
-            cfg.pacs,
-            items,
-            method="move",
-            scp=scp,
-            workers=cfg.workers,
-            processes=cfg.processes,
-            max_studies_per_request=cfg.studies_per_request,
-            progress=progress,
-            observer=metrics,
-            transport=cfg.transport,
-            pacer=pacer,
-        )
+class _Retriever:
+    """Retrieves plan chunks one after another into the spool, with one Storage SCP for all of a
+    C-MOVE pull's chunks (started at the first), and adds up their summaries."""
+
+    def __init__(self, cfg: PullConfig, metrics: IngestMetrics, progress: bool, pacer: Pacer | None) -> None:
+        self.cfg, self.metrics, self.progress, self.pacer = cfg, metrics, progress, pacer
+        self.summary = RetrieveSummary()
+        self._scp: StorageSCP | None = None
+
+    def __enter__(self) -> _Retriever:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._scp is not None:
+            self._scp.stop()
+
+    def fetch(self, items) -> None:
+        self.summary.add(self._retrieve(items))
+
+    def _retrieve(self, items) -> RetrieveSummary:
+        cfg, common = self.cfg, {"progress": self.progress, "observer": self.metrics, "pacer": self.pacer}
+        if cfg.dicomweb is not None:
+            return dicomweb.retrieve(
+                cfg.dicomweb, items, spool_dir=cfg.spool_dir, workers=cfg.workers, fsync=cfg.fsync, **common
+            )
+        retrieving = {
+            "workers": cfg.workers,
+            "processes": cfg.processes,
+            "max_studies_per_request": cfg.studies_per_request,
+            "transport": cfg.transport,
+        }
+        if cfg.method == "get":
+            return retrieve(
+                cfg.pacs,
+                items,
+                method="get",
+                spool_dir=cfg.spool_dir,
+                fsync=cfg.fsync,
+                **retrieving,
+                **common,
+            )
+        if self._scp is None:
+            # Only the PACS we query may push to us: anything else is refused and logged by the SCP. With
+            # several processes each listens on the same port, and the kernel spreads the PACS's associations.
+            self._scp = StorageSCP(
+                cfg.spool_dir,
+                cfg.pacs.move_destination or cfg.pacs.calling_aet,
+                cfg.scp_port,
+                [cfg.pacs.called_aet],
+                cfg.scp_host,
+                share_port=cfg.processes > 1,
+                fsync=cfg.fsync,
+                transport=cfg.transport,
+            )
+            self._scp.start()
+        return retrieve(cfg.pacs, items, method="move", scp=self._scp, **retrieving, **common)
 
 
 def format_incomplete(table: pd.DataFrame, ledger_path: Path, shown: int = 20) -> str:

@@ -443,3 +443,34 @@ def test_a_pacs_restarted_mid_pull_loses_and_duplicates_nothing(
     ledger = read_ledger(cfg.ledger_path)
     assert len(ledger) == ledger["sop_instance_uid"].nunique() == len(uids)
     assert set(ledger["state"]) == {"stored"} and set(ledger["study_state"]) == {"complete"}
+
+
+def test_planning_runs_ahead_of_the_retrieval_in_chunks(pacs, tmp_path: Path, monkeypatch) -> None:
+    """The first retrieval starts before the last study is searched: each later chunk's plan is made
+    while the chunk before it is retrieved."""
+    import ingest.pull
+
+    _, _, uids = pacs
+    monkeypatch.setattr(ingest.pull, "PLAN_AHEAD", 5)
+    retrieving = threading.Event()
+    planned_while_retrieving: list[bool] = []
+    plan_retrieval, retrieve = ingest.pull.plan_retrieval, ingest.pull.retrieve
+
+    def plan_spy(*args, **kwargs):
+        if planned_while_retrieving or retrieving.is_set():
+            planned_while_retrieving.append(retrieving.wait(timeout=10))
+        else:
+            planned_while_retrieving.append(False)  # the first chunk: nothing to overlap yet
+        return plan_retrieval(*args, **kwargs)
+
+    def retrieve_spy(*args, **kwargs):
+        retrieving.set()
+        return retrieve(*args, **kwargs)
+
+    monkeypatch.setattr(ingest.pull, "plan_retrieval", plan_spy)
+    monkeypatch.setattr(ingest.pull, "retrieve", retrieve_spy)
+    cfg = config(pacs, tmp_path / "work", "get")
+    result = pull(cfg, id_salt="s", scheduler="sync", progress=False)
+    assert result.ok and result.planned_instances == len(uids) and spooled_uids(cfg.spool_dir) == uids
+    assert planned_while_retrieving == [False] + [True] * 4, "5 chunks of 5 studies, 4 planned ahead"
+    assert set(read_ledger(cfg.ledger_path)["study_state"]) == {"complete"}

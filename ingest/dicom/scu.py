@@ -917,6 +917,12 @@ class RetrieveSummary:
     def ok(self) -> bool:
         return not self.failures and self.failed == 0
 
+    def add(self, other: RetrieveSummary) -> None:
+        """Count ``other`` (a later retrieve of the same pull) in."""
+        for name in ("requested", "completed", "failed", "warning", "already_present", "bytes", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.failures.extend(other.failures)
+
     @property
     def images_per_s(self) -> float:
         return self.completed / self.seconds if self.seconds > 0 else 0.0
