@@ -219,9 +219,37 @@ def text_mask(doc: dict) -> str:
     )
 
 
+def decode_agreement(doc: dict) -> str:
+    r = doc["results"]
+    rows = [
+        ["samples (JPEG 2000 among them)", f"{r['samples']} ({r['jpeg2000_samples']})"],
+        ["same label, all samples", f"{100 * r['same_label']:.1f}%"],
+        ["same label, JPEG 2000 samples", f"{100 * r['same_label_jpeg2000']:.1f}%"],
+        ["model inputs' mean absolute difference, JPEG 2000", f"{r['input_mad_jpeg2000']:.2f} grey levels"],
+    ]
+    return f"{r['granularity']}-class view model `{r['checkpoint']}`, the `{r['split']}` split.\n\n" + table(
+        ["measure", "value"], rows
+    )
+
+
+def bone_age_rejection(doc: dict) -> str:
+    r = doc["results"]
+    rows = [
+        [f"{100 * x['rejected']:.0f}%", x["kept"], f"{x['mae_kept']:.1f}", f"{x['sd_threshold']:.1f}"]
+        for x in r["curve"]
+    ]
+    return (
+        f"`{r['checkpoint']}`, {r['images']} test images, {r['tta']} test-time views; correlation of the "
+        f"SD with the absolute error r = {r['sd_error_correlation']:.2f}.\n\n"
+        + table(["declined", "kept", "MAE of those kept (months)", "declined above SD (months)"], rows)
+    )
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
+    "bone_age_rejection": bone_age_rejection,
     "catalog_scale": catalog_scale,
     "cluster_scaling": cluster_scaling,
+    "decode_agreement": decode_agreement,
     "decode_levels": decode_levels,
     "preprocess_throughput": preprocess_throughput,
     "retrieval_throughput": retrieval_throughput,

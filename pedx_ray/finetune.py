@@ -211,7 +211,10 @@ def resolve_finetune_config(*layers: dict[str, Any], base: FinetuneConfig | None
     """Apply ``layers`` in order over ``base`` (defaults when None); later layers win, None means unset."""
     merged = (base or FinetuneConfig()).to_dict()
     for layer in layers:
-        merged |= {k: v for k, v in layer.items() if v is not None}
+        given = {k: v for k, v in layer.items() if v is not None}
+        if given.get("task", merged["task"]) != merged["task"] and "head" not in given:
+            merged["head"] = ""  # the earlier task's default head: the new task gets its own
+        merged |= given
     return FinetuneConfig.from_dict(merged)
 
 

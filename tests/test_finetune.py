@@ -26,6 +26,7 @@ from pedx_ray.finetune import (
     load_finetune_config,
     load_finetuned,
     predict,
+    resolve_finetune_config,
     roc_auc,
     run_finetuning,
 )
@@ -139,6 +140,12 @@ def test_config_validates_and_resolves_yaml_below_flags(tmp_path):
     with pytest.raises(ConfigError, match="phantom:DIR"):
         FinetuneConfig(data="somewhere")
     assert FinetuneConfig(task="fracture").head == "binary"
+    # A later layer that switches the task (a sweep's --set task=fracture over a bone-age YAML) gets
+    # that task's default head, unless it names one.
+    assert resolve_finetune_config({"task": "bone_age"}, {"task": "fracture"}).head == "binary"
+    assert resolve_finetune_config({"task": "fracture"}, {"epochs": 9}).head == "binary"
+    with pytest.raises(ConfigError, match="does not fit task 'fracture'"):
+        resolve_finetune_config({"task": "fracture", "head": "regression"})
     recipe = tmp_path / "wouters.yaml"
     recipe.write_text("backbone: tiny_cnn\nimage_size: 64\nlr: 0.001\nepochs: 3\nwarmup_epochs: 1\n")
     assert load_finetune_config(recipe).recipe == "wouters"
