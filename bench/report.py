@@ -240,7 +240,8 @@ def bone_age_rejection(doc: dict) -> str:
     ]
     return (
         f"`{r['checkpoint']}`, {r['images']} test images, {r['tta']} test-time views; correlation of the "
-        f"SD with the absolute error r = {r['sd_error_correlation']:.2f}.\n\n"
+        f"SD with the absolute error r = {r['sd_error_correlation']:.2f}; MAE of the same model's "
+        f"single-view answers {r['mae_single_view']:.1f} months.\n\n"
         + table(["declined", "kept", "MAE of those kept (months)", "declined above SD (months)"], rows)
     )
 
