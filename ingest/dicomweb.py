@@ -220,6 +220,8 @@ def _get(
                 chunks = _body_chunks(response, deadline, total_timeout)
                 if consume is not None and response.status_code < 400:
                     consume(response, chunks)
+                    for _ in chunks:
+                        pass  # the epilogue: read to the end, or urllib3 drops the keep-alive connection
                     body = b""
                 else:
                     body = b"".join(chunks)

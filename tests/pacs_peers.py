@@ -77,7 +77,9 @@ class DicomwebPeer:
     answers (None: never) it drops every connection unanswered, as a PACS going down mid-pull.
     ``token`` is the bearer token
     it requires (None: any). ``requests`` counts what it was asked, ``authorizations`` keeps the
-    Authorization headers it saw.
+    Authorization headers it saw, ``connections`` counts the TCP connections it accepted. Its
+    multipart answers are chunked and end with an epilogue after the close delimiter, as RFC 2046
+    allows.
     """
 
     def __init__(self, files, token: str | None = None) -> None:
@@ -98,6 +100,7 @@ class DicomwebPeer:
         self.down_after: int | None = None
         self.requests: list[str] = []
         self.authorizations: list[str] = []
+        self.connections = 0
         peer = self
 
         class Handler(_DicomwebHandler):
@@ -146,6 +149,10 @@ class _DicomwebHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:  # keep the test output clean
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.server_peer.connections += 1
 
     def do_GET(self) -> None:
         peer = self.server_peer
@@ -198,12 +205,25 @@ class _DicomwebHandler(BaseHTTPRequestHandler):
             f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
             for data in selected
         )
-        body += f"--{boundary}--\r\n".encode()
+        body += f"--{boundary}--\r\nthe epilogue, which a client skips\r\n".encode()
         content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
         if peer.stall > 0:
             peer.stall -= 1
             return self._send(200, body, content_type, stall_s=peer.stall_s)
-        self._send(200, body, content_type)
+        self._send_chunked(body, content_type)
+
+    def _send_chunked(self, body: bytes, content_type: str) -> None:
+        """A 200 in chunked transfer coding, as cloud DICOMweb services stream their answers: one
+        chunk per 64 kB, then the last (empty) chunk."""
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for start in range(0, len(body), 1 << 16):
+            piece = body[start : start + (1 << 16)]
+            self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
 
     def _send(
         self, code: int, body: bytes, content_type: str, headers: dict | None = None, stall_s: float = 0

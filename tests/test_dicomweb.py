@@ -263,6 +263,19 @@ def test_dicomweb_pull_keeps_to_the_rate_limit(study_files, tmp_path: Path) -> N
     assert json.loads((tmp_path / "pull-config.json").read_text())["max_rate"] == 20
 
 
+def test_wado_answers_are_read_to_the_end_so_one_connection_serves_every_study(study_files, tmp_path) -> None:
+    with DicomwebPeer(study_files) as peer:
+        cfg = DicomwebConfig(peer.url, retries=0)
+        items = dicomweb.plan_retrieval(
+            cfg, tmp_path, [s["StudyInstanceUID"] for s in dicomweb.find_studies(cfg)]
+        )
+        before = peer.connections
+        summary = dicomweb.retrieve(cfg, items, spool_dir=tmp_path, workers=1, progress=False)
+        used = peer.connections - before
+    assert summary.ok and summary.completed == 12
+    assert used == 1, f"6 study answers over {used} connections: keep-alive lost"
+
+
 @pytest.mark.slow
 def test_a_wado_answer_that_stalls_is_cut_at_the_retrieve_timeout_and_retried(study_files, tmp_path) -> None:
     with DicomwebPeer(study_files) as peer:
