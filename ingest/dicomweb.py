@@ -45,6 +45,7 @@ from tqdm import tqdm
 from ingest.dicom.scp import (
     STATUS_SUCCESS,
     StoreCounts,
+    present_in_spool,
     remove_stale_parts,
     spool_path,
     spooled_uids,
@@ -59,6 +60,7 @@ from ingest.dicom.scu import (
     RetrieveObserver,
     RetrieveSummary,
     StudyWindow,
+    plan_study,
     search_by_date_windows,
 )
 from ingest.dicom.upper_layer import ReceivedInstance
@@ -362,14 +364,16 @@ def plan_retrieval(
     promised: dict[str, list[dict]] | None = None,
     observer: RetrieveObserver | None = None,
     progress: bool = False,
+    present: set[str] | None = None,
 ) -> list[RetrieveItem]:
     """What to retrieve for ``study_uids``, found by QIDO-RS, with spooled instances left out.
 
     A study with nothing in the spool becomes one STUDY-level item listing its instances; a partly
-    spooled study one IMAGE-level item per series with its missing instances. ``promised``, when
-    given, receives every study's instances (spooled or not) for the ledger.
+    spooled study one IMAGE-level item per series with its missing instances
+    (``ingest.dicom.scu.plan_study``). ``promised``, when given, receives every study's instances
+    (spooled or not) for the ledger; ``present`` is the spool's UIDs when the caller has them.
     """
-    present = spooled_uids(spool_dir)
+    present = spooled_uids(spool_dir) if present is None else present
     study_uids = list(study_uids)
     local = threading.local()
     sessions: list[requests.Session] = []
@@ -394,7 +398,7 @@ def plan_retrieval(
                     observer.on_found(len(instances))
                 if promised is not None:
                     promised[study_uid] = instances
-                plan.extend(_items_for(study_uid, instances, present))
+                plan.extend(plan_study(study_uid, instances, present))
     finally:
         for session in sessions:
             session.close()
@@ -405,23 +409,6 @@ def plan_retrieval(
         len(study_uids),
     )
     return plan
-
-
-def _items_for(study_uid: str, instances: list[dict], present: set[str]) -> list[RetrieveItem]:
-    def classes(found: Iterable[dict]) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(i["SOPClassUID"] for i in found if i["SOPClassUID"]))
-
-    if instances and not any(i["SOPInstanceUID"] in present for i in instances):
-        uids = tuple(i["SOPInstanceUID"] for i in instances)
-        return [RetrieveItem(study_uid, None, uids, classes(instances))]
-    by_series: dict[str, list[dict]] = {}
-    for instance in instances:
-        if instance["SOPInstanceUID"] not in present:
-            by_series.setdefault(instance["SeriesInstanceUID"], []).append(instance)
-    return [
-        RetrieveItem(study_uid, series, tuple(i["SOPInstanceUID"] for i in found), classes(found))
-        for series, found in by_series.items()
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -656,6 +643,7 @@ def retrieve(
     progress: bool = True,
     observer: RetrieveObserver | None = None,
     pacer: Pacer | None = None,
+    clean_spool: bool = True,
 ) -> RetrieveSummary:
     """Fetch ``items`` by WADO-RS into ``spool_dir`` over ``workers`` keep-alive connections.
 
@@ -663,17 +651,19 @@ def retrieve(
     every listed instance still missing after the retries is counted as failed, and its item,
     narrowed to what is missing, is in ``failures`` with the last reason. ``pacer``
     (``ingest.polite``) is asked before every WADO-RS request: the pull's window and rate limit.
+    ``clean_spool=False`` leaves a killed process's temp files for the caller to remove.
     """
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: use 1 or more parallel HTTP connections")
     spool = Path(spool_dir)
     spool.mkdir(parents=True, exist_ok=True)
-    remove_stale_parts(spool)
+    if clean_spool:
+        remove_stale_parts(spool)
     summary = RetrieveSummary()
     started = time.monotonic()
-    present = spooled_uids(spool)
     wanted: list[RetrieveItem] = []
     for item in items:
+        present = present_in_spool(spool, item.sop_instance_uids)
         missing = tuple(uid for uid in item.sop_instance_uids if uid not in present)
         summary.already_present += len(item.sop_instance_uids) - len(missing)
         summary.requested += len(item.sop_instance_uids) - len(missing)

@@ -51,6 +51,7 @@ from ingest.dicom.scp import (
     TRANSPORTS,
     StorageSCP,
     check_transport,
+    remove_stale_parts,
     setup_cli_logging,
     spooled_uids,
 )
@@ -223,7 +224,9 @@ def pull(
             relational=cfg.relational_find,
             expected_instances={s["StudyInstanceUID"]: s["NumberOfStudyRelatedInstances"] for s in found},
         )
-    known = {} if cfg.requery_complete else completed_studies(cfg.ledger_path, spooled_uids(cfg.spool_dir))
+    remove_stale_parts(cfg.spool_dir)  # once: the chunks' retrievals below leave it alone
+    present = spooled_uids(cfg.spool_dir)  # listed once; each chunk's plan leaves these out
+    known = {} if cfg.requery_complete else completed_studies(cfg.ledger_path, present)
     promised.update((uid, known[uid]) for uid in studies if uid in known)
     to_search = [uid for uid in studies if uid not in known]
     if promised:
@@ -240,7 +243,7 @@ def pull(
     # Planning is pipelined with retrieval: the next PLAN_AHEAD studies are searched while the
     # retrieval of the ones before runs, so the first retrieval does not wait for a million searches.
     chunks = [to_search[start : start + PLAN_AHEAD] for start in range(0, len(to_search), PLAN_AHEAD)]
-    search_options = {"workers": cfg.workers, "promised": promised, "observer": metrics}
+    search_options = {"workers": cfg.workers, "promised": promised, "observer": metrics, "present": present}
     planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan-ahead")
     try:
         with _Retriever(cfg, metrics, progress, pacer if pacer.active else None) as retriever:
@@ -329,7 +332,13 @@ class _Retriever:
         self.summary.add(self._retrieve(items))
 
     def _retrieve(self, items) -> RetrieveSummary:
-        cfg, common = self.cfg, {"progress": self.progress, "observer": self.metrics, "pacer": self.pacer}
+        cfg = self.cfg
+        common = {
+            "progress": self.progress,
+            "observer": self.metrics,
+            "pacer": self.pacer,
+            "clean_spool": False,
+        }
         if cfg.dicomweb is not None:
             return dicomweb.retrieve(
                 cfg.dicomweb, items, spool_dir=cfg.spool_dir, workers=cfg.workers, fsync=cfg.fsync, **common

@@ -447,7 +447,7 @@ def test_a_pacs_restarted_mid_pull_loses_and_duplicates_nothing(
 
 def test_planning_runs_ahead_of_the_retrieval_in_chunks(pacs, tmp_path: Path, monkeypatch) -> None:
     """The first retrieval starts before the last study is searched: each later chunk's plan is made
-    while the chunk before it is retrieved."""
+    while the chunk before it is retrieved, and no chunk lists the whole spool again."""
     import ingest.pull
 
     _, _, uids = pacs
@@ -469,6 +469,11 @@ def test_planning_runs_ahead_of_the_retrieval_in_chunks(pacs, tmp_path: Path, mo
 
     monkeypatch.setattr(ingest.pull, "plan_retrieval", plan_spy)
     monkeypatch.setattr(ingest.pull, "retrieve", retrieve_spy)
+
+    def no_listing(spool):
+        raise AssertionError("a chunk listed the whole spool: the pull lists it once, up front")
+
+    monkeypatch.setattr(scu, "spooled_uids", no_listing)
     cfg = config(pacs, tmp_path / "work", "get")
     result = pull(cfg, id_salt="s", scheduler="sync", progress=False)
     assert result.ok and result.planned_instances == len(uids) and spooled_uids(cfg.spool_dir) == uids

@@ -154,6 +154,11 @@ def spooled_uids(spool_dir: str | os.PathLike) -> set[str]:
     return {path.name.removesuffix(".dcm") for path in root.glob("??/[0-9]*.dcm")}
 
 
+def present_in_spool(spool_dir: str | os.PathLike, uids: Iterable[str]) -> set[str]:
+    """Which of ``uids`` are complete in the spool: one stat each, where ``spooled_uids`` lists it all."""
+    return {uid for uid in uids if spool_path(spool_dir, uid).exists()}
+
+
 def remove_stale_parts(spool_dir: str | os.PathLike, older_than_s: float = STALE_PART_AGE_S) -> int:
     """Delete the temp files (``.*.part``) a killed process left in the spool; how many went.
 

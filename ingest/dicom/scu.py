@@ -75,6 +75,7 @@ from ingest.dicom.scp import (
     StorageSCP,
     StoreCounts,
     check_transport,
+    present_in_spool,
     remove_stale_parts,
     setup_cli_logging,
     spool_path,
@@ -209,11 +210,6 @@ class RetrieveObserver(Protocol):
 
 # ---------------------------------------------------------------------------------------------------
 # Associations and retries
-
-
-def _present_in_spool(spool_dir: Path, uids: Iterable[str]) -> set[str]:
-    """Which of ``uids`` are complete in the spool (cheaper than listing the whole spool)."""
-    return {uid for uid in uids if spool_path(spool_dir, uid).exists()}
 
 
 def _make_ae(cfg: PacsConfig) -> AE:
@@ -1019,7 +1015,7 @@ class _Retriever:
             self.observer.on_failed(outcome.error)
 
     def _missing(self, item: RetrieveItem) -> tuple[str, ...]:
-        present = _present_in_spool(self.spool_dir, item.sop_instance_uids)
+        present = present_in_spool(self.spool_dir, item.sop_instance_uids)
         return tuple(uid for uid in item.sop_instance_uids if uid not in present)
 
     def _retrieve_study_list(self, conn: _Connection, batch: list[RetrieveItem]) -> list[RetrieveItem]:
@@ -1202,6 +1198,7 @@ def retrieve(
     fsync: bool = True,
     transport: str = DEFAULT_TRANSPORT,
     pacer: Pacer | None = None,
+    clean_spool: bool = True,
 ) -> RetrieveSummary:
     """Retrieve ``items`` by C-MOVE (into the running ``scp``) or C-GET (into ``spool_dir``).
 
@@ -1231,7 +1228,9 @@ def retrieve(
     never sends a list.
 
     ``pacer`` (``ingest.polite``) is asked before each request is handed to an association: outside
-    its window no request starts, and requests are spaced to its instance rate.
+    its window no request starts, and requests are spaced to its instance rate. ``clean_spool=False``
+    skips removing a killed process's temp files from a C-GET spool (a caller retrieving chunk after
+    chunk does it once).
     """
     if method not in ("move", "get"):
         raise ValueError(f"method={method!r}: use 'move' (PACS pushes to our Storage SCP) or 'get'")
@@ -1266,16 +1265,18 @@ def retrieve(
         destination = None
         spool = Path(spool_dir) if spool_dir is not None else scp.spool_dir
         spool.mkdir(parents=True, exist_ok=True)
-        remove_stale_parts(spool)  # StorageSCP.start() does it for C-MOVE
+        if clean_spool:
+            remove_stale_parts(spool)  # StorageSCP.start() does it for C-MOVE
         counts = StoreCounts()
     sop_classes = _get_sop_classes(items) if method == "get" else ()
 
     summary = RetrieveSummary()
     started = time.monotonic()
-    present = spooled_uids(spool) if any(item.sop_instance_uids for item in items) else set()
     wanted: list[RetrieveItem] = []
     for item in items:
         if item.sop_instance_uids:
+            # One stat per listed instance: a pull retrieving chunk after chunk never lists the spool.
+            present = present_in_spool(spool, item.sop_instance_uids)
             missing = tuple(uid for uid in item.sop_instance_uids if uid not in present)
             summary.already_present += len(item.sop_instance_uids) - len(missing)
             summary.requested += len(item.sop_instance_uids) - len(missing)
@@ -1667,6 +1668,7 @@ def plan_retrieval(
     relational: bool = False,
     studies_per_query: int = 50,
     expected_instances: Mapping[str, int | None] | None = None,
+    present: set[str] | None = None,
 ) -> list[RetrieveItem]:
     """What to retrieve for ``study_uids``, found by C-FIND, with spooled instances left out.
 
@@ -1684,6 +1686,7 @@ def plan_retrieval(
     and dcm4chee answer). A study that answer leaves empty, or short of its
     ``expected_instances`` (NumberOfStudyRelatedInstances from the study search), is searched
     hierarchically, so a PACS that answers relational queries wrongly costs time, not instances.
+    ``present`` is the spool's UIDs when the caller has listed them already (``spooled_uids``).
     """
     if max_instances_per_item < 1:
         raise ValueError(f"max_instances_per_item={max_instances_per_item!r} must be >= 1")
@@ -1691,7 +1694,7 @@ def plan_retrieval(
         raise ValueError(f"workers={workers!r} must be >= 1")
     if not 1 <= studies_per_query <= 1000:
         raise ValueError(f"studies_per_query={studies_per_query!r}: use 1..1000")
-    present = spooled_uids(spool_dir)
+    present = spooled_uids(spool_dir) if present is None else present
     plan: list[RetrieveItem] = []
     study_uids = list(study_uids)
     for uid in study_uids:
@@ -1742,7 +1745,7 @@ def plan_retrieval(
                     if observer is not None:
                         observer.on_found(len(instances))
                     plan.extend(
-                        _plan_study(study_uid, by_series, present, whole_studies, max_instances_per_item)
+                        plan_study(study_uid, instances, present, whole_studies, max_instances_per_item)
                     )
     finally:
         for conn in connections:
@@ -1784,20 +1787,25 @@ def _find_instances_of_studies(conn: _Connection, study_uids: list[str]) -> dict
     return found
 
 
-def _plan_study(
+def plan_study(
     study_uid: str,
-    by_series: Mapping[str, list[dict]],
+    instances: Sequence[dict],
     present: set[str],
-    whole_studies: bool,
-    max_instances_per_item: int,
+    whole_studies: bool = True,
+    max_instances_per_item: int = 100,
 ) -> list[RetrieveItem]:
-    instances = [instance for found in by_series.values() for instance in found]
+    """The retrieve items for one study's ``instances`` (dicts keyed by INSTANCE_KEYS, from C-FIND or
+    QIDO-RS) that are not ``present``: the whole study when none is (and ``whole_studies``),
+    otherwise one IMAGE-level item per series and ``max_instances_per_item`` missing instances."""
     if whole_studies and instances and not any(i["SOPInstanceUID"] in present for i in instances):
         uids = tuple(i["SOPInstanceUID"] for i in instances)
         return [RetrieveItem(study_uid, None, uids, _sop_classes(instances))]
+    by_series: dict[str, list[dict]] = {}
+    for instance in instances:
+        if instance["SOPInstanceUID"] not in present:
+            by_series.setdefault(instance["SeriesInstanceUID"], []).append(instance)
     items = []
-    for series_uid, found in by_series.items():
-        missing = [i for i in found if i["SOPInstanceUID"] not in present]
+    for series_uid, missing in by_series.items():
         for start in range(0, len(missing), max_instances_per_item):
             chunk = missing[start : start + max_instances_per_item]
             uids = tuple(i["SOPInstanceUID"] for i in chunk)
