@@ -24,6 +24,7 @@ import yaml
 
 from deploy.gate import DEFAULT_GATE_VIEWS
 from ingest import storage
+from pedx_ray.augment import DEFAULT_TTA_VIEWS, MAX_TTA_VIEWS
 from pedx_ray.config import ConfigError, read_yaml
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
@@ -34,7 +35,6 @@ VIEW_MODELS = {"view_7": 7, "view_30": 30, "view_68": 68}
 TASK_MODELS = ("bone_age", "fracture")
 MODEL_FIELDS = (*VIEW_MODELS, *TASK_MODELS)
 DEVICES = ("auto", "cpu", "cuda")
-MAX_TTA_VIEWS = 8
 
 
 class SettingsError(ValueError):
@@ -62,7 +62,7 @@ class ServeSettings:
     )
     # Bone-age uncertainty: test-time augmentation views per image (identity, flip, small shifts; 1 = off)
     # and the largest standard deviation answered (0 = always answer; above it: 422 low_confidence).
-    bone_age_tta: int = 4
+    bone_age_tta: int = DEFAULT_TTA_VIEWS
     bone_age_max_sd_months: float = 0.0
     # Inference
     max_batch_size: int = 16  # 1 turns dynamic batching off

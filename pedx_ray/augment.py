@@ -49,19 +49,27 @@ def augment_images(transform: A.Compose, images: np.ndarray, keys, *, seed: int,
     return out
 
 
+# Test-time views as (row shift, column shift) in units of ~2% of the side, and whether flipped.
+_TTA_VIEWS = ((0, 0, False), (0, 0, True), (1, 1, False), (-1, -1, False), (1, -1, False), (-1, 1, False))
+_TTA_VIEWS += ((1, 1, True), (-1, -1, True))
+MAX_TTA_VIEWS = len(_TTA_VIEWS)
+DEFAULT_TTA_VIEWS = 4  # what Serve (bone_age_tta) and site recalibration average over unless told
+
+
 def tta_views(images: np.ndarray, views: int) -> np.ndarray:
     """(N·views, S, S): test-time augmentation, each image as is, flipped, and shifted by ~2% diagonally
     (transforms the training augmentation also applies).
 
     The first ``views`` of: identity, horizontal flip, shift (+d, +d), (-d, -d), (+d, -d), (-d, +d), and
     the flip shifted (+d, +d), (-d, -d); grouped per image, so a reshape (N, views) undoes it."""
+    if not 1 <= views <= MAX_TTA_VIEWS:
+        raise ValueError(f"views={views}: use 1 (the image alone) to {MAX_TTA_VIEWS}")
     size = images.shape[-1]
     d = max(1, round(0.02 * size))
-    shifts = [(0, 0, False), (0, 0, True), (d, d, False), (-d, -d, False), (d, -d, False), (-d, d, False)]
-    shifts += [(d, d, True), (-d, -d, True)]
     out = []
     for image in images:
-        for dy, dx, flip in shifts[:views]:
+        for sy, sx, flip in _TTA_VIEWS[:views]:
+            dy, dx = sy * d, sx * d
             view = image[:, ::-1] if flip else image
             matrix = np.float32([[1, 0, dx], [0, 1, dy]])
             out.append(cv2.warpAffine(np.ascontiguousarray(view), matrix, (size, size)) if dx or dy else view)

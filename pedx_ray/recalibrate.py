@@ -27,12 +27,11 @@ import torch
 
 from ingest import storage
 from ingest.files import write_json_atomic
+from pedx_ray.augment import DEFAULT_TTA_VIEWS, MAX_TTA_VIEWS
 
 RECALIBRATION_FILE = "recalibration.json"
 MIN_IMAGES = 10
 ADVISED_IMAGES = 50
-DEFAULT_TTA = 4  # deploy.settings.ServeSettings.bone_age_tta's default
-MAX_TTA_VIEWS = 8  # the views pedx_ray.augment.tta_views defines
 
 
 class RecalibrationError(ValueError):
@@ -99,7 +98,7 @@ def local_table(data: str, images: str, labels: str):
 
 
 def score_local_set(
-    checkpoint: Path, data: str, images: str, labels: str, cache_dir: str, tta: int = DEFAULT_TTA
+    checkpoint: Path, data: str, images: str, labels: str, cache_dir: str, tta: int = DEFAULT_TTA_VIEWS
 ) -> tuple[np.ndarray, np.ndarray]:
     """(predicted months, true months) of every image of the local set, preprocessed as fine-tuning did
     and averaged over ``tta`` test-time views as Serve predicts (its ``bone_age_tta``)."""
@@ -153,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tta",
         type=int,
-        default=DEFAULT_TTA,
-        help=f"test-time views per image, as Serve's bone_age_tta (default {DEFAULT_TTA})",
+        default=DEFAULT_TTA_VIEWS,
+        help=f"test-time views per image, as Serve's bone_age_tta (default {DEFAULT_TTA_VIEWS})",
     )
     args = parser.parse_args(argv)
     if not 1 <= args.tta <= MAX_TTA_VIEWS:
