@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from pedx_ray.cluster.connect import connect_ray
-from pedx_ray.config import PretrainConfig
+from pedx_ray.config import ARCHITECTURES, PretrainConfig
 from pedx_ray.data import build_datasets, check_manifest, read_manifest, to_model_input, train_batches
 from pedx_ray.models import build_model
 
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="read each train shard N times per epoch: epochs long enough at GPU speed from a small set",
     )
-    parser.add_argument("--arch", choices=("inception_v3", "tiny_cnn"), default="inception_v3")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="inception_v3")
     parser.add_argument("--image-size", type=int, default=128, help="shards are resized to it on decode")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)

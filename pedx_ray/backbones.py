@@ -447,7 +447,7 @@ def age_bin_to_months(bins: Sequence[int] | np.ndarray, n_bins: int) -> np.ndarr
 # --- Recipes ---------------------------------------------------------------------------------------
 
 # The architectures pretraining writes checkpoints for (pedx_ray.config.ARCHITECTURES).
-PEDXNET_BACKBONES = ("inception_v3", "tiny_cnn")
+PEDXNET_BACKBONES = ("inception_v3", "resnet18", "tiny_cnn")
 TASKS = ("bone_age", "fracture")
 HEADS = ("regression_sex", "binary", "tjnet", "age_bins")
 TASK_OF_HEAD = {

@@ -17,7 +17,7 @@ import yaml
 from pedx_ray.faults import FAULT_ENV
 
 GRANULARITIES = (7, 30, 68)
-ARCHITECTURES = ("inception_v3", "tiny_cnn")
+ARCHITECTURES = ("inception_v3", "resnet18", "tiny_cnn")
 # InceptionV3's stem and reductions shrink 75 px to 1×1; anything smaller fails inside the network.
 MIN_INCEPTION_SIZE = 75
 
@@ -71,7 +71,7 @@ class PretrainConfig:
     classes: tuple[str, ...] = ()  # filled from the shard manifest; checkpoints keep them in order
     verify_checksums: bool = True
     # Model
-    arch: str = "inception_v3"  # "tiny_cnn" is a small CNN for fast tests only, not the paper's model
+    arch: str = "inception_v3"  # the paper's; resnet18 for short CPU runs; tiny_cnn for fast tests only
     dropout: float = 0.5
     # Optimisation (the paper's recipe)
     epochs: int = 100

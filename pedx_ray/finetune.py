@@ -195,7 +195,7 @@ def _known_backbones() -> tuple[str, ...]:
     try:
         from pedx_ray.backbones import BACKBONES
     except ImportError:
-        return ("inception_v3", "tiny_cnn")
+        return ("inception_v3", "resnet18", "tiny_cnn")
     return BACKBONES
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models.inception import BasicConv2d, Inception3
+from torchvision.models.resnet import BasicBlock, ResNet
 
 from ingest import storage
 from ingest.files import replacing, write_json_atomic
@@ -78,6 +79,29 @@ class PedXInception(Inception3):
         return self.forward_head(self.forward_features(x))
 
 
+class PedXResNet18(ResNet):
+    """ResNet-18 with a 1-channel stem and dropout before the classifier: a faster PedXnet than InceptionV3
+    (about 2× the images/s on a CPU) for small data and short runs; its state_dict keys are torchvision's,
+    so fine-tuning's ``resnet18`` backbone loads it."""
+
+    def __init__(self, num_classes: int, dropout: float = 0.5) -> None:
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+        self.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        xavier_init(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"):
+            x = getattr(self, name)(x)
+        return torch.flatten(x, 1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 class TinyCNN(nn.Module):
     """Four conv blocks to a 2048-d feature: the same interface at ~1% of the cost, for fast tests only."""
 
@@ -120,7 +144,7 @@ def xavier_init(model: nn.Module) -> None:
 
 def build_model(config: PretrainConfig) -> nn.Module:
     """The network the config describes, freshly initialised, head sized to the granularity."""
-    architectures = {"inception_v3": PedXInception, "tiny_cnn": TinyCNN}
+    architectures = {"inception_v3": PedXInception, "resnet18": PedXResNet18, "tiny_cnn": TinyCNN}
     return architectures[config.arch](num_classes=config.granularity, dropout=config.dropout)
 
 

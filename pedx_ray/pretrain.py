@@ -28,6 +28,7 @@ import torch
 from ingest import storage
 from pedx_ray.cluster.connect import connect_ray, train_job_configs
 from pedx_ray.config import (
+    ARCHITECTURES,
     GRANULARITIES,
     ConfigError,
     PretrainConfig,
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--warmup-epochs", type=int)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--arch", choices=("inception_v3", "tiny_cnn"))
+    parser.add_argument("--arch", choices=ARCHITECTURES)
     parser.add_argument("--max-failures", type=int)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)

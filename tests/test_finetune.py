@@ -78,6 +78,21 @@ def test_pedxnet_transfer_changes_the_features_scratch_does_not_load_anything(pe
         assert not torch.allclose(scratch.eval().forward_features(x), upstream.forward_features(x))
 
 
+def test_resnet18_pedxnet_gives_finetuning_its_whole_backbone(tmp_path):
+    """The demo pretrains a ResNet-18 (configs/pretrain_smoke.yaml); fine-tuning's resnet18 backbone
+    must take every tensor of it but the view classifier, so the features match the upstream model's."""
+    config = PretrainConfig(arch="resnet18", image_size=64, classes=tuple("ABCDEFG"))
+    torch.manual_seed(2)
+    upstream = build_model(config)
+    checkpoint = save_checkpoint(tmp_path / "best", upstream, config, {"epoch": 1})
+    model = build_task_model(tiny(backbone="resnet18"))
+    report = initialize(model, f"pedxnet:{checkpoint}", "resnet18")
+    assert set(report.skipped) == {"fc.weight", "fc.bias"} and report.missing == []
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().forward_features(x), upstream.eval().forward_features(x))
+
+
 def test_pedxnet_checkpoint_of_another_architecture_is_refused(pedxnet_checkpoint, tmp_path):
     with pytest.raises(InitError, match="holds a tiny_cnn but the run's backbone is inception_v3"):
         initialize(

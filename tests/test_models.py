@@ -37,6 +37,23 @@ def test_inception_takes_one_channel_and_sizes_the_head_to_the_granularity(granu
     torch.testing.assert_close(model.forward_head(features), logits)
 
 
+def test_resnet18_takes_one_channel_and_round_trips_through_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    classes = tuple(f"c{i}" for i in range(30))
+    config = PretrainConfig(arch="resnet18", granularity=30, image_size=64, classes=classes)
+    model = build_model(config).eval()
+    assert model.conv1.in_channels == 1
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(features), model(x))
+        assert model(x).shape == (2, 30)
+        save_checkpoint(tmp_path, model, config, {})
+        reloaded, reloaded_config = load_checkpoint(tmp_path)
+        torch.testing.assert_close(reloaded.eval()(x), model(x))
+    assert reloaded_config.arch == "resnet18"
+
+
 def test_weights_are_xavier_uniform_with_zero_bias():
     torch.manual_seed(0)
     model = build_model(PretrainConfig(image_size=96))

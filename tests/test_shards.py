@@ -17,7 +17,14 @@ from factories import radiograph, write
 from ingest.dataset.balance import BalanceConfig
 from ingest.dataset.catalog import read_catalog, scan
 from ingest.dataset.deid import pseudonymise_rows
-from ingest.dataset.shards import MANIFEST_FORMAT, RECORD_VERSION, ShardError, main, write_shards
+from ingest.dataset.shards import (
+    MANIFEST_FORMAT,
+    RECORD_VERSION,
+    ShardError,
+    main,
+    spread_classes,
+    write_shards,
+)
 from ingest.dataset.taxonomy import load_taxonomy
 from ingest.imaging.preprocess import PreprocessParams
 
@@ -260,3 +267,16 @@ def test_a_shard_set_written_to_object_storage_is_verified_and_completed_on_reru
     assert repaired["skipped_shards"] == len(first["shards"]) - 2 and repaired["shards"] == first["shards"]
     assert storage.read_bytes(f"{remote}/{damaged}") == (tmp_path / "s7" / damaged).read_bytes()
     assert not [name for name in storage.list_files(remote) if ".partial" in name], "no temporary keys left"
+
+
+def test_short_classes_are_spread_over_the_whole_split_not_left_out_of_its_tail() -> None:
+    # 30 / 10 / 5 rows, as a split of short classes kept under short_class_policy=keep: every stretch of
+    # 15 rows (a shard, or what a shuffle buffer holds) carries each class in its share of the split.
+    rows = pd.DataFrame({"label_7": ["Chest"] * 30 + ["Head"] * 10 + ["Spine"] * 5, "n": range(45)})
+    spread = spread_classes(rows, "label_7")
+    assert sorted(spread["n"]) == list(range(45))
+    for start in range(0, 45, 15):
+        counts = spread["label_7"].iloc[start : start + 15].value_counts()
+        assert (counts["Chest"], counts["Head"]) in {(10, 3), (10, 4), (9, 4)} and counts["Spine"] in (1, 2)
+    # within a class the order is kept (the balancer's seeded order)
+    assert list(spread.loc[spread["label_7"] == "Head", "n"]) == list(range(30, 40))

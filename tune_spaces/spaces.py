@@ -192,7 +192,7 @@ ABLATION = Space(
 PHANTOM_PRETRAIN = Space(
     name="PHANTOM_PRETRAIN",
     mode="pretrain",
-    description="Stage 1 of the phantom ablation: one tiny PedXnet per granularity (7 and 30) at a "
+    description="Stage 1 of the phantom ablation: one small PedXnet per granularity (7 and 30) at a "
     "fixed learning rate.",
     params={"granularity": tune.grid_search([7, 30]), "lr": 1e-3},
     grid_axes=("granularity",),

@@ -240,6 +240,18 @@ def write_shard(plan: ShardPlan, out_dir: str) -> dict:
     return index | {"skipped": False}
 
 
+def spread_classes(rows: pd.DataFrame, label: str) -> pd.DataFrame:
+    """The rows reordered so each class is spread evenly over them (its i-th of n rows at (i + 0.5) / n).
+
+    Every shard, and every stretch a reader's shuffle buffer holds, then has the split's class mix.
+    Round-robin would leave the tail to the largest classes once the short ones run out, and a
+    training epoch would end on batches of two or three classes.
+    """
+    by_class = rows.groupby(label)
+    position = (by_class.cumcount() + 0.5) / by_class[label].transform("size")
+    return rows.assign(_pos=position).sort_values(["_pos", label], kind="stable").drop(columns="_pos")
+
+
 def plan_shards(
     selected: pd.DataFrame,
     *,
@@ -255,12 +267,7 @@ def plan_shards(
     plans = []
     for split in SPLITS:
         rows = selected[selected["split"] == split]
-        # Interleave classes across shards (rows are sorted by class) so every shard is balanced.
-        rows = (
-            rows.assign(_pos=rows.groupby(f"label_{granularity}").cumcount())
-            .sort_values(["_pos", f"label_{granularity}"], kind="stable")
-            .drop(columns="_pos")
-        )
+        rows = spread_classes(rows, f"label_{granularity}")
         records = [
             {k: _json_value(v) for k, v in r.items()}
             for r in rows[SHARD_COLUMNS + ["split"]].to_dict("records")
