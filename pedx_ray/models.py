@@ -52,8 +52,29 @@ INCEPTION_STEPS = (
 )
 
 
-class PedXInception(Inception3):
+class _PooledClassifier(nn.Module):
+    """timm's interface over a torchvision classifier: its ``steps`` in order, then a flattened global
+    pool (``forward_features``), then dropout and ``fc`` (``forward_head``)."""
+
+    steps: tuple[str, ...] = ()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) images -> (N, D) globally pooled features."""
+        for name in (*self.steps, "avgpool"):
+            x = getattr(self, name)(x)
+        return torch.flatten(x, 1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class PedXInception(_PooledClassifier, Inception3):
     """InceptionV3 with a 1-channel stem (radiographs are grayscale) and no auxiliary head."""
+
+    steps = INCEPTION_STEPS
 
     def __init__(self, num_classes: int, dropout: float = 0.5) -> None:
         super().__init__(
@@ -66,40 +87,19 @@ class PedXInception(Inception3):
         self.Conv2d_1a_3x3 = BasicConv2d(1, 32, kernel_size=3, stride=2)
         xavier_init(self)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, H, W) images -> (N, 2048) globally pooled features."""
-        for name in (*INCEPTION_STEPS, "avgpool"):
-            x = getattr(self, name)(x)
-        return torch.flatten(x, 1)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class PedXResNet18(ResNet):
+class PedXResNet18(_PooledClassifier, ResNet):
     """ResNet-18 with a 1-channel stem and dropout before the classifier: a faster PedXnet than InceptionV3
     (about 2× the images/s on a CPU) for small data and short runs; its state_dict keys are torchvision's,
     so fine-tuning's ``resnet18`` backbone loads it."""
+
+    steps = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
     def __init__(self, num_classes: int, dropout: float = 0.5) -> None:
         super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
         self.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.dropout = nn.Dropout(dropout)
         xavier_init(self)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"):
-            x = getattr(self, name)(x)
-        return torch.flatten(x, 1)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 class TinyCNN(nn.Module):
