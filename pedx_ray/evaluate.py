@@ -11,6 +11,11 @@ for bone age. The p-value sits in the baseline's row; the studied model's row sh
 Writes to DIR: ``metrics.json``, ``table.md`` and the plots — fracture: ``roc.png``; bone age:
 ``predicted_vs_true.png`` and ``bland_altman_<n>.png`` per model. Plots are matplotlib figures
 (``pedx_ray.plots``), each file written atomically.
+
+``--by TABLE.csv:COLUMN`` adds a subgroup table: the cases split by COLUMN of a table keyed by case id
+(``id`` or ``sop_instance_uid``, e.g. a phantom set's ``ground_truth.csv`` with ``fracture_kind`` or
+``fracture_severity``; numeric columns are cut into equal-count bands). A case whose value is blank
+belongs to every group, so the fracture-free cases are the negatives of each fracture kind's AUC.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class EvaluationConfig:
     seed: int = 0
     age_bins_years: tuple[float, ...] = DEFAULT_AGE_BINS_YEARS
     split: str | None = None
+    by: tuple[str, ...] = ()  # TABLE.csv:COLUMN subgroup splits
+    bands: int = 3  # equal-count bands of a numeric --by column
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, str) and self.threshold != "youden":
@@ -72,6 +79,14 @@ class EvaluationConfig:
             raise EvaluationError(
                 f"age bins must be at least two increasing edges in years (e.g. 0,2,6,10,14,18), got {edges}"
             )
+        for spec in self.by:
+            table, _, column = spec.rpartition(":")
+            if not table or not column:
+                raise EvaluationError(
+                    f"--by takes TABLE.csv:COLUMN (e.g. ground_truth.csv:fracture_kind), got {spec!r}"
+                )
+        if self.bands < 1:
+            raise EvaluationError(f"bands must be at least 1, got {self.bands}")
 
 
 def _sidecar(path: Path) -> dict:
@@ -206,6 +221,93 @@ def evaluate_bone_age(models: list[Predictions], config: EvaluationConfig) -> li
     return rows
 
 
+ID_COLUMNS = ("id", "sop_instance_uid")
+
+
+def read_groups(spec: str, ids: pd.Series, bands: int = 3) -> pd.Series:
+    """Each case's group (index: case id) from ``TABLE.csv:COLUMN``; "" for a blank value (every group)."""
+    path, _, column = spec.rpartition(":")
+    if not Path(path).is_file():
+        raise EvaluationError(f"--by table {path} does not exist")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    key = next((c for c in ID_COLUMNS if c in table.columns), None)
+    if key is None or column not in table.columns:
+        raise EvaluationError(
+            f"{path} needs a case id column ({' or '.join(ID_COLUMNS)}) and the column {column!r}; "
+            f"it has {', '.join(table.columns)}"
+        )
+    values = table.drop_duplicates(key).set_index(key)[column].str.strip()
+    missing = ids[~ids.isin(values.index)]
+    if len(missing):
+        raise EvaluationError(
+            f"{path} lacks {len(missing)} of the {len(ids)} cases (e.g. {', '.join(missing[:3])}); "
+            "pass the table the predictions were made from"
+        )
+    values = values.reindex(ids)
+    given = values[values != ""]
+    numeric = pd.to_numeric(given, errors="coerce")
+    if len(given) and numeric.notna().all():
+        cut = pd.qcut(numeric, min(bands, numeric.nunique()), duplicates="drop")
+        values.loc[given.index] = [f"{c.left:.2f}–{c.right:.2f}" for c in cut]
+    return values
+
+
+def subgroup_rows(models: list[Predictions], groups: pd.Series, config: EvaluationConfig) -> list[dict]:
+    """Per group: its cases (plus the blank-valued ones) scored as the task's main metric, per model."""
+    ids = models[0].frame["id"]
+    group_of = groups.reindex(ids).to_numpy()
+    target = models[0].frame["target"].to_numpy()
+    rows = []
+    for name in sorted(set(group_of) - {""}):
+        mask = (group_of == name) | (group_of == "")
+        row: dict = {"group": name, "n": int(mask.sum()), "models": []}
+        for model, label in zip(models, _unique_labels(models), strict=True):
+            prediction = model.frame["prediction"].to_numpy()[mask]
+            if models[0].task == "fracture":
+                y = target[mask].astype(int)
+                row["positives"] = int(y.sum())
+                auc = (np.nan,) * 3
+                if 0 < y.sum() < len(y):
+                    auc = stats.auc_ci(y, prediction, method=config.ci_method,
+                                       n_bootstrap=config.n_bootstrap, seed=config.seed)  # fmt: skip
+                row["models"].append(
+                    {"label": label, "auc": auc[0], "auc_ci_low": auc[1], "auc_ci_high": auc[2]}
+                )
+            else:
+                error = np.abs(prediction - target[mask])
+                row["models"].append(
+                    {"label": label, "mae": float(error.mean()), "mae_sd": float(error.std())}
+                )
+        rows.append(row)
+    return rows
+
+
+def subgroup_table(spec: str, rows: list[dict]) -> str:
+    column = spec.rpartition(":")[2]
+    labels = [m["label"] for m in rows[0]["models"]] if rows else []
+    fracture = bool(rows) and "auc" in rows[0]["models"][0]
+    metric = "AUC (95% CI)" if fracture else "MAE ± SD"
+    lines = [
+        f"By `{column}` ({metric}; cases with a blank value count in every group):",
+        "",
+        f"| {column} | n{' (positives)' if fracture else ''} | " + " | ".join(labels) + " |",
+        "|---" * (len(labels) + 2) + "|",
+    ]
+    for r in rows:
+        n = f"{r['n']} ({r['positives']})" if fracture else str(r["n"])
+        if fracture:
+            cells = [
+                "n/a"
+                if np.isnan(m["auc"])
+                else f"{m['auc']:.3f} ({m['auc_ci_low']:.3f}–{m['auc_ci_high']:.3f})"
+                for m in r["models"]
+            ]
+        else:
+            cells = [f"{m['mae']:.2f} ± {m['mae_sd']:.2f}" for m in r["models"]]
+        lines.append("| " + " | ".join([r["group"], n, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _p(row: dict) -> str:
     if "vs_reference" not in row:
         return "—"
@@ -338,7 +440,15 @@ def evaluate(
         plots.save_png(predicted_vs_true_plot(models, rows), out / "predicted_vs_true.png")
         for i, (model, row) in enumerate(zip(models, rows, strict=True)):
             plots.save_png(bland_altman_plot(model, row), out / f"bland_altman_{i}.png")
+    subgroups = {}
+    for spec in config.by:
+        subgroups[spec] = subgroup_rows(
+            models, read_groups(spec, models[0].frame["id"], config.bands), config
+        )
+        table += "\n" + subgroup_table(spec, subgroups[spec])
     result = {"task": task, "split": config.split, "reference": rows[0]["label"], "models": rows}
+    if subgroups:
+        result["subgroups"] = subgroups
     write_atomic(out / "metrics.json", json.dumps(_jsonable(result), indent=2, allow_nan=False))
     write_atomic(out / "table.md", table)
     return result
@@ -377,6 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--age-bins", type=_age_bins, default=DEFAULT_AGE_BINS_YEARS, help="group edges in years"
     )
+    parser.add_argument(
+        "--by",
+        action="append",
+        default=[],
+        metavar="TABLE.csv:COLUMN",
+        help="subgroup table by a column of a table keyed by case id (repeatable), "
+        "e.g. PHANTOMS/ground_truth.csv:fracture_severity",
+    )
+    parser.add_argument("--bands", type=int, default=3, help="equal-count bands of a numeric --by column")
     return parser
 
 
@@ -390,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             age_bins_years=args.age_bins,
             split=args.split,
+            by=tuple(args.by),
+            bands=args.bands,
         )
         result = evaluate([args.predictions, *args.compare], args.out, args.task, config)
     except (EvaluationError, stats.StatsError) as exc:

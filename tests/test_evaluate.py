@@ -153,3 +153,54 @@ def test_fracture_predictions_must_be_probabilities(tmp_path):
     path = write_predictions(tmp_path / "logits.csv", [0, 1, 0, 1], [-2.0, 3.0, -1.0, 0.5], "fracture")
     with pytest.raises(evaluate.EvaluationError, match="probabilities"):
         evaluate.read_predictions(path)
+
+
+def write_truth(path: Path, ids, column: str, values) -> Path:
+    pd.DataFrame({"sop_instance_uid": ids, column: values, "other": 1}).to_csv(path, index=False)
+    return path
+
+
+def test_by_splits_fracture_auc_by_kind_with_negatives_in_every_group(tmp_path, capsys):
+    # 40 negatives, 20 obvious fractures the model sees, 20 faint ones it scores like negatives
+    y = np.array([0] * 40 + [1] * 40)
+    rng = np.random.default_rng(3)
+    scores = np.concatenate([rng.uniform(0, 0.5, 40), rng.uniform(0.6, 1.0, 20), rng.uniform(0, 0.5, 20)])
+    predictions = write_predictions(tmp_path / "p.csv", y, scores, "fracture")
+    ids = [f"case{i:03d}" for i in range(80)]
+    kinds = [""] * 40 + ["buckle"] * 20 + ["greenstick"] * 20
+    truth = write_truth(tmp_path / "ground_truth.csv", ids, "fracture_kind", kinds)
+
+    assert (
+        evaluate.main([str(predictions), "--out", str(tmp_path / "o"), "--by", f"{truth}:fracture_kind"]) == 0
+    )
+    groups = json.loads((tmp_path / "o" / "metrics.json").read_text())["subgroups"][f"{truth}:fracture_kind"]
+    by_name = {g["group"]: g for g in groups}
+    assert set(by_name) == {"buckle", "greenstick"}
+    assert by_name["buckle"]["n"] == 60 and by_name["buckle"]["positives"] == 20
+    assert by_name["buckle"]["models"][0]["auc"] == pytest.approx(1.0)
+    assert 0.3 < by_name["greenstick"]["models"][0]["auc"] < 0.7
+    assert "By `fracture_kind`" in capsys.readouterr().out
+
+
+def test_by_cuts_a_numeric_column_into_equal_count_bands(bone_age_files, tmp_path):
+    target, close, far, model, baseline = bone_age_files
+    ids = [f"case{i:03d}" for i in range(len(target))]
+    truth = write_truth(tmp_path / "t.csv", ids, "severity", np.linspace(0, 1, len(target)))
+    config = evaluate.EvaluationConfig(by=(f"{truth}:severity",), bands=4)
+    result = evaluate.evaluate([model, baseline], tmp_path / "o", config=config)
+    groups = result["subgroups"][f"{truth}:severity"]
+    assert [g["n"] for g in groups] == [20, 20, 20, 20]
+    first = np.abs(close[:20] - target[:20])
+    assert groups[0]["models"][0]["mae"] == pytest.approx(first.mean())
+    assert [m["label"] for m in groups[0]["models"]] == ["pedxnet:7C", "scratch"]
+
+
+def test_by_names_cases_the_table_lacks(fracture_files, tmp_path):
+    model = fracture_files[3]
+    truth = write_truth(tmp_path / "t.csv", ["case000", "case001"], "fracture_kind", ["", "buckle"])
+    with pytest.raises(evaluate.EvaluationError, match="lacks 118 of the 120 cases"):
+        evaluate.evaluate(
+            [model], tmp_path / "o", config=evaluate.EvaluationConfig(by=(f"{truth}:fracture_kind",))
+        )
+    with pytest.raises(evaluate.EvaluationError, match="TABLE.csv:COLUMN"):
+        evaluate.EvaluationConfig(by=("no-column",))

@@ -22,7 +22,7 @@ from ingest import phantoms
 from ingest.dataset.taxonomy import load_taxonomy
 from ingest.phantoms import build as build_module
 from ingest.phantoms.__main__ import main
-from ingest.phantoms.canvas import Scene
+from ingest.phantoms.canvas import FRACTURE_KINDS, Scene
 from ingest.phantoms.dicom import (
     Encoding,
     Identity,
@@ -269,7 +269,20 @@ def test_fracture_task_set_is_balanced_and_labelled(tmp_path):
     table = phantoms.generate_task_set(tmp_path, "fracture", 6, seed=3, workers=1)
     assert set(table["label_68"]) <= set(phantoms.FRACTURE_VIEWS)
     assert table["fracture"].notna().all() and set(table["fracture"]) == {0, 1}
-    assert (tmp_path / phantoms.GROUND_TRUTH).is_file()
+    on_disk = pd.read_csv(tmp_path / phantoms.GROUND_TRUTH, keep_default_na=False)
+    broken, whole = on_disk[on_disk["fracture"] == 1], on_disk[on_disk["fracture"] == 0]
+    # how visible each fracture is goes with the label, so results can be split by subtlety
+    assert set(broken["fracture_kind"]) <= set(FRACTURE_KINDS) and "" not in set(broken["fracture_kind"])
+    assert pd.to_numeric(broken["fracture_severity"]).between(0, 1).all()
+    assert (whole["fracture_kind"] == "").all() and (whole["fracture_severity"] == "").all()
+
+
+def test_rerun_fills_columns_an_older_ground_truth_lacks(tmp_path):
+    first = phantoms.generate_task_set(tmp_path, "fracture", 3, seed=3, workers=1)
+    truth = tmp_path / phantoms.GROUND_TRUTH
+    pd.read_csv(truth).drop(columns=["fracture_kind", "fracture_severity"]).to_csv(truth, index=False)
+    again = phantoms.generate_task_set(tmp_path, "fracture", 3, seed=3, workers=1)
+    pd.testing.assert_frame_equal(again, first)
 
 
 def test_bone_age_task_set_spreads_hand_pa_over_childhood(tmp_path):

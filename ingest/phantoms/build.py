@@ -43,6 +43,8 @@ COLUMNS = (
     "age_months",
     "bone_age_months",
     "fracture",
+    "fracture_kind",
+    "fracture_severity",
     "laterality",
     "study_date",
     "modality",
@@ -152,6 +154,10 @@ def study_rows(plan: StudyPlan, seed: int, out_dir: Path, burned_in_text: bool =
                 "age_months": round(plan.age_months, 2),
                 "bone_age_months": round(plan.bone_age_months, 2) if inst.label_68 == "Hand_PA" else None,
                 "fracture": int(rendered.fracture) if is_fracture_view else None,
+                "fracture_kind": rendered.fracture_kind,
+                "fracture_severity": (
+                    round(rendered.fracture_severity, 3) if rendered.fracture_severity is not None else None
+                ),
                 "laterality": plan.laterality if sided else "",
                 "study_date": plan.study_date.isoformat(),
                 "modality": site.modality,
@@ -189,8 +195,8 @@ def _reusable(
     rows = []
     for number in range(1, len(plan.instances) + 1):
         row = previous.get(uid(seed, "sop", plan.index, number))
-        if row is None or bool(row.get("text_box")) != burned_in_text:
-            return None
+        if row is None or bool(row.get("text_box")) != burned_in_text or set(COLUMNS) - set(row):
+            return None  # not made here, other text, or recorded before a column existed
         path = out_dir / row["path"]
         if not path.is_file() or sha256_file(path) != row["sha256"]:
             return None
@@ -251,12 +257,12 @@ def _run(
 def _typed(table: pd.DataFrame) -> pd.DataFrame:
     """One dtype per column whether rows were just made or read back from an earlier run's CSV."""
     table = table.copy()
-    for column in ("age_months", "bone_age_months"):
+    for column in ("age_months", "bone_age_months", "fracture_severity"):
         table[column] = pd.to_numeric(table[column].replace({"": np.nan})).astype("float64")
     table["fracture"] = pd.to_numeric(table["fracture"].replace({"": np.nan})).astype("Int64")
     for column in ("bits_stored", "rows", "columns"):
         table[column] = pd.to_numeric(table[column]).astype("int64")
-    for column in ("laterality", "header_quirk", "text_box"):
+    for column in ("fracture_kind", "laterality", "header_quirk", "text_box"):
         table[column] = table[column].fillna("").astype(str)
     return table
 

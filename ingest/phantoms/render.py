@@ -23,6 +23,7 @@ class Rendered:
     pixel_spacing_mm: float
     fracture_kind: str = ""
     cast: bool = False
+    fracture_severity: float | None = None  # 0 (a faint buckle) .. 1 (an obvious break); None: no fracture
 
 
 def body_size(age_months: float) -> float:
@@ -109,10 +110,12 @@ def render_view(
         grid=spec.grid,
         words=ANNOTATIONS[spec.beam],
     )
+    drawn = cut if cut is not None and scene.fracture_drawn else None
     return Rendered(
         image,
         scene.fracture_drawn,
         10.0 * scene.cm_per_px,
-        cut.kind if cut is not None and scene.fracture_drawn else "",
+        drawn.kind if drawn else "",
         scene.cast,
+        drawn.severity if drawn else None,
     )
