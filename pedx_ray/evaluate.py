@@ -104,8 +104,16 @@ def _sidecar(path: Path) -> dict:
     return meta
 
 
+def _short_init(init: str) -> str:
+    """``pedxnet:/abs/runs/pedx-7c/best`` → ``pedxnet:…/pedx-7c/best``: full paths crowd tables, legends."""
+    kind, sep, where = init.partition(":")
+    parts = Path(where).parts
+    return f"{kind}:…/{'/'.join(parts[-2:])}" if sep and len(parts) > 3 else init
+
+
 def _label(path: Path, meta: dict) -> str:
-    parts = [str(meta[key]) for key in ("recipe", "init") if meta.get(key)]
+    parts = [str(meta["recipe"])] if meta.get("recipe") else []
+    parts += [_short_init(str(meta["init"]))] if meta.get("init") else []
     return " / ".join(parts) if parts else path.stem
 
 

@@ -204,3 +204,11 @@ def test_by_names_cases_the_table_lacks(fracture_files, tmp_path):
         )
     with pytest.raises(evaluate.EvaluationError, match="TABLE.csv:COLUMN"):
         evaluate.EvaluationConfig(by=("no-column",))
+
+
+def test_labels_shorten_a_checkpoint_path_to_its_last_folders(tmp_path):
+    y, scores = [0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]
+    path = write_predictions(
+        tmp_path / "p.csv", y, scores, "fracture", init="pedxnet:/data/runs/pedx-7c/best"
+    )
+    assert evaluate.read_predictions(path).label == "pedxnet:…/pedx-7c/best"
