@@ -269,11 +269,12 @@ def subgroup_rows(models: list[Predictions], groups: pd.Series, config: Evaluati
     for name in sorted(set(group_of) - {""}):
         mask = (group_of == name) | (group_of == "")
         row: dict = {"group": name, "n": int(mask.sum()), "models": []}
+        y = target[mask].astype(int)
+        if models[0].task == "fracture":
+            row["positives"] = int(y.sum())
         for model, label in zip(models, _unique_labels(models), strict=True):
             prediction = model.frame["prediction"].to_numpy()[mask]
             if models[0].task == "fracture":
-                y = target[mask].astype(int)
-                row["positives"] = int(y.sum())
                 auc = (np.nan,) * 3
                 if 0 < y.sum() < len(y):
                     auc = stats.auc_ci(y, prediction, method=config.ci_method,
